@@ -1,0 +1,46 @@
+"""`key=value` command-line overrides; values are parsed as YAML scalars/lists (`8`, `true`, `[1, 2]`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ["a.b=1", "c=x"] into {"a.b": 1, "c": "x"} (keys stay dotted; callers nest them)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {key}: cannot parse value {raw!r} ({err})") from None
+    return out
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {dotted}: {part} is not a section")
+        node[leaf] = value
+    return tree
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `update` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,177 @@
+"""The one generic decoder-only MoE transformer; every preset is this class with other config values.
+
+Module names follow HF transformers (model.embed_tokens, model.layers.N.self_attn.q_proj, ...,
+model.layers.N.mlp.gate / .experts, model.norm, lm_head) so that OLMoE/Qwen3-MoE state dicts map
+one to one and DeepSpeed AutoEP finds the MoE blocks.
+
+Shape legend: B batch, S sequence, D d_model, H query heads, G kv heads, Dh head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import LayerPlan, ModelConfig, layer_plan
+from models.moe import MoEBlock, SwiGLU, borrow
+
+
+class RMSNorm(nn.Module):
+    """Normalises in fp32 and scales in the input dtype, as HF's Llama-family RMSNorm."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    freqs_SH = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs_SH, freqs_SH], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BHSDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x_BHSDh * cos.to(x_BHSDh.dtype)) + (_rotate_half(x_BHSDh) * sin.to(x_BHSDh.dtype))
+
+
+class Attention(nn.Module):
+    """Causal GQA attention with RoPE, optional q/k RMSNorm (full width or per head) and qkv clipping."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
+        self.clip_qkv = cfg.clip_qkv
+        self.qk_norm = cfg.qk_norm
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(self.n_heads * self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.n_kv * self.head_dim, cfg.norm_eps)
+        elif cfg.qk_norm == "per_head":
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x_BSD.shape
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q_BSHDh = q.view(b, s, self.n_heads, self.head_dim)
+        k_BSGDh = k.view(b, s, self.n_kv, self.head_dim)
+        if self.qk_norm == "per_head":
+            q_BSHDh, k_BSGDh = self.q_norm(q_BSHDh), self.k_norm(k_BSGDh)
+        q_BHSDh = apply_rope(q_BSHDh.transpose(1, 2), cos, sin)
+        k_BGSDh = apply_rope(k_BSGDh.transpose(1, 2), cos, sin)
+        v_BGSDh = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k_BGSDh = k_BGSDh.repeat_interleave(rep, dim=1)
+            v_BGSDh = v_BGSDh.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: LayerPlan) -> None:
+        super().__init__()
+        self.plan = plan
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if plan.ffn == "dense":
+            self.mlp: nn.Module = SwiGLU(cfg.d_model, cfg.dense_ffn_dim)
+        else:
+            self.mlp = MoEBlock(cfg.d_model, plan.n_experts, cfg.top_k, cfg.expert_ffn_dim, cfg.norm_topk_prob,
+                                shared_ffn_dim=cfg.n_shared_experts * cfg.shared_expert_ffn_dim)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin)
+        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, p) for p in layer_plan(cfg))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class MoETransformer(nn.Module):
+    """Causal LM. `forward(input_ids) -> logits`; losses live in the trainer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.activation_checkpointing = False
+        self.reset_parameters()
+        apply_tying(self)
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            for name in ("gate_up_proj", "down_proj"):
+                param = module._parameters.get(name)
+                if param is not None:
+                    nn.init.normal_(param, mean=0.0, std=std)
+
+    def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        x_BSD = self.model.embed_tokens(input_ids_BS)
+        cos, sin = rope_cos_sin(input_ids_BS.shape[1], self.config.attn_head_dim, self.config.rope_theta,
+                                x_BSD.device)
+        for layer in self.model.layers:
+            if self.activation_checkpointing and self.training:
+                x_BSD = torch.utils.checkpoint.checkpoint(layer, x_BSD, cos, sin, use_reentrant=False)
+            else:
+                x_BSD = layer(x_BSD, cos, sin)
+        return self.lm_head(self.model.norm(x_BSD))
+
+
+def apply_tying(model: MoETransformer) -> None:
+    """Point every follower at its owner's experts / router / attention, as the layer plan says.
+
+    Called once at build time, and again by the engine seam after DeepSpeed has rebuilt the MoE
+    blocks; it looks each module up by attribute name so it works on both block types.
+    """
+    layers = model.model.layers
+    for layer in layers:
+        plan: LayerPlan = layer.plan
+        if plan.ffn == "moe" and plan.expert_owner != plan.index:
+            borrow(layer.mlp, "experts", layers[plan.expert_owner].mlp.experts)
+        if plan.ffn == "moe" and plan.router_owner != plan.index:
+            name = "router" if hasattr(layer.mlp, "router") else "gate"
+            borrow(layer.mlp, name, getattr(layers[plan.router_owner].mlp, name))
+        if plan.attention_owner != plan.index:
+            borrow(layer, "self_attn", layers[plan.attention_owner].self_attn)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
+    """Deterministic construction: the same config and seed give the same weights on every rank."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MoETransformer(cfg)

@@ -1,0 +1,158 @@
+"""Config validation, parameter accounting (from the config alone) and the `models.summary` CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.accounting import account
+from models.config import from_dict, from_preset
+from models.transformer import MoETransformer, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(n_heads=5), "n_heads"),  # 64 % 5 != 0
+    (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
+    (dict(top_k=9), "top_k"),  # 8 experts
+    (dict(tie_groups=[[2, 3], [3, 4]]), "tie_groups"),  # overlapping
+    (dict(tie_groups=[[6, 7, 8]]), "tie_groups"),  # layer 8 does not exist
+    (dict(tie_groups=[[-1, 0]]), "tie_groups"),
+    (dict(tie_groups=[[2, 4]]), "tie_groups"),  # not consecutive
+    (dict(tie_groups=[[3, 2]]), "tie_groups"),  # not ascending
+    (dict(tie_groups=[[]]), "tie_groups"),
+    (dict(widen_factor=0), "widen_factor"),
+    (dict(tie_group_size=0), "tie_group_size"),
+    (dict(tie_group_size=2, untied_first=4, untied_last=5), "untied_first"),  # 9 > 8 MoE layers
+    (dict(qk_norm="layer"), "qk_norm"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(first_k_dense=8, dense_ffn_dim=64), "first_k_dense"),
+    (dict(first_k_dense=1), "dense_ffn_dim"),
+    (dict(n_shared_experts=1, shared_expert_ffn_dim=0), "shared_expert_ffn_dim"),
+])
+def test_validation_names_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^model\.{field}="):
+        from_preset("olmoe_tiny", **overrides)
+
+
+def test_tie_groups_may_not_include_dense_layers() -> None:
+    with pytest.raises(ValueError, match=r"^model\.tie_groups=.*MoE layer indices in \[1, 7\]"):
+        from_preset("deepseek_moe_tiny", tie_groups=[[0, 1]])
+
+
+def test_unknown_preset_and_unknown_key() -> None:
+    with pytest.raises(ValueError, match=r"^model\.preset='olmo'.*olmoe"):
+        from_preset("olmo")
+    with pytest.raises(ValueError, match=r"^model\.n_expert: unknown field"):
+        from_preset("olmoe_tiny", n_expert=4)
+    with pytest.raises(ValueError, match=r"^model\.bogus: unknown field"):
+        from_dict({"bogus": 1})
+
+
+def test_untied_first_last_only_matter_when_tying() -> None:
+    from_preset("olmoe_tiny", untied_first=5, untied_last=5)  # tie_group_size=1: nothing to check
+    from_preset("olmoe_tiny", tie_group_size=2, untied_first=4, untied_last=4)  # all 8 untied: allowed
+
+
+# --- accounting -----------------------------------------------------------------------------------
+
+TINY_CONFIGS = {
+    "olmoe_untied": ("olmoe_tiny", {}),
+    "olmoe_tied": ("olmoe_tiny", dict(tie_group_size=2)),
+    "olmoe_tie_router": ("olmoe_tiny", dict(tie_group_size=2, tie_router=True)),
+    "olmoe_tie_attention": ("olmoe_tiny", dict(tie_group_size=3, tie_attention=True)),
+    "olmoe_widened": ("olmoe_tiny", dict(tie_group_size=2, widen_factor=3)),
+    "olmoe_tied_embeddings": ("olmoe_tiny", dict(tie_embeddings=True, tie_group_size=4)),
+    "qwen3_tied_gqa": ("qwen3_moe_tiny", dict(tie_group_size=2, tie_router=True, tie_attention=True)),
+    "deepseek_untied": ("deepseek_moe_tiny", {}),
+    "deepseek_tied": ("deepseek_moe_tiny", dict(tie_group_size=2, widen_factor=2, first_k_dense=2)),
+    "explicit_groups": ("olmoe_tiny", dict(tie_groups=[[0, 1, 2], [4, 5]], tie_router=True)),
+}
+
+
+def params_of_every_use(model: MoETransformer) -> int:
+    """Walk each layer's modules by attribute (borrowed ones included) and count them at every use."""
+    total = model.model.embed_tokens.weight.numel() + model.model.norm.weight.numel()
+    if model.lm_head.weight is not model.model.embed_tokens.weight:
+        total += model.lm_head.weight.numel()
+    for layer in model.model.layers:
+        modules = [layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn]
+        if layer.plan.ffn == "dense":
+            modules.append(layer.mlp)
+        else:
+            modules += [layer.mlp.gate, layer.mlp.experts]
+            modules += [layer.mlp.shared_expert] if hasattr(layer.mlp, "shared_expert") else []
+        total += sum(p.numel() for m in modules for p in m.parameters())
+    return total
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_account_matches_the_built_model(name: str) -> None:
+    preset, overrides = TINY_CONFIGS[name]
+    cfg = from_preset(preset, **overrides)
+    model = build_model(cfg)
+    acc = account(cfg)
+    assert acc.unique_params == sum(p.numel() for p in model.parameters())
+    assert acc.untied_params == params_of_every_use(model)
+    layers = model.model.layers
+    assert acc.expert_banks == len({id(layer.mlp.experts) for layer in layers if layer.plan.ffn == "moe"})
+    assert acc.moe_layers == sum(layer.plan.ffn == "moe" for layer in layers)
+    if any(layer.plan.is_tied_follower for layer in layers):
+        assert acc.unique_params < acc.untied_params and acc.ffn_reduction > 0
+    else:
+        assert acc.unique_params == acc.untied_params and acc.ffn_reduction == 0
+
+
+def test_tying_saves_memory_not_compute() -> None:
+    untied, tied = account(from_preset("olmoe")), account(from_preset("olmoe", tie_group_size=2))
+    assert tied.active_params_per_token == untied.active_params_per_token
+    assert tied.train_flops_per_token == untied.train_flops_per_token
+    assert tied.untied_params == untied.untied_params
+    # 16 MoE layers, 2 + 2 untied, the middle 12 in 6 pairs: 10 banks instead of 16.
+    assert (tied.expert_banks, tied.moe_layers) == (10, 16)
+    assert tied.ffn_reduction == pytest.approx(6 / 16)
+
+
+def test_olmoe_1b_7b_published_sizes() -> None:
+    """OLMoE-1B-7B (arXiv 2409.02060): 6.9B total, 1.3B active parameters."""
+    acc = account(from_preset("olmoe"))
+    assert 6.85e9 <= acc.unique_params <= 6.95e9
+    assert acc.unique_params == acc.untied_params
+    assert 1.27e9 <= acc.active_params_per_token <= 1.30e9
+    # By hand: 16 layers x (attention 4 * 2048^2 + norms + q/k norms 2 * 2048 + router 64 * 2048 + 8 of 64 experts
+    # of 3 * 1024 * 2048) + embeddings and head 2 * 50304 * 2048 + final norm.
+    per_layer = 4 * 2048**2 + 4 * 2048 + 64 * 2048
+    assert acc.active_params_per_token == 16 * (per_layer + 8 * 3 * 1024 * 2048) + 2 * 50304 * 2048 + 2048
+    assert acc.unique_params == 16 * (per_layer + 64 * 3 * 1024 * 2048) + 2 * 50304 * 2048 + 2048
+
+
+# --- summary CLI ----------------------------------------------------------------------------------
+
+def _summary(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "models.summary", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_summary_prints_a_table() -> None:
+    result = _summary("olmoe", "tie_group_size=2")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.splitlines()[0] == "olmoe tie_group_size=2"
+    for row in ("unique params", "params if untied", "active params / token", "FFN reduction vs untied",
+                "expert banks / MoE layers", "train FLOPs / token"):
+        assert row in out
+    assert "37.5%" in out and "10 / 16" in out and "[2, 3]" in out and "[12, 13]" in out
+
+
+def test_summary_bad_key_is_a_one_line_error() -> None:
+    result = _summary("olmoe", "n_expert=4")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.n_expert")

@@ -1,0 +1,89 @@
+"""Entry point behind run.sh: `[CONFIG.yaml] [key=value ...]`.
+
+Under a launcher (torchrun / `deepspeed run.sh ...`, which set RANK and WORLD_SIZE) it trains on
+this rank. Started directly (laptop: `./run.sh`), it builds missing data once, then starts one rank
+per local GPU, or 2 CPU ranks without a GPU, through torch.distributed.run, each running run.sh again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.config import REPO_ROOT, load_config
+
+USAGE = "usage: run.sh [CONFIG.yaml] [key=value ...]   (run.sh test [pytest args] runs the tests)"
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Drop the launcher's --local_rank, then take an optional YAML path and key=value overrides."""
+    args = []
+    for arg in argv:
+        if arg.startswith("--local_rank"):
+            if "=" in arg:
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        args.append(arg)
+    config = None
+    if args and "=" not in args[0]:
+        config = args.pop(0)
+    for arg in args:
+        if "=" not in arg:
+            raise ValueError(f"argument {arg!r}: expected key=value (only the first argument may be a config file)")
+    return config, args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_ranks() -> tuple[int, dict[str, str]]:
+    """Ranks to start here and the environment they need."""
+    import torch
+
+    env = dict(os.environ)
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.cuda.device_count(), env
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return int(env.get("TIEDMOE_CPU_RANKS", "2")), env
+
+
+def launch(config: str | None, overrides: list[str]) -> int:
+    from trainer.data import ensure_data
+
+    cfg = load_config(config, overrides)  # fail fast, before any process starts
+    nproc, env = local_ranks()
+    from trainer.engine import check_world
+
+    check_world(cfg, nproc)
+    ensure_data(cfg)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(REPO_ROOT / "run.sh")]
+    cmd += ([config] if config else []) + overrides
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        config, overrides = split_args(argv)
+        if "RANK" not in os.environ:
+            return launch(config, overrides)
+        from trainer.train import train
+
+        cfg = load_config(config, overrides)
+        train(cfg)
+        import deepspeed.comm as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

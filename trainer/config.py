@@ -1,0 +1,256 @@
+"""Typed training configuration: YAML file + dotted `key=value` overrides -> `TrainConfig`.
+
+Unknown keys and bad values raise ValueError naming the dotted key. `ds_configs/*.json` hold engine
+settings only (ZeRO stage, offload, ...); everything else (batch sizes, clipping, precision, expert
+parallelism) comes from here and the trainer writes the final DeepSpeed config itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from models.config import ModelConfig, from_preset
+from models.overrides import merge, nest, parse_overrides
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "trainer" / "configs" / "default.yaml"
+
+
+@dataclass
+class ModelSection:
+    preset: str = "olmoe_tiny"  # a name in models.config.PRESETS
+    overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field, e.g. tie_group_size: 2
+
+
+@dataclass
+class DataSection:
+    source: Literal["shards", "random"] = "shards"  # packed token shards (data_prep) or random tokens
+    path: str = "data/default"  # shard directory (relative to the repo root unless absolute)
+    build_if_missing: bool = True  # run `python -m data_prep.build` for the default corpus when absent
+    seq_len: int = 128
+
+
+@dataclass
+class OptimSection:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms and biases
+    momentum: float = 0.0  # sgd only
+    grad_clip: float = 1.0  # 0 disables; each tied tensor counts once in the norm
+    tied_lr_scale: Literal["inv_sqrt_g", "none"] | float = "inv_sqrt_g"  # paper: lr / sqrt(g) for tied banks
+
+
+@dataclass
+class ScheduleSection:
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, wsd)
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+
+
+@dataclass
+class BatchSection:
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1
+    global_batch_tokens: int | None = None  # if set, must equal micro * accum * dp_world * seq_len
+
+
+@dataclass
+class LossSection:
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 1e-4
+
+
+@dataclass
+class ParallelSection:
+    ds_config: str = "ds_configs/zero3.json"  # engine settings only
+    expert_parallel_size: int = 2
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class RunSection:
+    name: str = "default"
+    out_dir: str = "runs"
+    steps: int = 100
+    tokens: int | None = None  # alternative to steps: train this many tokens
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    loss: LossSection = field(default_factory=LossSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def model_config(self) -> ModelConfig:
+        return from_preset(self.model.preset, **self.model.overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check `value` against the annotation `typ`; returns the value (tuples from lists)."""
+    origin, args = get_origin(typ), get_args(typ)
+    if typ is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r}: expected one of {list(args)}")
+        return value
+    if origin in (tuple,):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key}={value!r}: expected a list of {len(args)} numbers")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}={value!r}: expected a mapping")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{key}={value!r}: invalid")
+    if typ is float:
+        if isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        return value
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: expected true or false")
+        return value
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}={value!r}: expected a string")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix.rstrip('.')}: expected a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, typ)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML (default: the embedded tiny default) + overrides like `optim.lr=1e-3` or `model.tie_group_size=4`."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ValueError(f"config file {path}: not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path}: invalid YAML ({err})") from None
+    flat = parse_overrides(overrides or [])
+    # `model.<field>=v` is shorthand for `model.overrides.<field>=v` (except model.preset).
+    rewritten = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        if parts[0] == "model" and len(parts) == 2 and parts[1] not in ("preset", "overrides"):
+            key = f"model.overrides.{parts[1]}"
+        rewritten[key] = value
+    cfg = _build(TrainConfig, merge(raw, nest(rewritten)), "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no process group (world-size checks live in trainer.engine.check_world)."""
+    cfg.model_config()  # raises on bad model fields
+    checks = [
+        ("data.seq_len", cfg.data.seq_len >= 2, "an integer >= 2"),
+        ("batch.micro_batch_size", cfg.batch.micro_batch_size >= 1, "a positive integer"),
+        ("batch.grad_accum", cfg.batch.grad_accum >= 1, "a positive integer"),
+        ("optim.lr", cfg.optim.lr > 0, "a positive number"),
+        ("optim.grad_clip", cfg.optim.grad_clip >= 0, "a non-negative number (0 disables)"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "a non-negative number"),
+        ("schedule.warmup_steps", cfg.schedule.warmup_steps >= 0, "a non-negative integer"),
+        ("schedule.min_lr_ratio", 0 <= cfg.schedule.min_lr_ratio <= 1, "a number in [0, 1]"),
+        ("schedule.decay_fraction", 0 < cfg.schedule.decay_fraction <= 1, "a number in (0, 1]"),
+        ("parallel.expert_parallel_size", cfg.parallel.expert_parallel_size >= 1, "a positive integer"),
+        ("run.steps", cfg.run.steps >= 1, "a positive integer"),
+        ("run.log_every", cfg.run.log_every >= 1, "a positive integer"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise ValueError(f"{key}={getattr(getattr(cfg, section), name)!r}: expected {expected}")
+    if isinstance(cfg.optim.tied_lr_scale, float) and cfg.optim.tied_lr_scale <= 0:
+        raise ValueError(f"optim.tied_lr_scale={cfg.optim.tied_lr_scale!r}: expected 'inv_sqrt_g', 'none' or > 0")
+    model = cfg.model_config()
+    if cfg.data.seq_len > model.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len}: expected at most model.max_seq_len={model.max_seq_len}")
+    for n_exp in {model.n_experts, model.n_experts * model.widen_factor}:
+        if n_exp % cfg.parallel.expert_parallel_size:
+            raise ValueError(f"parallel.expert_parallel_size={cfg.parallel.expert_parallel_size}: expected a divisor "
+                             f"of the expert count {n_exp}")
+    load_engine_settings(cfg)
+
+
+def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Read the ds_config JSON; it may hold engine settings only (no batch, optimizer or precision)."""
+    path = Path(cfg.parallel.ds_config)
+    path = path if path.is_absolute() else REPO_ROOT / path
+    if not path.is_file():
+        raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config!r}: file {path} not found")
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"parallel.ds_config {path}: invalid JSON ({err})") from None
+    owned_here = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "expert_parallel"}
+    clash = sorted(owned_here & set(settings))
+    if clash:
+        raise ValueError(f"parallel.ds_config {path}: key {clash[0]!r} is set by the trainer config, remove it")
+    stage = settings.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.ds_config {path}: zero_optimization.stage={stage!r}, expected 0, 1, 2 or 3")
+    return settings

@@ -1,0 +1,71 @@
+"""Batches for the trainer: packed token shards (data_prep) or random tokens for smoke runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from trainer.config import REPO_ROOT, TrainConfig
+
+
+class BatchSource(Protocol):
+    vocab_size: int
+
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RandomTokens:
+    """Uniform random tokens, reproducible per (seed, rank, batch index); resumable like the real loader."""
+
+    def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, rank: int, seed: int) -> None:
+        self.vocab_size, self.seq_len, self.micro_batch_size = vocab_size, seq_len, micro_batch_size
+        self.rank, self.seed, self.index = rank, seed, 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + self.index)
+        self.index += 1
+        w = torch.randint(0, self.vocab_size, (self.micro_batch_size, self.seq_len + 1), generator=g)
+        return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index = int(state["index"])
+
+
+def data_dir(cfg: TrainConfig) -> Path:
+    path = Path(cfg.data.path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def ensure_data(cfg: TrainConfig) -> None:
+    """Build the default corpus when it is missing and the config allows it (call on one process)."""
+    if cfg.data.source != "shards":
+        return
+    from data_prep.build import DEFAULT_OUT_DIR, ensure_default_dataset
+
+    path = data_dir(cfg)
+    if (path / "manifest.json").is_file():
+        return
+    if cfg.data.build_if_missing and path.resolve() == Path(DEFAULT_OUT_DIR).resolve():
+        ensure_default_dataset(path)
+        return
+    raise ValueError(f"data.path={cfg.data.path!r}: no manifest.json in {path}; build it with "
+                     f"`python -m data_prep.build --out {cfg.data.path}`")
+
+
+def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> BatchSource:
+    model_vocab = cfg.model_config().vocab_size
+    if cfg.data.source == "random":
+        return RandomTokens(model_vocab, cfg.data.seq_len, cfg.batch.micro_batch_size, rank,
+                            cfg.run.seed + (0 if split == "train" else 10_000))
+    from data_prep.loader import TokenWindowLoader, check_vocab
+
+    check_vocab(data_dir(cfg), model_vocab)
+    return TokenWindowLoader(data_dir(cfg), split, cfg.data.seq_len, cfg.batch.micro_batch_size,
+                             rank=rank, world_size=world_size, seed=cfg.run.seed)

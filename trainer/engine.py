@@ -1,0 +1,227 @@
+"""The only module that touches DeepSpeed internals.
+
+Expert parallelism comes from DeepSpeed AutoEP (`"expert_parallel"` config, 0.19+), which swaps each
+`model.layers.N.mlp` MoE block for an `AutoEPMoELayer` inside `DeepSpeedEngine.__init__`, cloning
+the expert weights per layer. That silently unties a tied model, so `tied_expert_parallel()` wraps
+the engine's `_configure_expert_parallel` and re-applies the model's layer plan right after the EP
+layers are built and before ZeRO partitions anything: each follower then runs its leader's
+`GroupedExperts` (and router / attention when tied) without registering it, so ZeRO-3 partitions each
+shared bank exactly once. This wrapper is the one seam; everything else uses public API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig, layer_plan
+from models.transformer import MoETransformer, apply_tying
+from trainer.config import TrainConfig, load_engine_settings
+
+
+def use_cpu_if_no_gpu() -> None:
+    """DeepSpeed picks its accelerator at import; on a machine without CUDA make it the CPU one."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def init_distributed() -> None:
+    """Start the process group (gloo on CPU, nccl on GPU), skipping DeepSpeed's shm JIT build on CPU."""
+    use_cpu_if_no_gpu()
+    import deepspeed
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        # The shm comm op is JIT-compiled on first use (35-70 s) and only speeds up large CPU
+        # all-reduces; gloo is enough for CPU runs.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if "RANK" not in os.environ:  # single process without a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    backend = "gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else "nccl"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def check_world(cfg: TrainConfig, world_size: int) -> None:
+    """World-dependent config checks; call before any process group starts."""
+    ep = cfg.parallel.expert_parallel_size
+    if world_size % ep:
+        raise ValueError(f"parallel.expert_parallel_size={ep}: expected a divisor of the world size {world_size}")
+    if cfg.batch.global_batch_tokens is not None:
+        got = cfg.batch.micro_batch_size * cfg.batch.grad_accum * world_size * cfg.data.seq_len
+        if got != cfg.batch.global_batch_tokens:
+            raise ValueError(f"batch.global_batch_tokens={cfg.batch.global_batch_tokens}: expected micro_batch_size "
+                             f"x grad_accum x world_size x seq_len = {got}")
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """Engine settings from the ds_config file plus what the trainer config owns."""
+    settings = load_engine_settings(cfg)
+    settings.update({
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
+        "gradient_accumulation_steps": cfg.batch.grad_accum,
+        "train_batch_size": cfg.batch.micro_batch_size * cfg.batch.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.run.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # our torch optimizers (AdamW, SGD) are exact under ZeRO
+        "expert_parallel": autoep_settings(cfg.model_config(), cfg.parallel.expert_parallel_size),
+    })
+    if cfg.run.precision == "bf16":
+        settings["data_types"] = {"grad_accum_dtype": "fp32"}
+    return settings
+
+
+def autoep_settings(model_cfg: ModelConfig, ep_size: int) -> dict[str, Any]:
+    """AutoEP layout for our blocks (HF Qwen3-MoE layout + an optional ungated `shared_expert`).
+
+    Routing is stated explicitly instead of read from `model.config`, whose field names differ.
+    """
+    return {
+        "enabled": True,
+        "autoep_size": ep_size,
+        "preset_model": "qwen3_moe",
+        "top_k": model_cfg.top_k,
+        "route_norm": model_cfg.norm_topk_prob,
+        "score_func": "softmax",
+        "use_grouped_mm": True,
+        "load_balance_coeff": None,
+    }
+
+
+@contextlib.contextmanager
+def tied_expert_parallel() -> Iterator[None]:
+    """THE SEAM: re-tie experts right after AutoEP builds its layers (see module docstring)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._configure_expert_parallel
+
+    def configure_then_tie(self: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, model, *args, **kwargs)
+        if isinstance(model, MoETransformer):
+            apply_tying(model)
+        return result
+
+    DeepSpeedEngine._configure_expert_parallel = configure_then_tie
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_expert_parallel = original
+
+
+def _expert_owner_of(name: str, owners: dict[int, int]) -> int | None:
+    """Layer index if `name` is an expert parameter of a tied bank's owner, else None."""
+    parts = name.split(".")
+    if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "mlp" and parts[4] == "experts":
+        layer = int(parts[2])
+        return layer if owners.get(layer, 1) > 1 else None
+    return None
+
+
+def tied_lr_multiplier(setting: str | float, group_size: int) -> float:
+    if setting == "inv_sqrt_g":
+        return 1.0 / math.sqrt(group_size)
+    if setting == "none":
+        return 1.0
+    return float(setting)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> list[dict[str, Any]]:
+    """Weight-decay and tied-LR groups. Names are read after AutoEP replacement (w1/w2/w3 or fused)."""
+    plan = layer_plan(model_cfg or cfg.model_config())
+    uses = {}
+    for p in plan:
+        if p.expert_owner is not None:
+            uses[p.expert_owner] = uses.get(p.expert_owner, 0) + 1
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = param.ndim >= 2
+        owner = _expert_owner_of(name, uses)
+        scale = tied_lr_multiplier(cfg.optim.tied_lr_scale, uses[owner]) if owner is not None else 1.0
+        key = (decay, scale)
+        if key not in groups:
+            groups[key] = {"name": f"{'decay' if decay else 'no_decay'}_lr{scale:.4g}", "params": [],
+                           "weight_decay": cfg.optim.weight_decay if decay else 0.0, "lr_scale": scale}
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def optimizer_factory(model: nn.Module, cfg: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
+    """A callable DeepSpeed invokes after AutoEP replacement and tying, so groups see the live tensors.
+
+    Pluggable: a new optimizer (e.g. Muon on hidden 2D weights) is one more branch here.
+    """
+
+    def build(_params: Any) -> torch.optim.Optimizer:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg))
+        o = cfg.optim
+        if o.name == "adamw":
+            return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        if o.name == "sgd":
+            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        raise ValueError(f"optim.name={o.name!r}: expected 'adamw' or 'sgd'")
+
+    return build
+
+
+def initialize(model: MoETransformer, cfg: TrainConfig) -> Any:
+    """Wrap the model in a DeepSpeed engine with tied expert parallelism. Process group must exist."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    ds_cfg = deepspeed_config(cfg, dist.get_world_size())
+    with tied_expert_parallel():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory(model, cfg),
+                                               config=ds_cfg)
+    return engine
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def is_expert_param(param: nn.Parameter) -> bool:
+    from deepspeed.moe.utils import is_moe_param
+
+    return is_moe_param(param)
+
+
+def local_expert_elements(engine: Any) -> int:
+    """Expert parameter elements this rank holds: its ZeRO-3 partition, or its EP shard below stage 3."""
+    total = 0
+    for param in engine.module.parameters():
+        if is_expert_param(param):
+            total += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+    return total
+
+
+def local_param_elements(engine: Any) -> int:
+    total = 0
+    for param in engine.module.parameters():
+        total += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+    return total
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """Gathered fp32 copy of every parameter under its model name (rank-local EP shards as held)."""
+    import deepspeed
+
+    out = {}
+    for name, param in engine.module.named_parameters():
+        if hasattr(param, "ds_id"):
+            with deepspeed.zero.GatheredParameters([param]):
+                out[name] = param.detach().float().clone()
+        else:
+            out[name] = param.detach().float().clone()
+    return out

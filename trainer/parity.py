@@ -1,0 +1,227 @@
+"""Check the DeepSpeed engine against the plain-PyTorch reference, cell by cell.
+
+    python -m trainer.parity [--cells quick|all] [--steps N] [--json OUT]
+
+Starts 2 CPU ranks (gloo) that train every cell of ZeRO {0,1,2,3} x expert-parallel {1,2} x
+{tied g=2, untied} (and the tied-router / tied-attention / widening ablations) with `trainer.train`,
+then replays each in one process with `trainer.reference` and prints the largest loss difference.
+It also checks, with SGD, that a tied bank's gradient is the sum of its layers' gradients.
+Exit code 1 when any cell differs by more than --tol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import REPO_ROOT, TrainConfig, load_config
+
+WORLD = 2
+BASE = ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=4", "batch.grad_accum=2",
+        "schedule.warmup_steps=1", "optim.lr=3e-3", "optim.grad_clip=0.5", "run.log_every=1000",
+        "run.eval_batches=1", "model.vocab_size=512"]
+
+
+def cells(which: str) -> dict[str, list[str]]:
+    """Cell name -> overrides."""
+    out = {}
+    zeros = [0, 1, 2, 3]
+    for zero, ep, g in itertools.product(zeros, [1, 2], [2, 1]):
+        if which == "quick" and (zero, ep) not in ((0, 1), (2, 2), (3, 2), (3, 1), (1, 2)):
+            continue
+        out[f"zero{zero}-ep{ep}-{'tied' if g > 1 else 'untied'}"] = [
+            f"parallel.ds_config=ds_configs/zero{zero}.json", f"parallel.expert_parallel_size={ep}",
+            f"model.tie_group_size={g}"]
+    z3 = ["parallel.ds_config=ds_configs/zero3.json", "parallel.expert_parallel_size=2", "model.tie_group_size=2"]
+    out["zero3-ep2-tied-router"] = z3 + ["model.tie_router=true"]
+    out["zero3-ep2-tied-attention"] = z3 + ["model.tie_attention=true"]
+    out["zero3-ep2-tied-widen2"] = z3 + ["model.widen_factor=2"]
+    out["zero3-ep2-tied-g3-deepseek"] = ["parallel.ds_config=ds_configs/zero3.json", "parallel.expert_parallel_size=2",
+                                         "model.preset=deepseek_moe_tiny", "model.tie_group_size=3"]
+    return out
+
+
+def cell_config(overrides: list[str], steps: int, out_dir: str) -> TrainConfig:
+    return load_config(None, BASE + [f"run.steps={steps}", f"run.out_dir={out_dir}"] + overrides)
+
+
+SGD_CELL = ["parallel.ds_config=ds_configs/zero3.json", "parallel.expert_parallel_size=2", "model.tie_group_size=2",
+            "optim.name=sgd", "optim.lr=0.5", "optim.weight_decay=0.0", "optim.grad_clip=0",
+            "optim.tied_lr_scale=none", "schedule.kind=constant", "schedule.warmup_steps=0",
+            "loss.load_balance_coef=0.0", "loss.z_loss_coef=0.0", "batch.grad_accum=1"]
+
+
+def _gather_bank(engine: Any, layer: int) -> dict[str, torch.Tensor]:
+    """Full (all experts) fp32 copies of one layer's AutoEP expert weights w1, w2, w3."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    experts = engine.module.model.layers[layer].mlp.experts
+    out = {}
+    for name in ("w1", "w2", "w3"):
+        param = getattr(experts, name)
+        ctx = deepspeed.zero.GatheredParameters([param]) if hasattr(param, "ds_id") else _null()
+        with ctx:
+            local = param.detach().float().clone()
+        group = engine.module.model.layers[layer].mlp.ep_group
+        parts = [torch.zeros_like(local) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(parts, local, group=group)
+        out[name] = torch.cat(parts, dim=0)
+    return out
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Runs on each rank under torch.distributed.run."""
+    from trainer import engine as eng
+    from trainer.train import train
+
+    results: dict[str, Any] = {}
+    for name, overrides in cells(args.cells).items():
+        result = train(cell_config(overrides, args.steps, args.out_dir))
+        results[name] = {"losses": result.losses, "summary": result.summary}
+
+    # SGD: one step; the bank's change / -lr is the gradient DeepSpeed applied.
+    cfg = cell_config(SGD_CELL, 1, args.out_dir)
+    eng.init_distributed()
+    from models.transformer import build_model
+    from trainer.data import make_source
+    from trainer.losses import RouterTap, training_loss
+
+    import deepspeed.comm as dist
+
+    engine = eng.initialize(build_model(cfg.model_config(), seed=cfg.run.seed), cfg)
+    plans = [layer.plan for layer in engine.module.model.layers]
+    leader = next(p.expert_owner for p in plans if p.is_tied_follower)
+    before = _gather_bank(engine, leader)
+    tap = RouterTap(engine.module)
+    batch = make_source(cfg, "train", dist.get_rank(), dist.get_world_size()).next_batch()
+    eng.set_lr(engine, cfg.optim.lr)
+    parts = training_loss(engine(batch["input_ids"]), batch["labels"], tap.take(), cfg.model_config().top_k, 0.0, 0.0)
+    engine.backward(parts.total)
+    engine.step()
+    after = _gather_bank(engine, leader)
+    grads = {k: ((before[k] - after[k]) / cfg.optim.lr).tolist() for k in before}
+    results["sgd"] = {"leader": leader, "grad": grads}
+    if dist.get_rank() == 0:
+        Path(args.json_raw).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def sgd_expected(cfg: TrainConfig, leader: int) -> dict[str, torch.Tensor]:
+    """Sum over the tie group's layers of per-layer gradients in an UNTIED copy with the same weights."""
+    from models.transformer import build_model
+    from trainer.data import make_source
+    from trainer.losses import RouterTap, training_loss
+    from trainer.reference import untied_copy
+
+    model_cfg = cfg.model_config()
+    tied = build_model(model_cfg, seed=cfg.run.seed)
+    untied = untied_copy(tied)
+    members = [layer.plan.index for layer in tied.model.layers if layer.plan.expert_owner == leader]
+    tap = RouterTap(untied)
+    total = 0
+    for rank in range(WORLD):
+        batch = make_source(cfg, "train", rank, WORLD).next_batch()
+        parts = training_loss(untied(batch["input_ids"]), batch["labels"], tap.take(), model_cfg.top_k, 0.0, 0.0)
+        total = total + parts.total / WORLD
+    total.backward()
+    ffn = model_cfg.expert_ffn_dim
+    gate_up = sum(untied.model.layers[i].mlp.experts.gate_up_proj.grad for i in members)
+    down = sum(untied.model.layers[i].mlp.experts.down_proj.grad for i in members)
+    return {"w1": gate_up[:, :ffn], "w3": gate_up[:, ffn:], "w2": down}
+
+
+def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[str, Any]:
+    """Replay every cell with the reference; returns a report (also the JSON written by --json)."""
+    from trainer.reference import reference_run
+
+    report: dict[str, Any] = {"cells": {}, "world_size": WORLD, "steps": steps}
+    cache: dict[str, list[float]] = {}
+    for name, overrides in cells(which).items():
+        cfg = cell_config(overrides, steps, out_dir)
+        key = json.dumps(cfg.model.__dict__, sort_keys=True, default=str)
+        if key not in cache:
+            cache[key], _ = reference_run(cfg, WORLD)
+        got = raw[name]["losses"]
+        summary = raw[name]["summary"]
+        diff = max(abs(a - b) for a, b in zip(got, cache[key]))
+        report["cells"][name] = {"max_abs_loss_diff": diff, "losses": got, "reference": cache[key],
+                                 "expert_elements_per_rank": summary["expert_elements_per_rank_measured"],
+                                 "expert_elements_per_rank_if_untied": summary["expert_elements_per_rank_if_untied"],
+                                 "expert_banks": summary["expert_banks"], "moe_layers": summary["moe_layers"]}
+    control_cfg = cell_config(cells(which)["zero3-ep2-tied"], steps, out_dir)
+    control, _ = reference_run(control_cfg, WORLD, untie_after_init=True)
+    tied_ref, _ = reference_run(control_cfg, WORLD)
+    # What a trainer that silently untied the experts would show: must be far above the tolerance.
+    report["control_untied_copy_loss_diff"] = max(abs(a - b) for a, b in zip(control, tied_ref))
+    sgd = raw["sgd"]
+    expected = sgd_expected(cell_config(SGD_CELL, 1, out_dir), sgd["leader"])
+    report["sgd_grad_max_abs_diff"] = max(
+        (torch.tensor(sgd["grad"][k]) - expected[k]).abs().max().item() for k in expected)
+    report["sgd_grad_max_abs"] = max(expected[k].abs().max().item() for k in expected)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", choices=["quick", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--tol", type=float, default=1e-5)
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json-raw", help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = Path(tmp) / "raw.json"
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        from trainer.cli import _free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "trainer.parity", "--worker",
+               "--cells", args.cells, "--steps", str(args.steps), "--json-raw", str(raw_path), "--out-dir", tmp]
+        proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-4000:], proc.stderr[-8000:], sep="\n", file=sys.stderr)
+            return proc.returncode
+        report = compare(json.loads(raw_path.read_text()), args.cells, args.steps, tmp)
+    worst = max(c["max_abs_loss_diff"] for c in report["cells"].values())
+    print(f"{'cell':<30} {'max |loss - ref|':>17} {'expert elems/rank':>18} {'if untied':>10}")
+    for name, c in report["cells"].items():
+        print(f"{name:<30} {c['max_abs_loss_diff']:>17.2e} {c['expert_elements_per_rank'][0]:>18,} "
+              f"{c['expert_elements_per_rank_if_untied']:>10,}")
+    print(f"SGD tied-bank gradient vs sum of per-layer gradients: max |diff| {report['sgd_grad_max_abs_diff']:.2e} "
+          f"(gradient scale {report['sgd_grad_max_abs']:.2e})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    ok = worst <= args.tol and report["sgd_grad_max_abs_diff"] <= args.tol
+    print(f"control: a silently untied trainer would differ by {report['control_untied_copy_loss_diff']:.2e}")
+    ok = ok and report["control_untied_copy_loss_diff"] > 3 * args.tol
+    print("PASS" if ok else f"FAIL (tolerance {args.tol})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""A single-process, plain-PyTorch twin of the training loop: the independent reference for the engine.
+
+It simulates `world_size` data-parallel ranks by computing each rank's micro-batch loss in turn and
+averaging, which is what DeepSpeed's gradient averaging does; no DeepSpeed code runs here. The same
+config, seed, tying, data and optimizer must give the same losses as `trainer.train.train`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.config import from_dict
+from models.transformer import MoETransformer, build_model
+from trainer.config import TrainConfig
+from trainer.data import make_source
+from trainer.engine import param_groups
+from trainer.losses import RouterTap, training_loss
+from trainer.schedule import lr_at
+from trainer.train import total_steps
+
+
+def make_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, model.config)
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def untied_copy(tied: MoETransformer) -> MoETransformer:
+    """The same function as `tied`, with every layer owning its own copy of what it borrowed.
+
+    Used as a negative control (a trainer that silently untied would follow this model) and to
+    check that a tied bank's gradient is the sum of its layers' gradients.
+    """
+    cfg = tied.config
+    untied = build_model(from_dict({**cfg.to_dict(), "tie_group_size": 1, "tie_groups": None,
+                                    "tie_router": False, "tie_attention": False}))
+    for layer, source in zip(untied.model.layers, tied.model.layers):
+        layer.load_state_dict(_full_layer_state(source))
+    untied.model.embed_tokens.load_state_dict(tied.model.embed_tokens.state_dict())
+    untied.model.norm.load_state_dict(tied.model.norm.state_dict())
+    untied.lm_head.load_state_dict(tied.lm_head.state_dict())
+    return untied
+
+
+def _full_layer_state(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A layer's state including modules it borrows (which its own state_dict leaves out)."""
+    state = {f"input_layernorm.{k}": v for k, v in layer.input_layernorm.state_dict().items()}
+    state |= {f"post_attention_layernorm.{k}": v for k, v in layer.post_attention_layernorm.state_dict().items()}
+    state |= {f"self_attn.{k}": v for k, v in layer.self_attn.state_dict().items()}
+    mlp = layer.mlp
+    state |= {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
+    for name in ("experts", "gate"):
+        if name in mlp.__dict__:  # borrowed
+            state |= {f"mlp.{name}.{k}": v for k, v in getattr(mlp, name).state_dict().items()}
+    return state
+
+
+def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
+                  untie_after_init: bool = False) -> tuple[list[float], MoETransformer]:
+    """Per-step mean total loss (over simulated ranks and micro-steps) and the trained model.
+
+    `untie_after_init`: start from the tied weights but train every layer separately (the control).
+    """
+    model_cfg = cfg.model_config()
+    model = build_model(model_cfg, seed=cfg.run.seed)
+    if untie_after_init:
+        model = untied_copy(model)
+    optimizer = make_optimizer(model, cfg)
+    sources = [make_source(cfg, "train", r, world_size) for r in range(world_size)]
+    tap = RouterTap(model)
+    steps = steps or total_steps(cfg, world_size)
+    losses = []
+    for step in range(steps):
+        lr = lr_at(step, total_steps(cfg, world_size), cfg.optim.lr, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        n = world_size * cfg.batch.grad_accum
+        for _ in range(cfg.batch.grad_accum):
+            for source in sources:
+                batch = source.next_batch()
+                logits = model(batch["input_ids"])
+                parts = training_loss(logits, batch["labels"], tap.take(), model_cfg.top_k,
+                                      cfg.loss.load_balance_coef, cfg.loss.z_loss_coef)
+                (parts.total / n).backward()
+                total += parts.total.item() / n
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        losses.append(total)
+    tap.remove()
+    return losses, model
