@@ -54,6 +54,15 @@ def local_ranks() -> tuple[int, dict[str, str]]:
     return int(env.get("TIEDMOE_CPU_RANKS", "2")), env
 
 
+def spawn_cpu_ranks(module_args: list[str], nproc: int = 2, capture: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m <module_args>` on `nproc` local CPU ranks (gloo) through torch.distributed.run."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", *module_args]
+    return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=capture, text=True)
+
+
 def launch(config: str | None, overrides: list[str]) -> int:
     from trainer.data import ensure_data
 
@@ -63,6 +72,11 @@ def launch(config: str | None, overrides: list[str]) -> int:
 
     check_world(cfg, nproc)
     ensure_data(cfg)
+    if cfg.data.source == "shards":  # a too-small model vocab fails here, not once per rank
+        from data_prep.loader import check_vocab
+        from trainer.data import data_dir
+
+        check_vocab(data_dir(cfg), cfg.model_config().vocab_size)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(REPO_ROOT / "run.sh")]
@@ -85,5 +99,6 @@ def main(argv: list[str]) -> int:
         dist.destroy_process_group()
         return 0
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # One line, even when the message quotes a multi-line YAML parser error.
+        print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
         return 2

@@ -198,8 +198,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             key = f"model.overrides.{parts[1]}"
         rewritten[key] = value
     cfg = _build(TrainConfig, merge(raw, nest(rewritten)), "")
+    cfg.model.overrides = _coerce_model_overrides(cfg.model.overrides)
     validate(cfg)
     return cfg
+
+
+def _coerce_model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Type-check model overrides against ModelConfig like every other key (`init_std: 2e-2` -> float).
+    Unknown names pass through; `from_preset` reports them."""
+    hints = get_type_hints(ModelConfig)
+    return {name: _coerce(f"model.{name}", value, hints[name]) if name in hints else value
+            for name, value in overrides.items()}
 
 
 def validate(cfg: TrainConfig) -> None:

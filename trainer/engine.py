@@ -74,7 +74,24 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     })
     if cfg.run.precision == "bf16":
         settings["data_types"] = {"grad_accum_dtype": "fp32"}
+    zero = settings.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3 and "stage3_max_reuse_distance" not in zero:
+        zero["stage3_max_reuse_distance"] = tie_aware_reuse_distance(cfg.model_config())
     return settings
+
+
+def tie_aware_reuse_distance(model_cfg: ModelConfig) -> int:
+    """ZeRO-3 reuse distance (elements) that keeps a tied bank gathered across its group, and no longer.
+
+    DeepSpeed keeps a fetched parameter if it is used again within this many parameter elements of
+    the module trace. Between two consecutive uses of a tied bank lies one layer (norms, attention,
+    router, shared expert), so one layer's parameters (bank included) is enough: the bank is then
+    gathered once per group in forward and once in backward instead of at every layer, while
+    nothing else is held longer than with a small distance.
+    """
+    from models.accounting import _layer_parts
+
+    return max(sum(_layer_parts(model_cfg, p).values()) for p in layer_plan(model_cfg)) + 1
 
 
 def autoep_settings(model_cfg: ModelConfig, ep_size: int) -> dict[str, Any]:
@@ -225,3 +242,43 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
         else:
             out[name] = param.detach().float().clone()
     return out
+
+
+class GatherCounter:
+    """Counts ZeRO-3 parameter all-gathers (elements actually fetched), experts vs everything else.
+
+    Wraps the stage-3 parameter coordinator's private gather method while active: measurement only,
+    used by benchmarks and tests to check that a tied bank is fetched once per group, not per layer.
+    """
+
+    def __init__(self) -> None:
+        self.expert_elements = 0
+        self.other_elements = 0
+        self.expert_gathers = 0
+
+    def reset(self) -> None:
+        self.expert_elements = self.other_elements = self.expert_gathers = 0
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["GatherCounter"]:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coord
+
+        name = "_PartitionedParameterCoordinator__all_gather_params_"
+        original = getattr(Coord, name)
+
+        def counting(coord: Any, params: Any, forward: bool, quantize: bool = False) -> None:
+            for param in params:
+                if param.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+                    if is_expert_param(param):
+                        self.expert_elements += param.ds_numel
+                        self.expert_gathers += 1
+                    else:
+                        self.other_elements += param.ds_numel
+            return original(coord, params, forward, quantize)
+
+        setattr(Coord, name, counting)
+        try:
+            yield self
+        finally:
+            setattr(Coord, name, original)

@@ -38,12 +38,18 @@ class RouterTap:
     def __init__(self, model: nn.Module) -> None:
         self.logits: list[torch.Tensor] = []
         self._handles = []
+        # A new forward starts a new list: activation checkpointing re-runs the routers during
+        # backward, and those recomputed logits must not leak into the next step's loss.
+        self._handles.append(getattr(model, "module", model).register_forward_pre_hook(self._reset))
         seen: set[int] = set()
         for layer in _decoder_layers(model):
             router = _router_linear(layer.mlp)
             if router is not None and id(router) not in seen:
                 seen.add(id(router))
                 self._handles.append(router.register_forward_hook(self._record))
+
+    def _reset(self, _module: nn.Module, _inputs: tuple) -> None:
+        self.logits = []
 
     def _record(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         self.logits.append(output)
