@@ -89,6 +89,10 @@ class RunSection:
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 4
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2  # newest N kept (0: keep all)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from <run dir>/checkpoints/latest if present
+    stop_at_step: int | None = None  # leave after this step (checkpointed), as a time-limited job would
 
 
 @dataclass
@@ -227,6 +231,8 @@ def validate(cfg: TrainConfig) -> None:
         ("parallel.expert_parallel_size", cfg.parallel.expert_parallel_size >= 1, "a positive integer"),
         ("run.steps", cfg.run.steps >= 1, "a positive integer"),
         ("run.log_every", cfg.run.log_every >= 1, "a positive integer"),
+        ("run.save_every", cfg.run.save_every >= 0, "a non-negative integer (0: only at the end)"),
+        ("run.keep_checkpoints", cfg.run.keep_checkpoints >= 0, "a non-negative integer (0: keep all)"),
     ]
     for key, ok, expected in checks:
         if not ok:

@@ -122,6 +122,7 @@ def tied_expert_parallel() -> Iterator[None]:
         result = original(self, model, *args, **kwargs)
         if isinstance(model, MoETransformer):
             apply_tying(model)
+            _present_followers_as_plain_modules(model)
         return result
 
     DeepSpeedEngine._configure_expert_parallel = configure_then_tie
@@ -129,6 +130,29 @@ def tied_expert_parallel() -> Iterator[None]:
         yield
     finally:
         DeepSpeedEngine._configure_expert_parallel = original
+
+
+_FOLLOWER_CLASS: type | None = None
+
+
+def _present_followers_as_plain_modules(model: MoETransformer) -> None:
+    """Give each follower's EP block a class that runs AutoEPMoELayer's code but is not an instance of it.
+
+    Why: DeepSpeed's checkpoint save/load enumerates `AutoEPMoELayer` modules and expects each to own
+    its expert parameters (ZeRO-3 save fails: "metadata references expert parameters that are
+    missing"). A follower owns none (its experts are the leader's), so it must not be enumerated;
+    its router and shared expert are then saved as ordinary parameters. Its forward, EP group
+    binding (`set_deepspeed_parallelism`) and all-to-all are AutoEPMoELayer's own methods, unchanged.
+    """
+    global _FOLLOWER_CLASS
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    if _FOLLOWER_CLASS is None:
+        methods = {k: v for k, v in vars(AutoEPMoELayer).items() if k not in ("__dict__", "__weakref__", "__init__")}
+        _FOLLOWER_CLASS = type("TiedAutoEPFollower", (nn.Module,), methods)
+    for layer in model.model.layers:
+        if layer.plan.is_tied_follower and isinstance(layer.mlp, AutoEPMoELayer):
+            layer.mlp.__class__ = _FOLLOWER_CLASS
 
 
 def _expert_owner_of(name: str, owners: dict[int, int]) -> int | None:

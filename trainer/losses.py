@@ -40,7 +40,7 @@ class RouterTap:
         self._handles = []
         # A new forward starts a new list: activation checkpointing re-runs the routers during
         # backward, and those recomputed logits must not leak into the next step's loss.
-        self._handles.append(getattr(model, "module", model).register_forward_pre_hook(self._reset))
+        self._reset_handle = getattr(model, "module", model).register_forward_pre_hook(self._reset)
         seen: set[int] = set()
         for layer in _decoder_layers(model):
             router = _router_linear(layer.mlp)
@@ -59,6 +59,7 @@ class RouterTap:
         return out
 
     def remove(self) -> None:
+        self._reset_handle.remove()
         for handle in self._handles:
             handle.remove()
 

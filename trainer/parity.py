@@ -99,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
 
     results: dict[str, Any] = {}
     for name, overrides in cells(args.cells).items():
-        result = train(cell_config(overrides, args.steps, args.out_dir))
+        result = train(cell_config(overrides + [f"run.name={name}"], args.steps, args.out_dir))
         results[name] = {"losses": result.losses, "summary": result.summary}
 
     # ZeRO-3 expert all-gather traffic per step, tied vs untied (goal: banks / MoE layers).

@@ -15,6 +15,7 @@ import yaml
 from models.accounting import account
 from models.config import layer_plan
 from models.transformer import build_model
+from trainer import checkpoint
 from trainer import engine as eng
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
@@ -46,8 +47,8 @@ def run_dir_for(cfg: TrainConfig) -> Path:
 class Progress:
     """One line per log step on rank 0: step, loss, tokens/s, ETA; also metrics.jsonl and TensorBoard."""
 
-    def __init__(self, run_dir: Path, steps: int, tokens_per_step: int, enabled: bool) -> None:
-        self.steps, self.tokens_per_step, self.enabled = steps, tokens_per_step, enabled
+    def __init__(self, run_dir: Path, steps: int, tokens_per_step: int, enabled: bool, start_step: int = 0) -> None:
+        self.steps, self.tokens_per_step, self.enabled, self.start_step = steps, tokens_per_step, enabled, start_step
         self.start = time.perf_counter()
         self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.writer = None
@@ -63,8 +64,9 @@ class Progress:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
-        tok_s = (step + 1) * self.tokens_per_step / max(elapsed, 1e-9)
-        eta = (self.steps - step - 1) * elapsed / (step + 1)
+        done = step + 1 - self.start_step
+        tok_s = done * self.tokens_per_step / max(elapsed, 1e-9)
+        eta = (self.steps - step - 1) * elapsed / done
         print(f"step {step + 1:>6}/{self.steps}  loss {values['loss']:.4f}  ce {values['ce']:.4f}  "
               f"lb {values['lb']:.3f}  z {values['z']:.2f}  lr {values['lr']:.2e}  {tok_s:,.0f} tok/s  "
               f"eta {eta:,.0f}s", flush=True)
@@ -133,10 +135,23 @@ def train(cfg: TrainConfig) -> RunResult:
         print(f"run dir {run_dir}  world {world}  ZeRO {summary['zero_stage']}  EP {cfg.parallel.expert_parallel_size}"
               f"  unique params {summary['unique_params']:,}  expert banks {summary['expert_banks']}/"
               f"{summary['moe_layers']}", flush=True)
-    progress = Progress(run_dir, steps, tokens_per_step, enabled=rank == 0)
+    ckpt_dir = run_dir / "checkpoints"
+    start = 0
+    tag = checkpoint.latest_tag(ckpt_dir) if cfg.run.resume == "auto" else None
+    if tag is not None:
+        checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg))
+        state = checkpoint.load(engine, ckpt_dir, tag)
+        source.load_state_dict(state["data"])
+        start = state["step"]
+        if rank == 0:
+            print(f"resumed from {ckpt_dir / tag} at step {start}", flush=True)
+    elif rank == 0:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    stop = min(steps, cfg.run.stop_at_step or steps)
+    progress = Progress(run_dir, steps, tokens_per_step, enabled=rank == 0, start_step=start)
     result = RunResult(run_dir=run_dir)
 
-    for step in range(steps):
+    for step in range(start, stop):
         lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
         eng.set_lr(engine, lr)
         sums = torch.zeros(4, dtype=torch.float64)
@@ -157,12 +172,21 @@ def train(cfg: TrainConfig) -> RunResult:
             val = evaluate(engine, cfg, rank, world)
             if rank == 0:
                 print(f"step {step + 1:>6}/{steps}  val ce {val:.4f}", flush=True)
+        if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or step + 1 == stop:
+            checkpoint.save(engine, ckpt_dir, step + 1, source.state_dict(), cfg.run.keep_checkpoints,
+                            checkpoint.identity(cfg))
+    if start >= stop:
+        if rank == 0:
+            print(f"nothing to do: {ckpt_dir / str(tag)} is already at step {start} of {steps} "
+                  f"(set run.resume=never or another run.name to start over)", flush=True)
+        progress.close()
+        return result
     result.val_loss = evaluate(engine, cfg, rank, world)
     tap.remove()
-    summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=steps)
+    summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=stop, start_step=start)
     result.summary = summary
     if rank == 0:
-        print(f"done: {steps} steps, final loss {result.losses[-1]:.4f}, val ce {result.val_loss:.4f}", flush=True)
+        print(f"done: step {stop}/{steps}, final loss {result.losses[-1]:.4f}, val ce {result.val_loss:.4f}", flush=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     progress.close()
     return result

@@ -1,0 +1,71 @@
+"""Checkpoints: a run stopped and resumed continues bit-identically; `latest` only names complete ones."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer import checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> tuple[dict, Path]:
+    tmp = tmp_path_factory.mktemp("resume")
+    out = tmp / "result.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29677", str(REPO / "tests" / "workers" / "resume_worker.py"), str(tmp / "runs"), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text()), tmp / "runs"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("cell", ["zero3-ep2", "zero2-ep1"])
+def test_resume_is_bit_identical(resumed, cell: str) -> None:
+    r = resumed[0][cell]
+    assert len(r["first"]) == 3 and len(r["second"]) == 3
+    assert r["first"] + r["second"] == r["straight"]  # exact, not approximate
+    assert r["val_split"] == r["val_straight"]
+    assert r["again"] == []  # a finished run resumes to nothing
+
+
+@pytest.mark.distributed
+def test_checkpoint_layout_and_retention(resumed) -> None:
+    ckpt = resumed[1] / "zero3-ep2-split" / "checkpoints"
+    assert checkpoint.latest_tag(ckpt) == "step00000006"
+    tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
+    assert tags == ["step00000004", "step00000006"]  # keep_checkpoints=2
+    assert sorted(p.name for p in (ckpt / "step00000006").glob("trainer_state_rank*.pt")) == [
+        "trainer_state_rank0.pt", "trainer_state_rank1.pt"]
+    assert not list(ckpt.glob(".*tmp"))
+
+
+def test_latest_naming_a_missing_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "latest").write_text("step00000009")
+    with pytest.raises(ValueError, match=r"latest: names 'step00000009'.*does not exist"):
+        checkpoint.latest_tag(tmp_path)
+
+
+def test_no_latest_means_fresh_start(tmp_path: Path) -> None:
+    (tmp_path / "step00000002").mkdir()  # a half-written save never became latest
+    assert checkpoint.latest_tag(tmp_path) is None
+
+
+def test_resuming_another_models_checkpoint_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from trainer.config import load_config
+
+    saved = load_config(None, ["data.source=random", "model.tie_group_size=2"])
+    other = load_config(None, ["data.source=random", "model.tie_group_size=1"])
+    (tmp_path / "step00000002").mkdir()
+    torch.save({"identity": checkpoint.identity(saved)}, tmp_path / "step00000002" / "trainer_state_rank0.pt")
+    checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(saved))
+    with pytest.raises(ValueError, match=r"model.tie_group_size=2, this run has 1"):
+        checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(other))

@@ -1,0 +1,397 @@
+"""Trainer configuration: every bad setting stops with one line naming the key, before any process group
+starts; YAML/override parsing; the shipped YAML configs; the CLI's error exit; the LR schedules.
+
+Pure Python apart from two `run.sh` subprocesses that stop at config validation (no DeepSpeed ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
+from trainer.config import REPO_ROOT, ScheduleSection, load_config
+from trainer.data import make_source
+from trainer.engine import check_world
+from trainer.schedule import lr_at
+
+CONFIG_DIR = REPO_ROOT / "trainer" / "configs"
+VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+
+
+def one_line_error(fn, key: str) -> str:
+    """Run `fn`, expect ValueError whose message is one line that names `key`."""
+    with pytest.raises(ValueError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert key in message, message
+    assert not torch.distributed.is_initialized()  # failed before any process group
+    return message
+
+
+def bad_overrides(overrides: list[str], key: str) -> str:
+    message = one_line_error(lambda: load_config(None, overrides), key)
+    assert message.startswith(key), message  # the key comes first: "optim.lrr: unknown key ..."
+    return message
+
+
+# --------------------------------------------------------------------------------------------------
+# bad configurations
+
+
+def test_expert_parallel_must_divide_expert_count():
+    message = bad_overrides(["parallel.expert_parallel_size=3"], "parallel.expert_parallel_size")
+    assert "expert count 8" in message
+
+
+def test_expert_parallel_must_divide_world_size():
+    cfg = load_config(None, ["parallel.expert_parallel_size=4"])  # divides 8 experts
+    check_world(cfg, 4)
+    check_world(cfg, 8)
+    message = one_line_error(lambda: check_world(cfg, 2), "parallel.expert_parallel_size")
+    assert "world size 2" in message
+    default = load_config()  # EP 2
+    one_line_error(lambda: check_world(default, 3), "parallel.expert_parallel_size")
+
+
+def test_global_batch_tokens_must_match_world():
+    # default: micro 8 x accum 1 x world 2 x seq_len 128 = 2048
+    cfg = load_config(None, ["batch.global_batch_tokens=2048"])
+    check_world(cfg, 2)
+    message = one_line_error(lambda: check_world(cfg, 4), "batch.global_batch_tokens")
+    assert "4096" in message  # what micro x accum x world x seq_len gives
+    cfg = load_config(None, ["batch.global_batch_tokens=4096", "batch.grad_accum=2"])
+    check_world(cfg, 2)
+    one_line_error(lambda: check_world(load_config(None, ["batch.global_batch_tokens=1000"]), 2),
+                   "batch.global_batch_tokens")
+
+
+def _write_ds_config(tmp_path: Path, settings: dict) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(settings))
+    return str(path)
+
+
+def test_zero_stage_must_be_0_to_3(tmp_path):
+    path = _write_ds_config(tmp_path, {"zero_optimization": {"stage": 4}})
+    message = bad_overrides([f"parallel.ds_config={path}"], "parallel.ds_config")
+    assert "zero_optimization.stage=4" in message
+    for stage in range(4):
+        path = _write_ds_config(tmp_path, {"zero_optimization": {"stage": stage}})
+        load_config(None, [f"parallel.ds_config={path}"])
+
+
+@pytest.mark.parametrize("key, value", [("train_batch_size", 8), ("gradient_accumulation_steps", 2),
+                                        ("optimizer", {"type": "Adam"}), ("bf16", {"enabled": True})])
+def test_ds_config_must_not_set_trainer_owned_keys(tmp_path, key, value):
+    path = _write_ds_config(tmp_path, {"zero_optimization": {"stage": 1}, key: value})
+    message = bad_overrides([f"parallel.ds_config={path}"], "parallel.ds_config")
+    assert repr(key) in message
+
+
+def test_missing_ds_config_file(tmp_path):
+    missing = tmp_path / "nope.json"
+    message = bad_overrides([f"parallel.ds_config={missing}"], "parallel.ds_config")
+    assert "not found" in message
+    bad_overrides(["parallel.ds_config=ds_configs/zero9.json"], "parallel.ds_config")
+
+
+def test_shipped_ds_configs_load():
+    for path in sorted((REPO_ROOT / "ds_configs").glob("*.json")):
+        load_config(None, [f"parallel.ds_config=ds_configs/{path.name}"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("foo.bar=1", "foo"),
+    ("run.stepz=3", "run.stepz"),
+    ("model.nonexistent=1", "model.nonexistent"),
+    ("model.overrides.nonexistent=1", "model.nonexistent"),
+])
+def test_unknown_keys_at_any_level(override, key):
+    message = bad_overrides([override], key)
+    assert "unknown" in message
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: 1.0e-3\nschedule:\n  warmup: 5\n")
+    one_line_error(lambda: load_config(path), "schedule.warmup")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("run.steps=abc", "run.steps"),
+    ("run.steps=1.5", "run.steps"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.lr=fast", "optim.lr"),
+    ("data.build_if_missing=maybe", "data.build_if_missing"),
+    ("model.n_experts=abc", "model.n_experts"),
+    ("model.tie_router=1", "model.tie_router"),
+    ("model.init_std=big", "model.init_std"),
+])
+def test_wrong_types(override, key):
+    bad_overrides([override], key)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("schedule.kind=linear", "schedule.kind"),
+    ("optim.name=lion", "optim.name"),
+    ("data.source=web", "data.source"),
+    ("run.precision=fp16", "run.precision"),
+    ("optim.tied_lr_scale=sqrt_g", "optim.tied_lr_scale"),
+    ("model.preset=gpt2", "model.preset"),
+])
+def test_bad_literals(override, key):
+    bad_overrides([override], key)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("run.steps=0", "run.steps"),
+    ("optim.lr=0", "optim.lr"),
+    ("schedule.min_lr_ratio=1.5", "schedule.min_lr_ratio"),
+    ("optim.tied_lr_scale=-1", "optim.tied_lr_scale"),
+    ("model.tie_group_size=0", "model.tie_group_size"),
+])
+def test_bad_values(override, key):
+    bad_overrides([override], key)
+
+
+def test_seq_len_larger_than_model_max():
+    message = bad_overrides(["data.seq_len=1024"], "data.seq_len")  # tiny presets: max_seq_len 512
+    assert "max_seq_len=512" in message
+    load_config(None, ["data.seq_len=512"])
+    load_config(None, ["data.seq_len=1024", "model.max_seq_len=1024"])
+
+
+@pytest.fixture(scope="module")
+def fixture_shards(tmp_path_factory) -> Path:
+    return build_fixture_dataset(tmp_path_factory.mktemp("shards"))
+
+
+def test_data_vocab_larger_than_model_vocab(fixture_shards):
+    cfg = load_config(None, [f"data.path={fixture_shards}", "model.vocab_size=256"])
+    with pytest.raises(ValueError, match="vocab") as info:
+        make_source(cfg, "train", 0, 1)
+    assert "\n" not in str(info.value)
+    # A model vocab at least the tokenizer's (padding is fine) reads batches of in-range ids.
+    for vocab in (FIXTURE_VOCAB_SIZE, 1024):
+        cfg = load_config(None, [f"data.path={fixture_shards}", f"model.vocab_size={vocab}", "data.seq_len=32",
+                                 "batch.micro_batch_size=2"])
+        batch = make_source(cfg, "train", 0, 1).next_batch()
+        assert batch["input_ids"].shape == (2, 32) and batch["labels"].shape == (2, 32)
+        assert int(batch["input_ids"].max()) < FIXTURE_VOCAB_SIZE
+
+
+# --------------------------------------------------------------------------------------------------
+# parsing
+
+
+def test_exponent_floats_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    # PyYAML reads `3e-4` (no dot) as a string; the config types it as a float, also in model overrides.
+    path.write_text("optim:\n  lr: 3e-4\n  eps: 1e-6\nloss:\n  z_loss_coef: 1e-5\n"
+                    "model:\n  preset: olmoe_tiny\n  overrides:\n    init_std: 2e-2\n    rope_theta: 1e4\n")
+    cfg = load_config(path)
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 3e-4
+    assert isinstance(cfg.optim.eps, float) and cfg.optim.eps == 1e-6
+    assert isinstance(cfg.loss.z_loss_coef, float) and cfg.loss.z_loss_coef == 1e-5
+    model = cfg.model_config()
+    assert isinstance(model.init_std, float) and model.init_std == 0.02
+    assert isinstance(model.rope_theta, float) and model.rope_theta == 1e4
+
+    cfg = load_config(None, ["optim.lr=1e-3", "schedule.min_lr_ratio=5e-2", "optim.betas=[0.9, 0.99]",
+                             "model.init_std=1e-2"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-3
+    assert cfg.schedule.min_lr_ratio == 0.05
+    assert cfg.optim.betas == (0.9, 0.99)
+    assert cfg.model_config().init_std == 0.01
+    integer_lr = load_config(None, ["optim.lr=1"]).optim.lr
+    assert isinstance(integer_lr, float) and integer_lr == 1.0
+    assert load_config(None, ["optim.tied_lr_scale=0.5"]).optim.tied_lr_scale == 0.5
+    assert load_config(None, ["optim.tied_lr_scale=none"]).optim.tied_lr_scale == "none"
+
+
+def test_model_shorthand_overrides():
+    cfg = load_config(None, ["model.tie_group_size=4", "model.n_experts=16"])
+    assert cfg.model.overrides["tie_group_size"] == 4
+    assert cfg.model.overrides["n_experts"] == 16
+    assert cfg.model_config().tie_group_size == 4
+    # the long form is the same thing
+    long = load_config(None, ["model.overrides.tie_group_size=4", "model.overrides.n_experts=16"])
+    assert long.model_config() == cfg.model_config()
+    # model.preset is not a shorthand
+    assert load_config(None, ["model.preset=qwen3_moe_tiny"]).model.preset == "qwen3_moe_tiny"
+    # later overrides win over the YAML (default.yaml has tie_group_size 2)
+    assert load_config().model_config().tie_group_size == 2
+    assert load_config(None, ["model.tie_group_size=1"]).model_config().tie_group_size == 1
+
+
+def test_default_config_matches_defaults_doc():
+    cfg = load_config()
+    assert cfg.model.preset == "olmoe_tiny" and cfg.model_config().tie_group_size == 2
+    assert cfg.parallel.expert_parallel_size == 2 and cfg.parallel.ds_config.endswith("zero3.json")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    model = cfg.model_config()
+    assert model.n_experts % cfg.parallel.expert_parallel_size == 0
+    assert cfg.data.seq_len <= model.max_seq_len
+
+
+def test_shipped_yaml_contents():
+    cfgs = {p.stem: load_config(p) for p in CONFIG_DIR.glob("*.yaml")}
+    assert {"default", "tiny_qwen3", "tiny_deepseek", "tiny_untied", "olmoe", "qwen3_moe",
+            "deepseek_moe"} <= set(cfgs)
+    assert cfgs["tiny_qwen3"].model.preset == "qwen3_moe_tiny"
+    assert cfgs["tiny_deepseek"].model.preset == "deepseek_moe_tiny"
+    assert cfgs["tiny_untied"].model_config().tie_group_size == 1
+    for name in ("tiny_qwen3", "tiny_deepseek"):
+        assert cfgs[name].model_config().tie_group_size == 2
+        assert cfgs[name].parallel.expert_parallel_size == 2
+    for name in ("tiny_qwen3", "tiny_deepseek", "tiny_untied"):
+        assert cfgs[name].parallel.ds_config.endswith("zero3.json")
+    for name, ep in (("olmoe", 8), ("qwen3_moe", 4), ("deepseek_moe", 8)):  # Qwen3: 60 experts, so EP 4
+        cfg = cfgs[name]
+        assert cfg.model.preset == name
+        assert cfg.model_config().tie_group_size == 4
+        assert cfg.parallel.expert_parallel_size == ep
+        assert cfg.parallel.activation_checkpointing and cfg.parallel.ds_config.endswith("zero3.json")
+        assert cfg.run.precision == "bf16" and cfg.run.steps == 30000
+        assert (cfg.data.seq_len, cfg.batch.micro_batch_size, cfg.batch.grad_accum) == (2048, 4, 8)
+        assert (cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.kind) == (4e-4, 2000, "cosine")
+        assert cfg.optim.tied_lr_scale == "inv_sqrt_g"
+        check_world(cfg, 8)  # a single 8-GPU node
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI: `run.sh` as Python (what a launcher runs) and as bash (what a user types)
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def _run_sh(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=REPO_ROOT, env=_clean_env(), capture_output=True, text=True, timeout=120)
+
+
+def _python() -> str:
+    return str(VENV_PYTHON) if VENV_PYTHON.is_file() else sys.executable
+
+
+def test_cli_python_bad_key_exits_2_with_one_error_line():
+    proc = _run_sh([_python(), "run.sh", "foo.bar=1"])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: foo"), proc.stderr
+    assert proc.stdout == ""
+
+
+def test_cli_bash_bad_key_exits_2_with_one_error_line():
+    want = subprocess.run(f"sha256sum < {REPO_ROOT / 'requirements.txt'} | cut -c1-16", shell=True,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stamp = REPO_ROOT / ".venv" / ".tiedmoe-installed"
+    if not VENV_PYTHON.is_file() or not stamp.is_file() or stamp.read_text().strip() != want:
+        pytest.skip("the .venv is not set up for this requirements.txt; `bash run.sh` would install it")
+    proc = _run_sh(["bash", "run.sh", "foo.bar=1"])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: foo"), proc.stderr  # no "setting up" line either
+
+
+def test_cli_multiline_parser_error_is_one_line():
+    proc = _run_sh([_python(), "run.sh", "optim.betas=[0.9"])  # YAML's own message spans several lines
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: override optim.betas"), proc.stderr
+
+
+def test_cli_vocab_too_small_fails_before_ranks_start(fixture_shards):
+    proc = _run_sh([_python(), "run.sh", f"data.path={fixture_shards}", "model.vocab_size=256"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "vocab" in errors[0], proc.stderr[-2000:]
+    assert "torch.distributed" not in proc.stderr and "step" not in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# learning-rate schedules
+
+
+BASE, TOTAL, WARMUP, FLOOR_RATIO = 2.0, 100, 10, 0.1
+FLOOR = BASE * FLOOR_RATIO
+
+
+def _sched(kind: str, warmup: int = WARMUP, decay_fraction: float = 0.2) -> ScheduleSection:
+    return ScheduleSection(kind=kind, warmup_steps=warmup, min_lr_ratio=FLOOR_RATIO, decay_fraction=decay_fraction)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd", "constant"])
+def test_linear_warmup(kind):
+    sched = _sched(kind)
+    for step in (0, 4, 9):  # first step is lr/W, the last warmup step reaches the base lr
+        assert lr_at(step, TOTAL, BASE, sched) == pytest.approx(BASE * (step + 1) / WARMUP)
+    assert lr_at(0, TOTAL, BASE, sched) == pytest.approx(BASE / WARMUP)
+    assert lr_at(WARMUP - 1, TOTAL, BASE, sched) == pytest.approx(BASE)
+    # increasing through warmup
+    values = [lr_at(s, TOTAL, BASE, sched) for s in range(WARMUP)]
+    assert values == sorted(values)
+
+
+def test_cosine():
+    sched = _sched("cosine")
+
+    def formula(step):
+        progress = (step - WARMUP) / (TOTAL - WARMUP)
+        return FLOOR + (BASE - FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    assert lr_at(WARMUP, TOTAL, BASE, sched) == pytest.approx(BASE)  # decay starts at the base lr
+    mid = WARMUP + (TOTAL - WARMUP) // 2  # progress 0.5: halfway between base and floor
+    assert lr_at(mid, TOTAL, BASE, sched) == pytest.approx((BASE + FLOOR) / 2)
+    assert lr_at(TOTAL, TOTAL, BASE, sched) == pytest.approx(FLOOR)  # ends at the floor
+    for step in (WARMUP, 20, 37, mid, 80, TOTAL - 1):
+        assert lr_at(step, TOTAL, BASE, sched) == pytest.approx(formula(step))
+    assert FLOOR < lr_at(TOTAL - 1, TOTAL, BASE, sched) < FLOOR + 0.01 * BASE
+    # never below the floor, even past the end
+    assert lr_at(TOTAL + 50, TOTAL, BASE, sched) == pytest.approx(FLOOR)
+    # no warmup: step 0 is the base lr
+    assert lr_at(0, TOTAL, BASE, _sched("cosine", warmup=0)) == pytest.approx(BASE)
+
+
+def test_wsd():
+    sched = _sched("wsd", decay_fraction=0.2)
+    decay_steps = 20  # round(100 * 0.2)
+    decay_start = TOTAL - decay_steps
+
+    def formula(step):
+        if step < decay_start:
+            return BASE
+        return BASE + (FLOOR - BASE) * min(1.0, (step - decay_start + 1) / decay_steps)
+
+    for step in (WARMUP, 50, decay_start - 1):  # stable phase
+        assert lr_at(step, TOTAL, BASE, sched) == pytest.approx(BASE)
+    assert lr_at(decay_start, TOTAL, BASE, sched) == pytest.approx(BASE - (BASE - FLOOR) / decay_steps)
+    midpoint = decay_start + decay_steps // 2 - 1  # half of the decay done
+    assert lr_at(midpoint, TOTAL, BASE, sched) == pytest.approx((BASE + FLOOR) / 2)
+    assert lr_at(TOTAL - 1, TOTAL, BASE, sched) == pytest.approx(FLOOR)  # last step reaches the floor
+    for step in range(WARMUP, TOTAL):
+        assert lr_at(step, TOTAL, BASE, sched) == pytest.approx(formula(step))
+
+
+def test_constant():
+    sched = _sched("constant")
+    for step in (WARMUP, 50, TOTAL - 1, TOTAL):
+        assert lr_at(step, TOTAL, BASE, sched) == BASE
+    assert lr_at(0, TOTAL, BASE, _sched("constant", warmup=0)) == BASE

@@ -1,0 +1,32 @@
+"""2-rank worker for tests/test_checkpoint.py: a straight run vs the same run stopped and resumed."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from trainer.config import load_config  # noqa: E402
+from trainer.train import train  # noqa: E402
+
+out_dir, result_path = sys.argv[1], sys.argv[2]
+results = {}
+for zero, ep in ((3, 2), (2, 1)):
+    base = ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=4", "batch.grad_accum=2",
+            "run.log_every=1000", f"parallel.ds_config=ds_configs/zero{zero}.json",
+            f"parallel.expert_parallel_size={ep}", "run.steps=6", f"run.out_dir={out_dir}", "run.eval_batches=1",
+            "schedule.warmup_steps=2", "run.save_every=2", "run.keep_checkpoints=2"]
+    name = f"zero{zero}-ep{ep}"
+    straight = train(load_config(None, base + [f"run.name={name}-straight"]))
+    first = train(load_config(None, base + [f"run.name={name}-split", "run.stop_at_step=3"]))
+    second = train(load_config(None, base + [f"run.name={name}-split"]))
+    again = train(load_config(None, base + [f"run.name={name}-split"]))  # already complete: no steps
+    results[name] = {"straight": straight.losses, "first": first.losses, "second": second.losses,
+                     "again": again.losses, "val_straight": straight.val_loss, "val_split": second.val_loss}
+if int(os.environ["RANK"]) == 0:
+    Path(result_path).write_text(json.dumps(results))
+import deepspeed.comm as dist  # noqa: E402
+
+dist.barrier()
+dist.destroy_process_group()
