@@ -95,3 +95,18 @@ def test_missing_data_path_is_one_error_line(tmp_path):
     assert "manifest" in errors[0]
     assert not missing.exists()  # nothing was built for a non-default path
     assert "torch.distributed" not in proc.stderr  # no ranks were started
+
+
+@pytest.mark.distributed
+def test_deepspeed_launcher_runs_run_sh(tmp_path) -> None:
+    """`deepspeed run.sh CONFIG key=value` (the cluster path): the launcher runs run.sh as Python."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    proc = subprocess.run([launcher, "--num_accelerators", "2", "--master_port", "29693", "run.sh",
+                           "trainer/configs/default.yaml", "data.source=random", "run.steps=2", "run.log_every=1",
+                           f"run.out_dir={tmp_path}", "run.name=ds"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step      2/2" in proc.stdout
+    assert (tmp_path / "ds" / "checkpoints" / "latest").read_text() == "step00000002"

@@ -72,9 +72,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,  # our torch optimizers (AdamW, SGD) are exact under ZeRO
         "expert_parallel": autoep_settings(cfg.model_config(), cfg.parallel.expert_parallel_size),
     })
-    if cfg.run.precision == "bf16":
-        settings["data_types"] = {"grad_accum_dtype": "fp32"}
     zero = settings.setdefault("zero_optimization", {})
+    if cfg.run.precision == "bf16" and zero.get("stage", 0) > 0:
+        # fp32 gradient accumulation (DeepSpeed supports it with ZeRO only; ZeRO-0 bf16 accumulates in bf16)
+        settings["data_types"] = {"grad_accum_dtype": "fp32"}
     if zero.get("stage") == 3 and "stage3_max_reuse_distance" not in zero:
         zero["stage3_max_reuse_distance"] = tie_aware_reuse_distance(cfg.model_config())
     return settings

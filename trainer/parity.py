@@ -44,7 +44,10 @@ def cells(which: str) -> dict[str, list[str]]:
     out["zero3-ep2-tied-attention"] = z3 + ["model.tie_attention=true"]
     out["zero3-ep2-tied-widen2"] = z3 + ["model.widen_factor=2"]
     out["zero3-ep2-tied-actckpt"] = z3 + ["parallel.activation_checkpointing=true"]
-    out["zero3-ep2-tied-bf16"] = z3 + ["run.precision=bf16"]
+    for zero in zeros:
+        out[f"zero{zero}-ep2-tied-bf16"] = [f"parallel.ds_config=ds_configs/zero{zero}.json",
+                                            "parallel.expert_parallel_size=2", "model.tie_group_size=2",
+                                            "run.precision=bf16"]
     out["zero3-ep2-tied-g3-deepseek"] = ["parallel.ds_config=ds_configs/zero3.json", "parallel.expert_parallel_size=2",
                                          "model.preset=deepseek_moe_tiny", "model.tie_group_size=3"]
     return out
