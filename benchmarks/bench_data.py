@@ -84,6 +84,27 @@ def bench_loaders(data_dir: Path, batches: int) -> list[dict]:
     return rows
 
 
+def loader_share_of_step(data_dir: Path, batches: int) -> dict | None:
+    """Loader time per micro-batch of the default config over the measured default training step.
+
+    The step time comes from `python -m trainer.bench` (benchmarks/results/tying_cpu.json, tied model,
+    same machine), so run that first; returns None when it is missing.
+    """
+    bench = REPO_ROOT / "benchmarks" / "results" / "tying_cpu.json"
+    if not bench.is_file():
+        return None
+    from trainer.config import load_config
+
+    result = json.loads(bench.read_text())
+    cfg = load_config(None, result.get("overrides", []))
+    seq, mb = cfg.data.seq_len, cfg.batch.micro_batch_size
+    tokens_per_step = mb * cfg.batch.grad_accum * result["world_size"] * seq
+    step_ms = tokens_per_step / result["tied"]["tokens_per_s"] * 1e3
+    loader_ms = _time_batches(TokenWindowLoader(data_dir, "train", seq, mb), batches) * cfg.batch.grad_accum
+    return {"shape": f"{mb}x{seq}", "step_ms": step_ms, "loader_ms_per_step": loader_ms,
+            "fraction": loader_ms / step_ms, "source": bench.name}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, help="built data set (default: data/default, else the fixture)")
@@ -104,9 +125,14 @@ def main() -> None:
     for row in loaders:
         shape = f"{row['micro_batch_size']}x{row['seq_len']}"
         print(f"{row['what']:<42} {shape:>10} {row['ms_per_batch']:>9.3f} {row['tokens_per_s']:>12,}")
+    share = loader_share_of_step(data_dir, args.batches)
+    if share:
+        print(f"loader share of a default training step ({share['shape']}, step {share['step_ms']:.0f} ms "
+              f"from {share['source']}): {100 * share['fraction']:.4f}%")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     report = {"data_dir": str(data_dir), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-              "torch": torch.__version__, "tokenization": tokenize, "loaders": loaders}
+              "torch": torch.__version__, "tokenization": tokenize, "loaders": loaders,
+              "loader_share_of_step": share}
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
