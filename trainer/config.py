@@ -62,7 +62,7 @@ class ScheduleSection:
 class BatchSection:
     micro_batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1
-    global_batch_tokens: int | None = None  # if set, must equal micro * accum * dp_world * seq_len
+    global_batch_tokens: int | None = None  # if set, grad_accum = this / (micro * world * seq_len)
 
 
 @dataclass

@@ -54,10 +54,17 @@ def check_world(cfg: TrainConfig, world_size: int) -> None:
     if world_size % ep:
         raise ValueError(f"parallel.expert_parallel_size={ep}: expected a divisor of the world size {world_size}")
     if cfg.batch.global_batch_tokens is not None:
-        got = cfg.batch.micro_batch_size * cfg.batch.grad_accum * world_size * cfg.data.seq_len
-        if got != cfg.batch.global_batch_tokens:
-            raise ValueError(f"batch.global_batch_tokens={cfg.batch.global_batch_tokens}: expected micro_batch_size "
-                             f"x grad_accum x world_size x seq_len = {got}")
+        # The global batch is the fact; gradient accumulation follows from it and the world size,
+        # so the same config runs on 2 or 64 ranks. grad_accum, when also set (> 1), must agree.
+        per_micro_step = cfg.batch.micro_batch_size * world_size * cfg.data.seq_len
+        accum, rest = divmod(cfg.batch.global_batch_tokens, per_micro_step)
+        if rest or accum < 1:
+            raise ValueError(f"batch.global_batch_tokens={cfg.batch.global_batch_tokens}: expected a multiple of "
+                             f"micro_batch_size x world_size x seq_len = {per_micro_step}")
+        if cfg.batch.grad_accum not in (1, accum):
+            raise ValueError(f"batch.grad_accum={cfg.batch.grad_accum}: disagrees with batch.global_batch_tokens="
+                             f"{cfg.batch.global_batch_tokens} on {world_size} ranks (which needs {accum}); set one")
+        cfg.batch.grad_accum = accum
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
