@@ -20,6 +20,7 @@ from trainer import engine as eng
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
 from trainer.losses import RouterTap, training_loss
+from trainer.routing_stats import routing_stats
 from trainer.schedule import lr_at
 
 
@@ -60,22 +61,26 @@ class Progress:
             except ImportError:  # tensorboard is optional at run time
                 self.writer = None
 
-    def log(self, step: int, values: dict[str, float]) -> None:
+    def log(self, step: int, values: dict[str, float], routing: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
         done = step + 1 - self.start_step
         tok_s = done * self.tokens_per_step / max(elapsed, 1e-9)
         eta = (self.steps - step - 1) * elapsed / done
+        routing = routing or {}
+        agree = f"  tie-agree {routing['mean/tie_agreement']:.2f}" if "mean/tie_agreement" in routing else ""
         print(f"step {step + 1:>6}/{self.steps}  loss {values['loss']:.4f}  ce {values['ce']:.4f}  "
-              f"lb {values['lb']:.3f}  z {values['z']:.2f}  lr {values['lr']:.2e}  {tok_s:,.0f} tok/s  "
+              f"lb {values['lb']:.3f}  z {values['z']:.2f}  lr {values['lr']:.2e}{agree}  {tok_s:,.0f} tok/s  "
               f"eta {eta:,.0f}s", flush=True)
-        self.metrics.write(json.dumps({"step": step + 1, "tokens_per_s": tok_s, **values}) + "\n")
+        self.metrics.write(json.dumps({"step": step + 1, "tokens_per_s": tok_s, **values, "routing": routing}) + "\n")
         self.metrics.flush()
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"train/{key}", value, step + 1)
             self.writer.add_scalar("train/tokens_per_s", tok_s, step + 1)
+            for key, value in routing.items():
+                self.writer.add_scalar(f"routing/{key}", value, step + 1)
 
     def close(self) -> None:
         if self.metrics:
@@ -126,6 +131,7 @@ def train(cfg: TrainConfig) -> RunResult:
     torch.manual_seed(cfg.run.seed + rank)
     source = make_source(cfg, "train", rank, world)
     tap = RouterTap(engine.module)
+    plan = layer_plan(model_cfg)
     steps = total_steps(cfg, world)
     tokens_per_step = cfg.batch.micro_batch_size * cfg.batch.grad_accum * world * cfg.data.seq_len
     summary = describe_run(engine, cfg, world)
@@ -158,7 +164,8 @@ def train(cfg: TrainConfig) -> RunResult:
         for _ in range(cfg.batch.grad_accum):
             batch = source.next_batch()
             logits = engine(batch["input_ids"])
-            parts = training_loss(logits, batch["labels"], tap.take(), model_cfg.top_k,
+            router_logits = tap.take()
+            parts = training_loss(logits, batch["labels"], router_logits, model_cfg.top_k,
                                   cfg.loss.load_balance_coef, cfg.loss.z_loss_coef)
             engine.backward(parts.total)
             engine.step()
@@ -166,8 +173,10 @@ def train(cfg: TrainConfig) -> RunResult:
         loss, ce, lb, z = _mean_over_ranks((sums / cfg.batch.grad_accum).tolist())
         result.losses.append(loss)
         result.ce.append(ce)
-        if (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
-            progress.log(step, {"loss": loss, "ce": ce, "lb": lb, "z": z, "lr": lr})
+        if (step + 1) % cfg.run.log_every == 0 or step + 1 == stop:
+            routing = routing_stats(router_logits, model_cfg.top_k, plan)  # last micro-batch, mean over ranks
+            routing = dict(zip(routing, _mean_over_ranks(list(routing.values())))) if routing else {}
+            progress.log(step, {"loss": loss, "ce": ce, "lb": lb, "z": z, "lr": lr}, routing)
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < steps:
             val = evaluate(engine, cfg, rank, world)
             if rank == 0:
