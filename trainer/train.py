@@ -111,8 +111,57 @@ def evaluate(engine: Any, cfg: TrainConfig, rank: int, world: int) -> float:
     return _mean_over_ranks([total / cfg.run.eval_batches])[0]
 
 
+@dataclass
+class _Rank:
+    """What one rank holds while training."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    run_dir: Path
+    engine: Any
+    source: Any
+    tap: RouterTap
+    steps: int
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
 def train(cfg: TrainConfig) -> RunResult:
     """Train as the config says; returns per-step losses (identical on every rank)."""
+    run = _start(cfg)
+    start = _resume(run)
+    stop = min(run.steps, cfg.run.stop_at_step or run.steps)
+    tokens_per_step = cfg.batch.micro_batch_size * cfg.batch.grad_accum * run.world * cfg.data.seq_len
+    progress = Progress(run.run_dir, run.steps, tokens_per_step, enabled=run.rank == 0, start_step=start)
+    result = RunResult(run_dir=run.run_dir)
+    for step in range(start, stop):
+        lr = lr_at(step, run.steps, cfg.optim.lr, cfg.schedule)
+        eng.set_lr(run.engine, lr)
+        (loss, ce, lb, z), router_logits = _optimizer_step(run)
+        result.losses.append(loss)
+        result.ce.append(ce)
+        if _due(step, cfg.run.log_every) or step + 1 == stop:
+            progress.log(step, {"loss": loss, "ce": ce, "lb": lb, "z": z, "lr": lr}, _routing(run, router_logits))
+        if _due(step, cfg.run.eval_every) and step + 1 < run.steps:
+            val = evaluate(run.engine, cfg, run.rank, run.world)
+            if run.rank == 0:
+                print(f"step {step + 1:>6}/{run.steps}  val ce {val:.4f}", flush=True)
+        if _due(step, cfg.run.save_every) or step + 1 == stop:
+            checkpoint.save(run.engine, run.ckpt_dir, step + 1, run.source.state_dict(), cfg.run.keep_checkpoints,
+                            checkpoint.identity(cfg))
+    progress.close()
+    return _finish(run, result, start, stop)
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and (step + 1) % every == 0
+
+
+def _start(cfg: TrainConfig) -> _Rank:
+    """Process group, data, engine; the run directory gets the resolved config and DeepSpeed config."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     eng.check_world(cfg, world)
     eng.init_distributed()
@@ -124,16 +173,11 @@ def train(cfg: TrainConfig) -> RunResult:
         ensure_data(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-
-    model_cfg = cfg.model_config()
-    model = build_model(model_cfg, seed=cfg.run.seed)
-    engine = eng.initialize(model, cfg)
+    engine = eng.initialize(build_model(cfg.model_config(), seed=cfg.run.seed), cfg)
     torch.manual_seed(cfg.run.seed + rank)
-    source = make_source(cfg, "train", rank, world)
-    tap = RouterTap(engine.module)
-    plan = layer_plan(model_cfg)
-    steps = total_steps(cfg, world)
-    tokens_per_step = cfg.batch.micro_batch_size * cfg.batch.grad_accum * world * cfg.data.seq_len
+    run = _Rank(cfg=cfg, rank=rank, world=world, run_dir=run_dir, engine=engine,
+                source=make_source(cfg, "train", rank, world), tap=RouterTap(engine.module),
+                steps=total_steps(cfg, world))
     summary = describe_run(engine, cfg, world)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -141,63 +185,61 @@ def train(cfg: TrainConfig) -> RunResult:
         print(f"run dir {run_dir}  world {world}  ZeRO {summary['zero_stage']}  EP {cfg.parallel.expert_parallel_size}"
               f"  unique params {summary['unique_params']:,}  expert banks {summary['expert_banks']}/"
               f"{summary['moe_layers']}", flush=True)
-    ckpt_dir = run_dir / "checkpoints"
-    start = 0
-    tag = checkpoint.latest_tag(ckpt_dir) if cfg.run.resume == "auto" else None
-    if tag is not None:
-        checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg))
-        state = checkpoint.load(engine, ckpt_dir, tag)
-        source.load_state_dict(state["data"])
-        start = state["step"]
-        if rank == 0:
-            print(f"resumed from {ckpt_dir / tag} at step {start}", flush=True)
-    elif rank == 0:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    stop = min(steps, cfg.run.stop_at_step or steps)
-    progress = Progress(run_dir, steps, tokens_per_step, enabled=rank == 0, start_step=start)
-    result = RunResult(run_dir=run_dir)
+    return run
 
-    for step in range(start, stop):
-        lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
-        eng.set_lr(engine, lr)
-        sums = torch.zeros(4, dtype=torch.float64)
-        for _ in range(cfg.batch.grad_accum):
-            batch = source.next_batch()
-            logits = engine(batch["input_ids"])
-            router_logits = tap.take()
-            parts = training_loss(logits, batch["labels"], router_logits, model_cfg.top_k,
-                                  cfg.loss.load_balance_coef, cfg.loss.z_loss_coef)
-            engine.backward(parts.total)
-            engine.step()
-            sums += torch.tensor([parts.total.item(), parts.ce.item(), parts.lb.item(), parts.z.item()])
-        loss, ce, lb, z = _mean_over_ranks((sums / cfg.batch.grad_accum).tolist())
-        result.losses.append(loss)
-        result.ce.append(ce)
-        if (step + 1) % cfg.run.log_every == 0 or step + 1 == stop:
-            routing = routing_stats(router_logits, model_cfg.top_k, plan)  # last micro-batch, mean over ranks
-            routing = dict(zip(routing, _mean_over_ranks(list(routing.values())))) if routing else {}
-            progress.log(step, {"loss": loss, "ce": ce, "lb": lb, "z": z, "lr": lr}, routing)
-        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < steps:
-            val = evaluate(engine, cfg, rank, world)
-            if rank == 0:
-                print(f"step {step + 1:>6}/{steps}  val ce {val:.4f}", flush=True)
-        if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or step + 1 == stop:
-            checkpoint.save(engine, ckpt_dir, step + 1, source.state_dict(), cfg.run.keep_checkpoints,
-                            checkpoint.identity(cfg))
+
+def _resume(run: _Rank) -> int:
+    """Continue from the run's latest checkpoint (run.resume=auto); returns the first step to run."""
+    tag = checkpoint.latest_tag(run.ckpt_dir) if run.cfg.run.resume == "auto" else None
+    if tag is None:
+        if run.rank == 0:
+            (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return 0
+    checkpoint.check_identity(run.ckpt_dir, tag, checkpoint.identity(run.cfg))
+    state = checkpoint.load(run.engine, run.ckpt_dir, tag)
+    run.source.load_state_dict(state["data"])
+    if run.rank == 0:
+        print(f"resumed from {run.ckpt_dir / tag} at step {state['step']}", flush=True)
+    return state["step"]
+
+
+def _optimizer_step(run: _Rank) -> tuple[list[float], list[torch.Tensor]]:
+    """One optimizer step over grad_accum micro-batches; losses averaged over micro-batches and ranks."""
+    cfg, top_k = run.cfg, run.cfg.model_config().top_k
+    sums = torch.zeros(4, dtype=torch.float64)
+    for _ in range(cfg.batch.grad_accum):
+        batch = run.source.next_batch()
+        logits = run.engine(batch["input_ids"])
+        router_logits = run.tap.take()
+        parts = training_loss(logits, batch["labels"], router_logits, top_k, cfg.loss.load_balance_coef,
+                              cfg.loss.z_loss_coef)
+        run.engine.backward(parts.total)
+        run.engine.step()
+        sums += torch.tensor([parts.total.item(), parts.ce.item(), parts.lb.item(), parts.z.item()])
+    return _mean_over_ranks((sums / cfg.batch.grad_accum).tolist()), router_logits
+
+
+def _routing(run: _Rank, router_logits: list[torch.Tensor]) -> dict[str, float]:
+    """Routing health of the last micro-batch, averaged over ranks."""
+    stats = routing_stats(router_logits, run.cfg.model_config().top_k, layer_plan(run.cfg.model_config()))
+    return dict(zip(stats, _mean_over_ranks(list(stats.values())))) if stats else {}
+
+
+def _finish(run: _Rank, result: RunResult, start: int, stop: int) -> RunResult:
+    """Final validation loss and summary.json (nothing when the run was already complete)."""
     if start >= stop:
-        if rank == 0:
-            print(f"nothing to do: {ckpt_dir / str(tag)} is already at step {start} of {steps} "
+        if run.rank == 0:
+            print(f"nothing to do: {run.ckpt_dir} is already at step {start} of {run.steps} "
                   f"(set run.resume=never or another run.name to start over)", flush=True)
-        progress.close()
         return result
-    result.val_loss = evaluate(engine, cfg, rank, world)
-    tap.remove()
-    summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=stop, start_step=start)
-    result.summary = summary
-    if rank == 0:
-        print(f"done: step {stop}/{steps}, final loss {result.losses[-1]:.4f}, val ce {result.val_loss:.4f}", flush=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    progress.close()
+    result.val_loss = evaluate(run.engine, run.cfg, run.rank, run.world)
+    run.tap.remove()
+    result.summary = describe_run(run.engine, run.cfg, run.world)
+    result.summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=stop, start_step=start)
+    if run.rank == 0:
+        print(f"done: step {stop}/{run.steps}, final loss {result.losses[-1]:.4f}, val ce {result.val_loss:.4f}",
+              flush=True)
+        (run.run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
     return result
 
 
