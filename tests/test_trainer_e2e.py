@@ -110,3 +110,31 @@ def test_deepspeed_launcher_runs_run_sh(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "step      2/2" in proc.stdout
     assert (tmp_path / "ds" / "checkpoints" / "latest").read_text() == "step00000002"
+
+
+@pytest.mark.distributed
+def test_streamed_corpus_trains_without_packing(tmp_path) -> None:
+    """data.source=stream: jsonl read and tokenized on the fly, rank-sharded, through run.sh."""
+    shards = build_fixture_dataset(tmp_path / "shards")  # only for its tokenizer.json
+    fixture = REPO_ROOT / "tests" / "fixtures" / "data"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "run.sh", "data.source=stream",
+                           f"data.stream_train={fixture / 'kjv_sample.jsonl'}",
+                           f"data.stream_validation={fixture / 'sonnets.txt'}",
+                           f"data.tokenizer={shards / 'tokenizer.json'}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}",
+                           "run.steps=6", "run.log_every=3", "data.seq_len=32", "batch.micro_batch_size=4",
+                           f"run.out_dir={tmp_path}", "run.name=stream", "run.eval_batches=2"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step      6/6" in proc.stdout and "val ce" in proc.stdout
+    summary = json.loads((tmp_path / "stream" / "summary.json").read_text())
+    assert summary["val_ce"] is not None and summary["val_ce"] < math.log(FIXTURE_VOCAB_SIZE)
+
+
+def test_stream_without_tokenizer_is_one_error_line() -> None:
+    proc = subprocess.run([sys.executable, "run.sh", "data.source=stream", "data.stream_train=x.jsonl"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: data.tokenizer: required when data.source=stream"]

@@ -77,6 +77,10 @@ def launch(config: str | None, overrides: list[str]) -> int:
         from trainer.data import data_dir
 
         check_vocab(data_dir(cfg), cfg.model_config().vocab_size)
+    if cfg.data.source == "stream":  # open the train stream once here: bad files/tokenizer fail before ranks start
+        from trainer.data import make_source
+
+        make_source(cfg, "train", 0, nproc)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(REPO_ROOT / "run.sh")]

@@ -32,10 +32,15 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: Literal["shards", "random"] = "shards"  # packed token shards (data_prep) or random tokens
+    source: Literal["shards", "random", "stream"] = "shards"  # packed shards, random tokens, or tokenize on the fly
     path: str = "data/default"  # shard directory (relative to the repo root unless absolute)
     build_if_missing: bool = True  # run `python -m data_prep.build` for the default corpus when absent
     seq_len: int = 128
+    # source=stream: local txt/jsonl/parquet files (glob) or a save_to_disk folder, read as a stream
+    stream_train: str | None = None
+    stream_validation: str | None = None  # optional; without it there is no validation loss
+    tokenizer: str | None = None  # tokenizer JSON for source=stream (e.g. a data set's tokenizer.json)
+    text_field: str = "text"
 
 
 @dataclass
@@ -238,6 +243,10 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             section, name = key.split(".")
             raise ValueError(f"{key}={getattr(getattr(cfg, section), name)!r}: expected {expected}")
+    if cfg.data.source == "stream":
+        for key in ("stream_train", "tokenizer"):
+            if not getattr(cfg.data, key):
+                raise ValueError(f"data.{key}: required when data.source=stream")
     if isinstance(cfg.optim.tied_lr_scale, float) and cfg.optim.tied_lr_scale <= 0:
         raise ValueError(f"optim.tied_lr_scale={cfg.optim.tied_lr_scale!r}: expected 'inv_sqrt_g', 'none' or > 0")
     model = cfg.model_config()

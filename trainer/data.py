@@ -59,11 +59,30 @@ def ensure_data(cfg: TrainConfig) -> None:
                      f"`python -m data_prep.build --out {cfg.data.path}`")
 
 
-def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> BatchSource:
+def _repo_path(value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> BatchSource | None:
+    """The split's batches for this rank; None when a streamed run has no validation data."""
     model_vocab = cfg.model_config().vocab_size
     if cfg.data.source == "random":
         return RandomTokens(model_vocab, cfg.data.seq_len, cfg.batch.micro_batch_size, rank,
                             cfg.run.seed + (0 if split == "train" else 10_000))
+    if cfg.data.source == "stream":
+        from data_prep.streaming import StreamingTokenLoader, open_streaming_dataset
+
+        files = cfg.data.stream_train if split == "train" else cfg.data.stream_validation
+        if files is None:
+            return None
+        loader = StreamingTokenLoader(open_streaming_dataset(str(_repo_path(files))), _repo_path(cfg.data.tokenizer),
+                                      cfg.data.seq_len, cfg.batch.micro_batch_size, rank=rank, world_size=world_size,
+                                      seed=cfg.run.seed, text_field=cfg.data.text_field)
+        if loader.vocab_size > model_vocab:
+            raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r}: vocab {loader.vocab_size} is larger than "
+                             f"model.vocab_size={model_vocab}")
+        return loader
     from data_prep.loader import TokenWindowLoader, check_vocab
 
     check_vocab(data_dir(cfg), model_vocab)

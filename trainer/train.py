@@ -97,9 +97,11 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def evaluate(engine: Any, cfg: TrainConfig, rank: int, world: int) -> float:
-    """Mean cross-entropy over `run.eval_batches` validation micro-batches per rank."""
+def evaluate(engine: Any, cfg: TrainConfig, rank: int, world: int) -> float | None:
+    """Mean cross-entropy over `run.eval_batches` validation micro-batches per rank (None: no validation data)."""
     source = make_source(cfg, "validation", rank, world)
+    if source is None:
+        return None
     engine.eval()
     total = 0.0
     with torch.no_grad():
@@ -147,7 +149,7 @@ def train(cfg: TrainConfig) -> RunResult:
             progress.log(step, {"loss": loss, "ce": ce, "lb": lb, "z": z, "lr": lr}, _routing(run, router_logits))
         if _due(step, cfg.run.eval_every) and step + 1 < run.steps:
             val = evaluate(run.engine, cfg, run.rank, run.world)
-            if run.rank == 0:
+            if run.rank == 0 and val is not None:
                 print(f"step {step + 1:>6}/{run.steps}  val ce {val:.4f}", flush=True)
         if _due(step, cfg.run.save_every) or step + 1 == stop:
             checkpoint.save(run.engine, run.ckpt_dir, step + 1, run.source.state_dict(), cfg.run.keep_checkpoints,
@@ -237,8 +239,8 @@ def _finish(run: _Rank, result: RunResult, start: int, stop: int) -> RunResult:
     result.summary = describe_run(run.engine, run.cfg, run.world)
     result.summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=stop, start_step=start)
     if run.rank == 0:
-        print(f"done: step {stop}/{run.steps}, final loss {result.losses[-1]:.4f}, val ce {result.val_loss:.4f}",
-              flush=True)
+        val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+        print(f"done: step {stop}/{run.steps}, final loss {result.losses[-1]:.4f}, val ce {val}", flush=True)
         (run.run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
     return result
 
