@@ -165,7 +165,12 @@ def apply_tying(model: MoETransformer) -> None:
             borrow(layer.mlp, "experts", layers[plan.expert_owner].mlp.experts)
         if plan.ffn == "moe" and plan.router_owner != plan.index:
             name = "router" if hasattr(layer.mlp, "router") else "gate"
-            borrow(layer.mlp, name, getattr(layers[plan.router_owner].mlp, name))
+            own = getattr(layer.mlp, name)
+            # Every name the block registers its router under (AutoEP also aliases it as `gate`),
+            # so the follower's own router leaves the module tree entirely.
+            aliases = [alias for alias, module in layer.mlp._modules.items() if module is own] or [name]
+            for alias in aliases:
+                borrow(layer.mlp, alias, getattr(layers[plan.router_owner].mlp, name))
         if plan.attention_owner != plan.index:
             borrow(layer, "self_attn", layers[plan.attention_owner].self_attn)
 

@@ -128,8 +128,7 @@ def worker(args: argparse.Namespace) -> None:
                   device=_device(), torch=torch.__version__)
     if dist.get_rank() == 0:
         Path(args.json_raw).write_text(json.dumps(result, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    eng.shutdown()
 
 
 def _device() -> str:

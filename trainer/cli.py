@@ -97,10 +97,9 @@ def main(argv: list[str]) -> int:
 
         cfg = load_config(config, overrides)
         train(cfg)
-        import deepspeed.comm as dist
+        from trainer.engine import shutdown
 
-        dist.barrier()
-        dist.destroy_process_group()
+        shutdown()  # does not return
         return 0
     except ValueError as err:
         # One line, even when the message quotes a multi-line YAML parser error.

@@ -314,3 +314,22 @@ class GatherCounter:
             yield self
         finally:
             setattr(Coord, name, original)
+
+
+def shutdown() -> None:
+    """End a rank cleanly: wait for all, tear down the process group, and leave without C++ teardown.
+
+    Why the hard exit: at interpreter teardown a background C++ thread (gloo / c10d) is sometimes
+    destroyed while joinable, which aborts the rank ("terminate called without an active exception")
+    after all work is done and turns a finished run into a failed one. Everything is written and
+    flushed before this point.
+    """
+    import sys
+
+    import deepspeed.comm as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

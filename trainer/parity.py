@@ -139,8 +139,7 @@ def worker(args: argparse.Namespace) -> None:
     results["sgd"] = {"leader": leader, "grad": grads}
     if dist.get_rank() == 0:
         Path(args.json_raw).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    eng.shutdown()
 
 
 def sgd_expected(cfg: TrainConfig, leader: int) -> dict[str, torch.Tensor]:

@@ -82,6 +82,15 @@ class Progress:
             for key, value in routing.items():
                 self.writer.add_scalar(f"routing/{key}", value, step + 1)
 
+    def log_eval(self, step: int, val_ce: float | None) -> None:
+        if not self.enabled or val_ce is None:
+            return
+        print(f"step {step + 1:>6}/{self.steps}  val ce {val_ce:.4f}", flush=True)
+        self.metrics.write(json.dumps({"step": step + 1, "val_ce": val_ce}) + "\n")
+        self.metrics.flush()
+        if self.writer is not None:
+            self.writer.add_scalar("val/ce", val_ce, step + 1)
+
     def close(self) -> None:
         if self.metrics:
             self.metrics.close()
@@ -148,14 +157,11 @@ def train(cfg: TrainConfig) -> RunResult:
         if _due(step, cfg.run.log_every) or step + 1 == stop:
             progress.log(step, {"loss": loss, "ce": ce, "lb": lb, "z": z, "lr": lr}, _routing(run, router_logits))
         if _due(step, cfg.run.eval_every) and step + 1 < run.steps:
-            val = evaluate(run.engine, cfg, run.rank, run.world)
-            if run.rank == 0 and val is not None:
-                print(f"step {step + 1:>6}/{run.steps}  val ce {val:.4f}", flush=True)
+            progress.log_eval(step, evaluate(run.engine, cfg, run.rank, run.world))
         if _due(step, cfg.run.save_every) or step + 1 == stop:
             checkpoint.save(run.engine, run.ckpt_dir, step + 1, run.source.state_dict(), cfg.run.keep_checkpoints,
                             checkpoint.identity(cfg))
-    progress.close()
-    return _finish(run, result, start, stop)
+    return _finish(run, result, progress, start, stop)
 
 
 def _due(step: int, every: int) -> bool:
@@ -227,14 +233,17 @@ def _routing(run: _Rank, router_logits: list[torch.Tensor]) -> dict[str, float]:
     return dict(zip(stats, _mean_over_ranks(list(stats.values())))) if stats else {}
 
 
-def _finish(run: _Rank, result: RunResult, start: int, stop: int) -> RunResult:
+def _finish(run: _Rank, result: RunResult, progress: Progress, start: int, stop: int) -> RunResult:
     """Final validation loss and summary.json (nothing when the run was already complete)."""
     if start >= stop:
+        progress.close()
         if run.rank == 0:
             print(f"nothing to do: {run.ckpt_dir} is already at step {start} of {run.steps} "
                   f"(set run.resume=never or another run.name to start over)", flush=True)
         return result
     result.val_loss = evaluate(run.engine, run.cfg, run.rank, run.world)
+    progress.log_eval(stop - 1, result.val_loss)
+    progress.close()
     run.tap.remove()
     result.summary = describe_run(run.engine, run.cfg, run.world)
     result.summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=stop, start_step=start)

@@ -26,7 +26,6 @@ for zero, ep in ((3, 2), (2, 1)):
                      "again": again.losses, "val_straight": straight.val_loss, "val_split": second.val_loss}
 if int(os.environ["RANK"]) == 0:
     Path(result_path).write_text(json.dumps(results))
-import deepspeed.comm as dist  # noqa: E402
+from trainer.engine import shutdown  # noqa: E402
 
-dist.barrier()
-dist.destroy_process_group()
+shutdown()

@@ -1,0 +1,92 @@
+"""Does tying cost quality? Untied vs tied g=2 vs tied g=4 on the default corpus, same everything else.
+
+    python benchmarks/tying_quality.py [--steps N] [key=value ...]
+
+A CPU-sized version of the paper's headline comparison: each variant trains with `./run.sh`'s default
+setup (2 ranks, ZeRO-3, expert parallel 2) for the same steps and tokens; the script prints unique
+parameters, unique FFN parameters and final validation cross-entropy, writes
+benchmarks/results/tying_quality_cpu.json and plots the curves to tying_quality_cpu.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from models.accounting import account  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+
+VARIANTS = {"untied": ["model.tie_group_size=1"], "tied g=2": ["model.tie_group_size=2"],
+            "tied g=4": ["model.tie_group_size=4"]}
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def run_variant(name: str, overrides: list[str], steps: int, extra: list[str]) -> dict:
+    run_name = "quality_" + name.replace(" ", "").replace("=", "")
+    args = overrides + [f"run.steps={steps}", "run.log_every=10", f"run.eval_every={max(steps // 6, 1)}",
+                        "run.eval_batches=16", "run.out_dir=runs", f"run.name={run_name}", "run.resume=never",
+                        *extra]
+    print(f"== {name}: ./run.sh {' '.join(args)}", flush=True)
+    proc = subprocess.run([sys.executable, str(REPO / "run.sh"), *args], cwd=REPO, env=dict(os.environ))
+    if proc.returncode != 0:
+        raise SystemExit(f"variant {name} failed with exit code {proc.returncode}")
+    run_dir = REPO / "runs" / run_name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cfg = load_config(run_dir / "config.yaml")
+    acc = account(cfg.model_config())
+    return {"train": [(r["step"], r["ce"]) for r in rows if "ce" in r],
+            "val": [(r["step"], r["val_ce"]) for r in rows if "val_ce" in r],
+            "unique_params": acc.unique_params, "unique_ffn_params": acc.unique_ffn_params,
+            "ffn_reduction": acc.ffn_reduction, "summary": json.loads((run_dir / "summary.json").read_text())}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        label = f"{name} ({r['unique_ffn_params'] / 1e3:.0f}K unique FFN params)"
+        ax_train.plot(*zip(*r["train"]), label=label)
+        ax_val.plot(*zip(*r["val"]), marker="o", label=label)
+    ax_train.set(title="train cross-entropy", xlabel="step", ylabel="CE (nats)")
+    ax_val.set(title="validation cross-entropy", xlabel="step")
+    for ax in (ax_train, ax_val):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Expert tying on the default corpus (tiny OLMoE-style, 2 CPU ranks, ZeRO-3, EP 2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("overrides", nargs="*", help="applied to every variant")
+    args = parser.parse_args()
+    results = {name: run_variant(name, o, args.steps, args.overrides) for name, o in VARIANTS.items()}
+    base = results["untied"]
+    print(f"\n{'variant':<10} {'unique params':>14} {'unique FFN':>11} {'FFN saved':>10} {'val CE':>8} {'vs untied':>10}")
+    for name, r in results.items():
+        val = r["val"][-1][1]
+        print(f"{name:<10} {r['unique_params']:>14,} {r['unique_ffn_params']:>11,} {100 * r['ffn_reduction']:>9.1f}% "
+              f"{val:>8.4f} {val - base['val'][-1][1]:>+10.4f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tying_quality_cpu.json").write_text(json.dumps({"steps": args.steps, "overrides": args.overrides,
+                                                                 "variants": results}, indent=1))
+    plot(results, RESULTS / "tying_quality_cpu.png")
+    print(f"wrote {RESULTS / 'tying_quality_cpu.json'} and {RESULTS / 'tying_quality_cpu.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

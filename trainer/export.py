@@ -1,0 +1,428 @@
+"""Export a training run's DeepSpeed checkpoint as a plain model (and optionally a Hugging Face one).
+
+    python -m trainer.export RUN_DIR [--tag TAG] [--out DIR] [--hf] [--tol T]
+
+Reads `RUN_DIR/config.yaml` and `RUN_DIR/checkpoints/<TAG>` (default: the tag `latest` names), starts
+as many CPU ranks as wrote the checkpoint, and on each rebuilds the engine exactly as training did
+(`trainer.engine.initialize`, any ZeRO stage, expert parallel, tied or not), loads the checkpoint,
+gathers every parameter (ZeRO-3 partitions and AutoEP expert shards) and maps AutoEP's names back to
+the model's own. `OUT` (default `RUN_DIR/export/<TAG>`) then holds:
+
+    model.safetensors  fp32, exactly `MoETransformer.state_dict()` keys: each tied tensor once, under
+                       its leader's name (followers' borrowed experts / router / attention have no keys)
+    config.json        the ModelConfig and the tie plan; `load_exported(OUT)` rebuilds the model
+    hf/                with --hf: a transformers model directory (tied banks copied into every layer)
+    export.json        where it came from and the parity numbers
+
+Parity: on a fixed random batch the engine's logits (rank 0), the exported model's (`load_exported`)
+and, with --hf, the reloaded HF model's must agree within --tol (default 1e-5), else the exit code is
+1 and the export goes to `OUT.failed` instead of `OUT`. bf16 runs export the optimizer's fp32 master
+weights and are compared loosely (5e-2: the engine computes in bf16). `OUT` is replaced by renames
+only: it is written in a temporary directory beside it, so a half-written export never appears there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.config import from_dict, layer_plan, tie_groups
+from models.transformer import MoETransformer, build_model
+
+FORMAT = "tiedmoe-export"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+REPORT = "export.json"
+PARITY_BATCH = 2  # sequences in the fixed parity batch
+PARITY_SEED = 1234
+BF16_TOL = 5e-2  # bf16 engine vs the exported weights run in bf16 by our model: rounding, not exactness
+
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading an export (no DeepSpeed needed)
+# --------------------------------------------------------------------------------------------------
+
+def load_exported(out_dir: str | Path) -> MoETransformer:
+    """Rebuild the model from `config.json` and load `model.safetensors` (strict); eval mode, fp32."""
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / CONFIG).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{out_dir / CONFIG}: not a tiedmoe export (format={meta.get('format')!r})")
+    model_cfg = from_dict(meta["model_config"])
+    plan = [dataclasses.asdict(p) for p in layer_plan(model_cfg)]
+    if meta.get("layer_plan") is not None and meta["layer_plan"] != plan:
+        raise ValueError(f"{out_dir / CONFIG}: its layer_plan disagrees with the one its model_config gives")
+    model = build_model(model_cfg)
+    model.load_state_dict(load_file(str(out_dir / WEIGHTS)), strict=True)
+    return model.eval()
+
+
+def export_config(model_cfg: Any, source: dict[str, Any]) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION, "dtype": "float32", "model_config": model_cfg.to_dict(),
+            "tie_groups": tie_groups(model_cfg), "layer_plan": [dataclasses.asdict(p) for p in layer_plan(model_cfg)],
+            "source": source}
+
+
+def parity_batch(vocab_size: int, seq_len: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(PARITY_SEED)
+    return torch.randint(0, vocab_size, (PARITY_BATCH, seq_len), generator=g)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving what to export (main process; every bad input is a ValueError -> one line, exit 2)
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Source:
+    run_dir: Path
+    ckpt_dir: Path
+    tag: str
+    world_size: int
+    step: int | None
+    cfg: Any  # TrainConfig
+
+
+def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
+    from trainer import checkpoint
+    from trainer.config import load_config
+
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir}: not found")
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"run directory {run_dir}: no config.yaml (is it a trainer.train run directory?)")
+    cfg = load_config(run_dir / "config.yaml")
+    if hf:
+        check_hf(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    if tag is None:
+        tag = checkpoint.latest_tag(ckpt_dir)
+        if tag is None:
+            raise ValueError(f"run directory {run_dir}: no {ckpt_dir / checkpoint.LATEST} (no complete checkpoint "
+                             f"yet); name one with --tag")
+    elif not (ckpt_dir / tag).is_dir():
+        have = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
+        raise ValueError(f"checkpoint tag {tag!r}: {ckpt_dir / tag} does not exist (have: {', '.join(have) or 'none'})")
+    state_path = ckpt_dir / tag / "trainer_state_rank0.pt"
+    if not state_path.is_file():
+        raise ValueError(f"checkpoint {ckpt_dir / tag}: missing {state_path.name}")
+    if not list((ckpt_dir / tag).glob("*model_states.pt")):
+        raise ValueError(f"checkpoint {ckpt_dir / tag}: no DeepSpeed model states (*model_states.pt)")
+    state = torch.load(state_path, weights_only=False, map_location="cpu")
+    world = state.get("world_size")
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"checkpoint {state_path}: no world_size recorded")
+    missing = [r for r in range(world) if not (ckpt_dir / tag / f"trainer_state_rank{r}.pt").is_file()]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt_dir / tag}: written by {world} ranks, but "
+                         f"trainer_state_rank{missing[0]}.pt is missing")
+    if state.get("identity") is not None:  # config.yaml edited since the checkpoint was written?
+        checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg))
+    from trainer.engine import check_world
+
+    check_world(cfg, world)
+    return Source(run_dir, ckpt_dir, tag, world, state.get("step"), cfg)
+
+
+def check_hf(cfg: Any) -> None:
+    """Raise ValueError (one line, the reason from to_hf_config) when HF cannot express the model."""
+    from models.hf_convert import to_hf_config
+
+    try:
+        to_hf_config(cfg.model_config())
+    except ValueError as err:
+        raise ValueError(f"--hf: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker: one per rank, under torch.distributed.run
+# --------------------------------------------------------------------------------------------------
+
+def _map_name(name: str) -> str:
+    """AutoEP parameter name -> ours (non-expert parameters)."""
+    name = name.replace(".mlp.router.gate.", ".mlp.gate.")
+    return name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+
+
+def _gathered(param: torch.nn.Parameter, master: bool = False) -> torch.Tensor:
+    """fp32 copy of a (possibly ZeRO-3 partitioned) parameter as this rank sees it. Collective at ZeRO-3.
+
+    master: the optimizer's fp32 master copy (bf16 runs) when it has one; None-safe fallback below.
+    """
+    if master:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(param)  # collective; None when the optimizer keeps no master
+        if full is not None:
+            return full.detach().float().cpu().clone()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().float().clone()
+    return param.detach().float().clone()
+
+
+def _all_experts(local: torch.Tensor, group: Any) -> torch.Tensor:
+    """Concatenate every EP rank's local experts (dim 0) in EP-rank order. Collective over `group`."""
+    import deepspeed.comm as dist
+
+    size = dist.get_world_size(group=group) if group is not None else 1
+    if size == 1:
+        return local
+    parts = [torch.zeros_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+def unused_router_aliases(module: Any) -> dict[int, str]:
+    """Parameters of routers no forward reaches: id -> name.
+
+    AutoEP registers each layer's router twice, as `router` and under the HF name `gate` (one module,
+    so `named_parameters()` lists it once, as `router.gate.weight`). With `tie_router`, the seam
+    borrows the leader's `router` for a follower but the follower's own router stays registered as
+    `gate`: an orphan (`mlp.gate.gate.weight`) that the model does not have and the export skips.
+    """
+    out = {}
+    for i, layer in enumerate(module.model.layers):
+        alias = layer.mlp._modules.get("gate")
+        router = getattr(layer.mlp, "router", None)
+        if alias is not None and router is not None and alias is not router and "router" not in layer.mlp._modules:
+            out.update({id(p): f"model.layers.{i}.mlp.gate.{n}" for n, p in alias.named_parameters()})
+    return out
+
+
+def gather_state_dict(engine: Any, master: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Full fp32 state dict in OUR naming (on every rank), and the unused engine parameters skipped.
+
+    master: take the optimizer's fp32 master weights (bf16 runs) instead of the module's bf16 ones.
+    Every rank must call it (ZeRO-3 gathers and EP all-gathers are collectives).
+    """
+    module = engine.module
+    layers = module.model.layers
+    state: dict[str, torch.Tensor] = {}
+    banks: dict[int, dict[str, torch.Tensor]] = {}
+    unused = unused_router_aliases(module)
+    skipped = []
+    for name, param in module.named_parameters():  # same order on every rank -> collectives line up
+        if id(param) in unused:
+            skipped.append(name)
+            continue
+        match = _EXPERT_RE.match(name)
+        if match is None:
+            state[_map_name(name)] = _gathered(param, master)
+            continue
+        layer, kind = int(match.group(1)), match.group(2)
+        if kind in ("gate_up_proj", "down_proj"):  # an MoE block AutoEP did not replace
+            state[name] = _gathered(param, master)
+            continue
+        if kind not in ("w1", "w2", "w3"):
+            raise RuntimeError(f"{name}: unexpected AutoEP expert parameter (expected w1, w2, w3)")
+        group = getattr(layers[layer].mlp, "ep_group", None)
+        banks.setdefault(layer, {})[kind] = _all_experts(_gathered(param, master), group)
+    for layer, bank in banks.items():
+        if sorted(bank) != ["w1", "w2", "w3"]:
+            raise RuntimeError(f"layer {layer}: AutoEP experts have {sorted(bank)}, expected w1, w2, w3")
+        # AutoEP: w1 gate [E, F, D], w3 up [E, F, D], w2 down [E, D, F]; ours: gate_up [E, 2F, D], down [E, D, F]
+        state[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat([bank["w1"], bank["w3"]], dim=1)
+        state[f"model.layers.{layer}.mlp.experts.down_proj"] = bank["w2"]
+    if module.config.tie_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # one tensor, two state_dict keys
+    return state, skipped
+
+
+def worker(args: argparse.Namespace) -> None:
+    from trainer import engine as eng
+    from trainer.config import load_config
+
+    eng.init_distributed()
+    import deepspeed.comm as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_dir = Path(args.run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    eng.check_world(cfg, world)
+    model_cfg = cfg.model_config()
+    engine = eng.initialize(build_model(model_cfg, seed=cfg.run.seed), cfg)
+    load_path, _ = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=args.tag, load_optimizer_states=False,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"checkpoint {run_dir / 'checkpoints' / args.tag}: DeepSpeed found no model states to load")
+
+    engine.eval()
+    ids = parity_batch(model_cfg.vocab_size, min(cfg.data.seq_len, model_cfg.max_seq_len))
+    with torch.no_grad():
+        logits = engine(ids.to(engine.device)).float().cpu()  # collective (EP all-to-all, ZeRO-3 gathers)
+
+    state, skipped = gather_state_dict(engine, master=cfg.run.precision == "bf16")
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        plain = build_model(model_cfg)
+        plain.load_state_dict(state, strict=True)  # every key mapped, shapes right, nothing left over
+        weights = {k: v.detach().float().contiguous().clone() for k, v in plain.state_dict().items()}
+        out = Path(args.stage)
+        save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
+        source = {"run_dir": str(run_dir), "tag": args.tag, "step": args.step, "world_size": world,
+                  "zero_stage": engine.zero_optimization_stage(),
+                  "expert_parallel_size": cfg.parallel.expert_parallel_size, "precision": cfg.run.precision,
+                  "weights": "optimizer fp32 master" if cfg.run.precision == "bf16" else "module (fp32)",
+                  "skipped_unused_engine_params": skipped}
+        (out / CONFIG).write_text(json.dumps(export_config(model_cfg, source), indent=1))
+        torch.save({"input_ids": ids, "logits": logits}, Path(args.scratch) / "engine_logits.pt")
+    from trainer.engine import shutdown
+
+    shutdown()
+
+
+# --------------------------------------------------------------------------------------------------
+# Main process: launch ranks, convert to HF, check parity, publish atomically
+# --------------------------------------------------------------------------------------------------
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check_parity(stage: Path, scratch: Path, precision: str, hf: bool) -> dict[str, Any]:
+    ref = torch.load(scratch / "engine_logits.pt", weights_only=False)
+    ids, engine_logits = ref["input_ids"], ref["logits"]
+    model = load_exported(stage)
+    rows: dict[str, Any] = {}
+    with torch.no_grad():
+        if precision == "bf16":  # the engine ran bf16 weights (= the fp32 masters rounded): do the same
+            got = copy.deepcopy(model).to(torch.bfloat16)(ids).float()
+        else:
+            got = model(ids)
+    rows["exported"] = {"max_abs_logit_diff": _max_diff(got, engine_logits)}
+    if hf:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        from models.hf_convert import to_hf_model
+
+        hf_logging.disable_progress_bar()
+
+        to_hf_model(model).save_pretrained(str(stage / "hf"))
+        hf_model = AutoModelForCausalLM.from_pretrained(str(stage / "hf"), attn_implementation="eager").eval()
+        with torch.no_grad():
+            hf_logits = hf_model(input_ids=ids).logits.float()
+        rows["hf"] = {"max_abs_logit_diff": _max_diff(hf_logits, engine_logits),
+                      "max_abs_diff_vs_exported": _max_diff(hf_logits, model(ids)),
+                      "class": type(hf_model).__name__}
+    rows["_meta"] = {"batch_shape": list(ids.shape), "logit_max_abs": engine_logits.abs().max().item()}
+    return rows
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Replace `out` by `stage` with renames only (no moment where `out` is half-written)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [stage, *stage.rglob("*")]:  # mkdtemp / safetensors create 0700 / 0600; use the umask
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None, hf: bool = False,
+               tol: float = 1e-5) -> tuple[bool, dict[str, Any], Path]:
+    """Everything `main` does, minus printing. Returns (parity ok, report, where the export is)."""
+    from trainer.cli import spawn_cpu_ranks
+
+    src = resolve(run_dir, tag, hf)
+    out = Path(out).resolve() if out else src.run_dir / "export" / src.tag
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            proc = spawn_cpu_ranks(["trainer.export", "--worker", str(src.run_dir), "--tag", src.tag,
+                                    "--stage", str(stage), "--scratch", scratch, "--step", str(src.step)],
+                                   src.world_size, capture=True)
+            if proc.returncode != 0 or not (Path(scratch) / "engine_logits.pt").is_file():
+                errors = re.findall(r"^\[rank\d+\]: (\w*(?:Error|Exception)\b.*)$", proc.stderr, re.M)
+                sys.stderr.write("\n".join(proc.stderr.splitlines()[-40:]) + "\n")
+                raise RuntimeError(f"export ranks failed (exit {proc.returncode}): "
+                                   f"{errors[0] if errors else 'see the log above'}")
+            parity = check_parity(stage, Path(scratch), src.cfg.run.precision, hf)
+        limit = BF16_TOL if src.cfg.run.precision == "bf16" else tol
+        ok = all(v["max_abs_logit_diff"] <= limit for k, v in parity.items() if not k.startswith("_"))
+        meta = json.loads((stage / CONFIG).read_text())
+        report = {"ok": ok, "tolerance": limit, "source": meta["source"], "parity": parity,
+                  "files": sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()) + [REPORT],
+                  "seconds": round(time.perf_counter() - start, 2)}
+        (stage / REPORT).write_text(json.dumps(report, indent=1))
+        dest = out if ok else out.with_name(out.name + ".failed")
+        _publish(stage, dest)
+        return ok, report, dest
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def print_report(report: dict[str, Any], dest: Path) -> None:
+    src = report["source"]
+    print(f"exported {src['run_dir']} @ {src['tag']} (step {src['step']}, {src['world_size']} ranks, "
+          f"ZeRO {src['zero_stage']}, EP {src['expert_parallel_size']}, {src['precision']}) -> {dest}")
+    print(f"{'logits vs DeepSpeed engine':<28} {'max |diff|':>11}  {'tolerance':>9}")
+    for name, row in report["parity"].items():
+        if name.startswith("_"):
+            continue
+        label = {"exported": "exported model (safetensors)", "hf": f"HF {row.get('class', '')}"}.get(name, name)
+        print(f"{label:<28} {row['max_abs_logit_diff']:>11.2e}  {report['tolerance']:>9.0e}")
+    print("PASS" if report["ok"] else
+          f"FAIL: logits differ by more than {report['tolerance']:.0e}; export left at {dest}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a trainer.train run directory (runs/<name>)")
+    parser.add_argument("--tag", help="checkpoint tag under RUN_DIR/checkpoints (default: the one `latest` names)")
+    parser.add_argument("--out", help="output directory (default: RUN_DIR/export/<tag>)")
+    parser.add_argument("--hf", action="store_true", help="also write OUT/hf, a Hugging Face transformers model")
+    parser.add_argument("--tol", type=float, default=1e-5, help="max |logit diff| allowed (fp32 runs)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.step = None if args.step in (None, "None") else int(args.step)
+        worker(args)
+        return 0
+    try:
+        ok, report, dest = run_export(args.run_dir, args.tag, args.out, args.hf, args.tol)
+    except ValueError as err:
+        print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print_report(report, dest)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
