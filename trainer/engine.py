@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -262,20 +263,6 @@ def local_param_elements(engine: Any) -> int:
     return total
 
 
-def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
-    """Gathered fp32 copy of every parameter under its model name (rank-local EP shards as held)."""
-    import deepspeed
-
-    out = {}
-    for name, param in engine.module.named_parameters():
-        if hasattr(param, "ds_id"):
-            with deepspeed.zero.GatheredParameters([param]):
-                out[name] = param.detach().float().clone()
-        else:
-            out[name] = param.detach().float().clone()
-    return out
-
-
 class GatherCounter:
     """Counts ZeRO-3 parameter all-gathers (elements actually fetched), experts vs everything else.
 
@@ -333,3 +320,84 @@ def shutdown() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gathering a full state dict from an engine (export, checks)
+# --------------------------------------------------------------------------------------------------
+
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
+
+
+def _map_name(name: str) -> str:
+    """AutoEP parameter name -> ours (non-expert parameters)."""
+    name = name.replace(".mlp.router.gate.", ".mlp.gate.")
+    return name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+
+
+def _gathered(param: torch.nn.Parameter, master: bool = False) -> torch.Tensor:
+    """fp32 copy of a (possibly ZeRO-3 partitioned) parameter as this rank sees it. Collective at ZeRO-3.
+
+    master: the optimizer's fp32 master copy (bf16 runs) when it has one; None-safe fallback below.
+    """
+    if master:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(param)  # collective; None when the optimizer keeps no master
+        if full is not None:
+            return full.detach().float().cpu().clone()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().float().clone()
+    return param.detach().float().clone()
+
+
+def _all_experts(local: torch.Tensor, group: Any) -> torch.Tensor:
+    """Concatenate every EP rank's local experts (dim 0) in EP-rank order. Collective over `group`."""
+    import deepspeed.comm as dist
+
+    size = dist.get_world_size(group=group) if group is not None else 1
+    if size == 1:
+        return local
+    parts = [torch.zeros_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+def gather_state_dict(engine: Any, master: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict in the model's own naming (on every rank), from ZeRO-3 partitions and
+    AutoEP expert shards; each tied bank once, under its leader's name.
+
+    master: take the optimizer's fp32 master weights (bf16 runs) instead of the module's bf16 ones.
+    Every rank must call it (ZeRO-3 gathers and EP all-gathers are collectives).
+    """
+    module = engine.module
+    layers = module.model.layers
+    state: dict[str, torch.Tensor] = {}
+    banks: dict[int, dict[str, torch.Tensor]] = {}
+    for name, param in module.named_parameters():  # same order on every rank -> collectives line up
+        match = _EXPERT_RE.match(name)
+        if match is None:
+            state[_map_name(name)] = _gathered(param, master)
+            continue
+        layer, kind = int(match.group(1)), match.group(2)
+        if kind in ("gate_up_proj", "down_proj"):  # an MoE block AutoEP did not replace
+            state[name] = _gathered(param, master)
+            continue
+        if kind not in ("w1", "w2", "w3"):
+            raise RuntimeError(f"{name}: unexpected AutoEP expert parameter (expected w1, w2, w3)")
+        group = getattr(layers[layer].mlp, "ep_group", None)
+        banks.setdefault(layer, {})[kind] = _all_experts(_gathered(param, master), group)
+    for layer, bank in banks.items():
+        if sorted(bank) != ["w1", "w2", "w3"]:
+            raise RuntimeError(f"layer {layer}: AutoEP experts have {sorted(bank)}, expected w1, w2, w3")
+        # AutoEP: w1 gate [E, F, D], w3 up [E, F, D], w2 down [E, D, F]; ours: gate_up [E, 2F, D], down [E, D, F]
+        state[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat([bank["w1"], bank["w3"]], dim=1)
+        state[f"model.layers.{layer}.mlp.experts.down_proj"] = bank["w2"]
+    if module.config.tie_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # one tensor, two state_dict keys
+    return state
+
+

@@ -50,7 +50,6 @@ PARITY_BATCH = 2  # sequences in the fixed parity batch
 PARITY_SEED = 1234
 BF16_TOL = 5e-2  # bf16 engine vs the exported weights run in bf16 by our model: rounding, not exactness
 
-_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,99 +154,6 @@ def check_hf(cfg: Any) -> None:
 # Worker: one per rank, under torch.distributed.run
 # --------------------------------------------------------------------------------------------------
 
-def _map_name(name: str) -> str:
-    """AutoEP parameter name -> ours (non-expert parameters)."""
-    name = name.replace(".mlp.router.gate.", ".mlp.gate.")
-    return name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
-
-
-def _gathered(param: torch.nn.Parameter, master: bool = False) -> torch.Tensor:
-    """fp32 copy of a (possibly ZeRO-3 partitioned) parameter as this rank sees it. Collective at ZeRO-3.
-
-    master: the optimizer's fp32 master copy (bf16 runs) when it has one; None-safe fallback below.
-    """
-    if master:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        full = safe_get_full_fp32_param(param)  # collective; None when the optimizer keeps no master
-        if full is not None:
-            return full.detach().float().cpu().clone()
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            return param.detach().float().clone()
-    return param.detach().float().clone()
-
-
-def _all_experts(local: torch.Tensor, group: Any) -> torch.Tensor:
-    """Concatenate every EP rank's local experts (dim 0) in EP-rank order. Collective over `group`."""
-    import deepspeed.comm as dist
-
-    size = dist.get_world_size(group=group) if group is not None else 1
-    if size == 1:
-        return local
-    parts = [torch.zeros_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
-
-
-def unused_router_aliases(module: Any) -> dict[int, str]:
-    """Parameters of routers no forward reaches: id -> name.
-
-    AutoEP registers each layer's router twice, as `router` and under the HF name `gate` (one module,
-    so `named_parameters()` lists it once, as `router.gate.weight`). With `tie_router`, the seam
-    borrows the leader's `router` for a follower but the follower's own router stays registered as
-    `gate`: an orphan (`mlp.gate.gate.weight`) that the model does not have and the export skips.
-    """
-    out = {}
-    for i, layer in enumerate(module.model.layers):
-        alias = layer.mlp._modules.get("gate")
-        router = getattr(layer.mlp, "router", None)
-        if alias is not None and router is not None and alias is not router and "router" not in layer.mlp._modules:
-            out.update({id(p): f"model.layers.{i}.mlp.gate.{n}" for n, p in alias.named_parameters()})
-    return out
-
-
-def gather_state_dict(engine: Any, master: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Full fp32 state dict in OUR naming (on every rank), and the unused engine parameters skipped.
-
-    master: take the optimizer's fp32 master weights (bf16 runs) instead of the module's bf16 ones.
-    Every rank must call it (ZeRO-3 gathers and EP all-gathers are collectives).
-    """
-    module = engine.module
-    layers = module.model.layers
-    state: dict[str, torch.Tensor] = {}
-    banks: dict[int, dict[str, torch.Tensor]] = {}
-    unused = unused_router_aliases(module)
-    skipped = []
-    for name, param in module.named_parameters():  # same order on every rank -> collectives line up
-        if id(param) in unused:
-            skipped.append(name)
-            continue
-        match = _EXPERT_RE.match(name)
-        if match is None:
-            state[_map_name(name)] = _gathered(param, master)
-            continue
-        layer, kind = int(match.group(1)), match.group(2)
-        if kind in ("gate_up_proj", "down_proj"):  # an MoE block AutoEP did not replace
-            state[name] = _gathered(param, master)
-            continue
-        if kind not in ("w1", "w2", "w3"):
-            raise RuntimeError(f"{name}: unexpected AutoEP expert parameter (expected w1, w2, w3)")
-        group = getattr(layers[layer].mlp, "ep_group", None)
-        banks.setdefault(layer, {})[kind] = _all_experts(_gathered(param, master), group)
-    for layer, bank in banks.items():
-        if sorted(bank) != ["w1", "w2", "w3"]:
-            raise RuntimeError(f"layer {layer}: AutoEP experts have {sorted(bank)}, expected w1, w2, w3")
-        # AutoEP: w1 gate [E, F, D], w3 up [E, F, D], w2 down [E, D, F]; ours: gate_up [E, 2F, D], down [E, D, F]
-        state[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat([bank["w1"], bank["w3"]], dim=1)
-        state[f"model.layers.{layer}.mlp.experts.down_proj"] = bank["w2"]
-    if module.config.tie_embeddings and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # one tensor, two state_dict keys
-    return state, skipped
-
-
 def worker(args: argparse.Namespace) -> None:
     from trainer import engine as eng
     from trainer.config import load_config
@@ -271,7 +177,7 @@ def worker(args: argparse.Namespace) -> None:
     with torch.no_grad():
         logits = engine(ids.to(engine.device)).float().cpu()  # collective (EP all-to-all, ZeRO-3 gathers)
 
-    state, skipped = gather_state_dict(engine, master=cfg.run.precision == "bf16")
+    state = eng.gather_state_dict(engine, master=cfg.run.precision == "bf16")
     if rank == 0:
         from safetensors.torch import save_file
 
@@ -283,8 +189,7 @@ def worker(args: argparse.Namespace) -> None:
         source = {"run_dir": str(run_dir), "tag": args.tag, "step": args.step, "world_size": world,
                   "zero_stage": engine.zero_optimization_stage(),
                   "expert_parallel_size": cfg.parallel.expert_parallel_size, "precision": cfg.run.precision,
-                  "weights": "optimizer fp32 master" if cfg.run.precision == "bf16" else "module (fp32)",
-                  "skipped_unused_engine_params": skipped}
+                  "weights": "optimizer fp32 master" if cfg.run.precision == "bf16" else "module (fp32)"}
         (out / CONFIG).write_text(json.dumps(export_config(model_cfg, source), indent=1))
         torch.save({"input_ids": ids, "logits": logits}, Path(args.scratch) / "engine_logits.pt")
     from trainer.engine import shutdown

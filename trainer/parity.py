@@ -68,31 +68,12 @@ SGD_CELL = ["parallel.ds_config=ds_configs/zero3.json", "parallel.expert_paralle
             "loss.load_balance_coef=0.0", "loss.z_loss_coef=0.0", "batch.grad_accum=1"]
 
 
-def _gather_bank(engine: Any, layer: int) -> dict[str, torch.Tensor]:
-    """Full (all experts) fp32 copies of one layer's AutoEP expert weights w1, w2, w3."""
-    import deepspeed
-    import deepspeed.comm as dist
+def _bank(engine: Any, layer: int) -> dict[str, torch.Tensor]:
+    """Full copies (all experts, fp32) of one layer's expert bank, in the model's own layout."""
+    from trainer import engine as eng
 
-    experts = engine.module.model.layers[layer].mlp.experts
-    out = {}
-    for name in ("w1", "w2", "w3"):
-        param = getattr(experts, name)
-        ctx = deepspeed.zero.GatheredParameters([param]) if hasattr(param, "ds_id") else _null()
-        with ctx:
-            local = param.detach().float().clone()
-        group = engine.module.model.layers[layer].mlp.ep_group
-        parts = [torch.zeros_like(local) for _ in range(dist.get_world_size(group=group))]
-        dist.all_gather(parts, local, group=group)
-        out[name] = torch.cat(parts, dim=0)
-    return out
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    state = eng.gather_state_dict(engine)
+    return {k: state[f"model.layers.{layer}.mlp.experts.{k}"] for k in ("gate_up_proj", "down_proj")}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -127,14 +108,14 @@ def worker(args: argparse.Namespace) -> None:
     engine = eng.initialize(build_model(cfg.model_config(), seed=cfg.run.seed), cfg)
     plans = [layer.plan for layer in engine.module.model.layers]
     leader = next(p.expert_owner for p in plans if p.is_tied_follower)
-    before = _gather_bank(engine, leader)
+    before = _bank(engine, leader)
     tap = RouterTap(engine.module)
     batch = make_source(cfg, "train", dist.get_rank(), dist.get_world_size()).next_batch()
     eng.set_lr(engine, cfg.optim.lr)
     parts = training_loss(engine(batch["input_ids"]), batch["labels"], tap.take(), cfg.model_config().top_k, 0.0, 0.0)
     engine.backward(parts.total)
     engine.step()
-    after = _gather_bank(engine, leader)
+    after = _bank(engine, leader)
     grads = {k: ((before[k] - after[k]) / cfg.optim.lr).tolist() for k in before}
     results["sgd"] = {"leader": leader, "grad": grads}
     if dist.get_rank() == 0:
@@ -160,10 +141,8 @@ def sgd_expected(cfg: TrainConfig, leader: int) -> dict[str, torch.Tensor]:
         parts = training_loss(untied(batch["input_ids"]), batch["labels"], tap.take(), model_cfg.top_k, 0.0, 0.0)
         total = total + parts.total / WORLD
     total.backward()
-    ffn = model_cfg.expert_ffn_dim
-    gate_up = sum(untied.model.layers[i].mlp.experts.gate_up_proj.grad for i in members)
-    down = sum(untied.model.layers[i].mlp.experts.down_proj.grad for i in members)
-    return {"w1": gate_up[:, :ffn], "w3": gate_up[:, ffn:], "w2": down}
+    return {k: sum(getattr(untied.model.layers[i].mlp.experts, k).grad for i in members)
+            for k in ("gate_up_proj", "down_proj")}
 
 
 def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[str, Any]:
