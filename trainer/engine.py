@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import os
 import re
@@ -223,10 +224,22 @@ def optimizer_factory(model: nn.Module, cfg: TrainConfig) -> Callable[[Any], tor
     return build
 
 
+class _NoHFRecorderWarning(logging.Filter):
+    """AutoEP warns that it found no HF output-capture registry for router logits; our blocks are not
+    HF classes and the trainer reads router logits through RouterTap, so the warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "output-capture registry" not in record.getMessage()
+
+
 def initialize(model: MoETransformer, cfg: TrainConfig) -> Any:
     """Wrap the model in a DeepSpeed engine with tied expert parallelism. Process group must exist."""
     import deepspeed
     import deepspeed.comm as dist
+    from deepspeed.utils import logger as ds_logger
+
+    if not any(isinstance(f, _NoHFRecorderWarning) for f in ds_logger.filters):
+        ds_logger.addFilter(_NoHFRecorderWarning())
 
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     ds_cfg = deepspeed_config(cfg, dist.get_world_size())
