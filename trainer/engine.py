@@ -316,6 +316,28 @@ class GatherCounter:
             setattr(Coord, name, original)
 
 
+def optimizer_master_tensors(engine: Any) -> list[torch.Tensor]:
+    """The optimizer's own parameter copies (fp32 master / flat partitions) on this rank.
+
+    ZeRO-3 swaps its flat fp32 partitions into the basic optimizer only during step(), and ZeRO-1/2
+    keep theirs beside it, so they are read from the ZeRO optimizer; without ZeRO they are whatever
+    the basic optimizer holds. Callers de-duplicate against storage the module already holds.
+    """
+    zero = engine.optimizer
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        tensors = getattr(zero, attr, None)
+        if tensors:
+            return [t for t in tensors if torch.is_tensor(t)]
+    basic = getattr(engine, "basic_optimizer", None) or zero
+    return [p for group in basic.param_groups for p in group["params"]]
+
+
+def optimizer_state_tensors(engine: Any) -> list[torch.Tensor]:
+    """Tensors of the basic optimizer's state (e.g. Adam moments) on this rank."""
+    basic = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    return [v for state in basic.state.values() for v in state.values() if torch.is_tensor(v) and v.numel() > 1]
+
+
 def shutdown() -> None:
     """End a rank cleanly: wait for all, tear down the process group, and leave without C++ teardown.
 

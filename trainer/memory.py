@@ -1,0 +1,123 @@
+"""Per-rank model-state memory, tied vs untied, measured from the tensors each rank actually holds.
+
+    python -m trainer.memory [--json OUT] [key=value ...]
+
+Builds the configured (tied) model and its untied twin on 2 CPU ranks, takes one optimizer step so
+optimizer state exists, then sums per rank the bytes of: parameters as held (the ZeRO-3 partition
+or the EP shard), the optimizer's own parameter copies (fp32 master / flat partitions, when distinct
+from the module's), and optimizer state (Adam moments). Expert and non-expert parameters are
+reported apart, because tying only shrinks the former. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import REPO_ROOT, load_config
+
+DEFAULT_OVERRIDES = ["data.source=random", "run.log_every=1000000"]
+
+
+def _held(param: torch.nn.Parameter) -> torch.Tensor:
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param
+
+
+def measure(engine: Any) -> dict[str, int]:
+    """Bytes of model states this rank holds. Parameters count their own elements (ZeRO-3 partitions
+    are views into one flat buffer); optimizer copies count unless they share a parameter's storage."""
+    from trainer.engine import is_expert_param, optimizer_master_tensors, optimizer_state_tensors
+
+    out = {"expert_param_bytes": 0, "other_param_bytes": 0, "optimizer_param_bytes": 0, "optimizer_state_bytes": 0}
+    param_storages = set()
+    for p in engine.module.parameters():
+        held = _held(p)
+        param_storages.add(held.untyped_storage().data_ptr())
+        out["expert_param_bytes" if is_expert_param(p) else "other_param_bytes"] += held.numel() * held.element_size()
+    counted: set[int] = set()
+    for key, tensors in (("optimizer_param_bytes", optimizer_master_tensors(engine)),
+                         ("optimizer_state_bytes", optimizer_state_tensors(engine))):
+        for t in tensors:
+            if id(t) in counted or t.untyped_storage().data_ptr() in param_storages:
+                continue
+            counted.add(id(t))
+            out[key] += t.numel() * t.element_size()
+    out["total_bytes"] = sum(out.values())
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    import deepspeed.comm as dist
+
+    from trainer import engine as eng
+    from trainer.bench import Runner
+
+    eng.init_distributed()
+    result: dict[str, Any] = {"overrides": args.overrides, "world_size": dist.get_world_size()}
+    variants = {"tied": args.overrides, "untied": args.overrides + ["model.tie_group_size=1", "model.tie_groups=null"]}
+    for name, overrides in variants.items():
+        runner = Runner(load_config(None, DEFAULT_OVERRIDES + overrides))
+        runner.step()
+        mine = torch.tensor(list(measure(runner.engine).values()), dtype=torch.float64)
+        parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, mine)
+        keys = list(measure(runner.engine).keys())
+        result[name] = {"per_rank": [dict(zip(keys, (int(v) for v in p.tolist()))) for p in parts],
+                        "zero_stage": runner.engine.zero_optimization_stage(),
+                        "precision": runner.cfg.run.precision}
+        del runner
+    if dist.get_rank() == 0:
+        Path(args.json_raw).write_text(json.dumps(result, indent=1))
+    eng.shutdown()
+
+
+def render(result: dict[str, Any]) -> str:
+    keys = ["expert_param_bytes", "other_param_bytes", "optimizer_param_bytes", "optimizer_state_bytes",
+            "total_bytes"]
+    lines = [f"per-rank model-state memory (KiB), ZeRO-{result['tied']['zero_stage']}, "
+             f"{result['tied']['precision']}, {result['world_size']} ranks; overrides: "
+             f"{' '.join(result['overrides']) or '(default config)'}",
+             f"{'rank':<5} {'what':<24} {'tied':>10} {'untied':>10} {'ratio':>7}"]
+    for rank, (t, u) in enumerate(zip(result["tied"]["per_rank"], result["untied"]["per_rank"])):
+        for key in keys:
+            ratio = f"{t[key] / u[key]:.3f}" if u[key] else "-"
+            lines.append(f"{rank:<5} {key.replace('_bytes', ''):<24} {t[key] / 1024:>10,.0f} {u[key] / 1024:>10,.0f} "
+                         f"{ratio:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / "memory_cpu.json"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json-raw", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to both variants")
+    args = parser.parse_args(argv)
+    load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
+    if args.worker:
+        worker(args)
+        return 0
+    from trainer.cli import spawn_cpu_ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.json"
+        proc = spawn_cpu_ranks(["trainer.memory", "--worker", "--json-raw", str(raw), *args.overrides], capture=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-4000:], proc.stderr[-8000:], sep="\n", file=sys.stderr)
+            return proc.returncode
+        result = json.loads(raw.read_text())
+    print(render(result))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
