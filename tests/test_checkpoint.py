@@ -36,6 +36,14 @@ def test_resume_is_bit_identical(resumed, cell: str) -> None:
 
 
 @pytest.mark.distributed
+def test_crash_while_saving_leaves_previous_checkpoint_latest(resumed) -> None:
+    r = resumed[0]["zero3-ep2"]
+    assert r["crashed"]
+    assert r["latest_after_crash"] == "step00000003"  # step 4's shards were written, `latest` never moved
+    assert r["crash_losses"] == r["straight"]  # resuming from step 3 is still bit-identical
+
+
+@pytest.mark.distributed
 def test_checkpoint_layout_and_retention(resumed) -> None:
     ckpt = resumed[1] / "zero3-ep2-split" / "checkpoints"
     assert checkpoint.latest_tag(ckpt) == "step00000006"

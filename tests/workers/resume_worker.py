@@ -24,6 +24,31 @@ for zero, ep in ((3, 2), (2, 1)):
     again = train(load_config(None, base + [f"run.name={name}-split"]))  # already complete: no steps
     results[name] = {"straight": straight.losses, "first": first.losses, "second": second.losses,
                      "again": again.losses, "val_straight": straight.val_loss, "val_split": second.val_loss}
+    if zero == 3:
+        # A crash after DeepSpeed wrote step 4's shards but before `latest` moved: resume from step 3.
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        original = DeepSpeedEngine.save_checkpoint
+
+        def crashing(self, save_dir, tag=None, **kwargs):
+            original(self, save_dir, tag=tag, **kwargs)
+            if tag == "step00000004":
+                raise RuntimeError("simulated crash while saving")
+
+        crash = base + [f"run.name={name}-crash"]
+        first = train(load_config(None, crash + ["run.stop_at_step=3"]))
+        DeepSpeedEngine.save_checkpoint = crashing
+        try:
+            train(load_config(None, crash))
+            crashed = False
+        except RuntimeError:
+            crashed = True
+        finally:
+            DeepSpeedEngine.save_checkpoint = original
+        latest_after_crash = (Path(out_dir) / f"{name}-crash" / "checkpoints" / "latest").read_text()
+        resumed = train(load_config(None, crash))
+        results[name].update(crashed=crashed, latest_after_crash=latest_after_crash,
+                             crash_losses=first.losses + resumed.losses)
 if int(os.environ["RANK"]) == 0:
     Path(result_path).write_text(json.dumps(results))
 from trainer.engine import shutdown  # noqa: E402
