@@ -89,3 +89,54 @@ def account(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
         expert_banks=len({p.expert_owner for p in moe}), moe_layers=len(moe),
         train_flops_per_token=float(6 * matmul_per_token + attn_flops), seq_len=seq_len,
     )
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Model-state bytes one rank holds (activations and buffers not included)."""
+
+    expert_params: int
+    other_params: int
+    grads: int
+    master_params: int  # fp32 copies the optimizer keeps
+    optimizer_state: int  # Adam: two fp32 moments
+    total: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rank_memory(cfg: ModelConfig, world: int, ep: int, zero: int, precision: str = "bf16") -> RankMemory:
+    """Per-rank model-state bytes under DeepSpeed ZeRO + expert parallelism, tied banks counted once.
+
+    The ZeRO paper's accounting (Rajbhandari et al. 2020: 2 + 2 + 12 bytes per parameter in mixed
+    precision), with the layout AutoEP uses: an expert bank is split over `ep` ranks and its ZeRO
+    partitioning runs over the expert-data-parallel group (world / ep); other parameters over all
+    ranks. bf16 keeps fp32 gradients (fp32 accumulation) and fp32 master weights; fp32 training keeps
+    a separate fp32 master only at ZeRO-3, as DeepSpeed's stage-3 optimizer does.
+    """
+    if world % ep:
+        raise ValueError(f"world={world}: expected a multiple of ep={ep}")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero={zero}: expected 0, 1, 2 or 3")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision={precision!r}: expected 'bf16' or 'fp32'")
+    plan = layer_plan(cfg)
+    banks = {p.expert_owner: p.n_experts for p in plan if p.ffn == "moe"}
+    expert = sum(_expert_bank_params(cfg, n) for n in banks.values())
+    other = account(cfg).unique_params - expert
+    edp = world // ep
+
+    def share(n_expert: float, n_other: float, partitioned: bool) -> float:
+        return n_expert / ep / (edp if partitioned else 1) + n_other / (world if partitioned else 1)
+
+    param_bytes = 2 if precision == "bf16" else 4
+    held_expert = expert / ep / (edp if zero == 3 else 1)
+    held_other = other / (world if zero == 3 else 1)
+    grads = 4 * share(expert, other, zero >= 2)
+    has_master = precision == "bf16" or zero == 3
+    master = 4 * share(expert, other, zero >= 1) if has_master else 0
+    moments = 8 * share(expert, other, zero >= 1)
+    parts = [round(held_expert * param_bytes), round(held_other * param_bytes), round(grads), round(master),
+             round(moments)]
+    return RankMemory(*parts, total=sum(parts))

@@ -1,14 +1,17 @@
-"""Print a model's size and FLOPs without building it.
+"""Print a model's size and FLOPs without building it, and per-rank memory for a parallel layout.
 
-    python -m models.summary PRESET [key=value ...]
+    python -m models.summary PRESET [key=value ...] [--world N --ep E --zero S --precision bf16|fp32]
     python -m models.summary olmoe tie_group_size=2
+    python -m models.summary olmoe tie_group_size=4 --world 64 --ep 8 --zero 3
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 
-from models.accounting import account
+from models.accounting import account, rank_memory
 from models.config import from_preset, plan_notes, tie_groups
 from models.overrides import parse_overrides
 
@@ -41,13 +44,38 @@ def render(preset: str, overrides: dict) -> str:
     return "\n".join(lines)
 
 
+def render_memory(preset: str, overrides: dict, world: int, ep: int, zero: int, precision: str) -> str:
+    """Tied vs untied model-state memory per rank (GiB) for one layout."""
+    cfg = from_preset(preset, **overrides)
+    untied = dataclasses.replace(cfg, tie_group_size=1, tie_groups=None, tie_router=False, tie_attention=False)
+    tied_mem, untied_mem = (rank_memory(c, world, ep, zero, precision) for c in (cfg, untied))
+    lines = [f"  per-rank model states, {world} ranks, EP {ep}, ZeRO-{zero}, {precision} (GiB):",
+             f"  {'':<18} {'tied':>8} {'untied':>8} {'ratio':>6}"]
+    for field in ("expert_params", "other_params", "grads", "master_params", "optimizer_state", "total"):
+        t, u = getattr(tied_mem, field), getattr(untied_mem, field)
+        ratio = f"{t / u:.3f}" if u else "-"
+        lines.append(f"  {field:<18} {t / 2**30:>8.2f} {u / 2**30:>8.2f} {ratio:>6}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    parser = argparse.ArgumentParser(prog="python -m models.summary", add_help=False)
+    parser.add_argument("preset")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--world", type=int)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--zero", type=int, default=3)
+    parser.add_argument("--precision", default="bf16")
+    args = parser.parse_args(argv)
     try:
-        print(render(argv[0], parse_overrides(argv[1:])))
+        overrides = parse_overrides(args.overrides)
+        print(render(args.preset, overrides))
+        if args.world:
+            print(render_memory(args.preset, overrides, args.world, args.ep, args.zero, args.precision))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
