@@ -5,7 +5,7 @@
 #   ./run.sh test [pytest args]             run the test suite
 #   deepspeed [--hostfile H] run.sh CONFIG.yaml [key=value ...]   the launcher runs this file with python
 # As bash it creates .venv on first use, then hands over to Python; as Python (under a launcher)
-# it goes straight to the trainer.
+# it goes straight to the trainer. The Python part sits in a bash heredoc, so the file parses as both.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$here/.venv"
@@ -27,6 +27,7 @@ if [ "${1:-}" = "test" ]; then
   exec "$venv/bin/python" -m pytest -q "$@"
 fi
 exec "$venv/bin/python" "$here/run.sh" "$@"
+: <<'END_OF_PYTHON'
 ":"""
 import os
 import sys
@@ -35,3 +36,5 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer.cli import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))
+# bash never reaches the Python part (exec above); this heredoc only keeps `bash -n run.sh` valid.
+END_OF_PYTHON

@@ -421,3 +421,12 @@ def test_constant():
     for step in (WARMUP, 50, TOTAL - 1, TOTAL):
         assert lr_at(step, TOTAL, BASE, sched) == BASE
     assert lr_at(0, TOTAL, BASE, _sched("constant", warmup=0)) == BASE
+
+
+def test_run_sh_is_valid_bash_and_valid_python():
+    """`./run.sh` is read by bash, `deepspeed run.sh` hands it to python: both must parse all of it."""
+    import ast
+
+    run_sh = REPO_ROOT / "run.sh"
+    assert subprocess.run(["bash", "-n", str(run_sh)], capture_output=True).returncode == 0
+    ast.parse(run_sh.read_text())

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -169,20 +168,14 @@ def main(argv: list[str] | None = None) -> int:
             args.json_raw = args.json
         worker(args)
         return 0
-    from trainer.cli import spawn_cpu_ranks
+    from trainer.cli import collect_from_cpu_ranks, write_result
 
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "raw.json"
-        proc = spawn_cpu_ranks(["trainer.bench", "--worker", "--steps", str(args.steps), "--repeats",
-                                str(args.repeats), "--json-raw", str(raw), *args.overrides], capture=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-4000:], proc.stderr[-8000:], sep="\n", file=sys.stderr)
-            return proc.returncode
-        result = json.loads(raw.read_text())
+    result = collect_from_cpu_ranks(["trainer.bench", "--worker", "--steps", str(args.steps), "--repeats",
+                                     str(args.repeats), *args.overrides])
+    if isinstance(result, int):
+        return result
     print(render(result))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+    write_result(result, args.json)
     return 0
 
 

@@ -7,11 +7,14 @@ per local GPU, or 2 CPU ranks without a GPU, through torch.distributed.run, each
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from trainer.config import REPO_ROOT, load_config
 
@@ -61,6 +64,26 @@ def spawn_cpu_ranks(module_args: list[str], nproc: int = 2, capture: bool = Fals
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(_free_port()), "-m", *module_args]
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=capture, text=True)
+
+
+def collect_from_cpu_ranks(module_args: list[str], nproc: int = 2) -> Any:
+    """Run a `--worker` module on CPU ranks; it writes JSON to the `--json-raw` path we give it.
+
+    Returns the parsed JSON, or the exit code (after printing the ranks' output tail) on failure.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.json"
+        proc = spawn_cpu_ranks([*module_args, "--json-raw", str(raw)], nproc, capture=True)
+        if proc.returncode != 0 or not raw.is_file():
+            print(proc.stdout[-4000:], proc.stderr[-8000:], sep="\n", file=sys.stderr)
+            return proc.returncode or 1
+        return json.loads(raw.read_text())
+
+
+def write_result(result: Any, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
 
 
 def launch(config: str | None, overrides: list[str]) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,19 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    from trainer.cli import spawn_cpu_ranks
+    from trainer.cli import collect_from_cpu_ranks, write_result
 
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "raw.json"
-        proc = spawn_cpu_ranks(["trainer.memory", "--worker", "--json-raw", str(raw), *args.overrides], capture=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-4000:], proc.stderr[-8000:], sep="\n", file=sys.stderr)
-            return proc.returncode
-        result = json.loads(raw.read_text())
+    result = collect_from_cpu_ranks(["trainer.memory", "--worker", *args.overrides])
+    if isinstance(result, int):
+        return result
     print(render(result))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+    write_result(result, args.json)
     return 0
 
 

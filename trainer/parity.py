@@ -192,15 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        raw_path = Path(tmp) / "raw.json"
-        from trainer.cli import spawn_cpu_ranks
+        from trainer.cli import collect_from_cpu_ranks
 
-        proc = spawn_cpu_ranks(["trainer.parity", "--worker", "--cells", args.cells, "--steps", str(args.steps),
-                                "--json-raw", str(raw_path), "--out-dir", tmp], WORLD, capture=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-4000:], proc.stderr[-8000:], sep="\n", file=sys.stderr)
-            return proc.returncode
-        report = compare(json.loads(raw_path.read_text()), args.cells, args.steps, tmp)
+        raw = collect_from_cpu_ranks(["trainer.parity", "--worker", "--cells", args.cells, "--steps", str(args.steps),
+                                      "--out-dir", tmp], WORLD)
+        if isinstance(raw, int):
+            return raw
+        report = compare(raw, args.cells, args.steps, tmp)
     worst = max(c["max_abs_loss_diff"] / cell_tolerance(name, args.tol) for name, c in report["cells"].items())
     print(f"{'cell':<30} {'max |loss - ref|':>17} {'expert elems/rank':>18} {'if untied':>10}")
     for name, c in report["cells"].items():
