@@ -43,7 +43,7 @@ def _shared_params(cfg: ModelConfig) -> int:
     return 3 * cfg.d_model * cfg.n_shared_experts * cfg.shared_expert_ffn_dim
 
 
-def _layer_parts(cfg: ModelConfig, p: LayerPlan) -> dict[str, int]:
+def layer_parts(cfg: ModelConfig, p: LayerPlan) -> dict[str, int]:
     parts = {"attention": _attention_params(cfg), "norms": 2 * cfg.d_model}
     if p.ffn == "dense":
         parts["dense"] = 3 * cfg.d_model * cfg.dense_ffn_dim
@@ -66,7 +66,7 @@ def account(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
     active = outside
     matmul_per_token = cfg.vocab_size * cfg.d_model  # lm_head; embedding lookup is not a matmul
     for p in plan:
-        parts = _layer_parts(cfg, p)
+        parts = layer_parts(cfg, p)
         owner_of = {"attention": p.attention_owner, "router": p.router_owner, "experts": p.expert_owner}
         for name, n in parts.items():
             untied += n

@@ -6,7 +6,9 @@ the expert weights per layer. That silently unties a tied model, so `tied_expert
 the engine's `_configure_expert_parallel` and re-applies the model's layer plan right after the EP
 layers are built and before ZeRO partitions anything: each follower then runs its leader's
 `GroupedExperts` (and router / attention when tied) without registering it, so ZeRO-3 partitions each
-shared bank exactly once. This wrapper is the one seam; everything else uses public API.
+shared bank exactly once. That wrapper is the one seam that changes behaviour. The other internals
+read here are for measurement only: `GatherCounter` (ZeRO-3 all-gather traffic) and the ZeRO
+optimizer's flat fp32 partitions (`optimizer_master_tensors`, memory reports).
 """
 
 from __future__ import annotations
@@ -99,9 +101,9 @@ def tie_aware_reuse_distance(model_cfg: ModelConfig) -> int:
     gathered once per group in forward and once in backward instead of at every layer, while
     nothing else is held longer than with a small distance.
     """
-    from models.accounting import _layer_parts
+    from models.accounting import layer_parts
 
-    return max(sum(_layer_parts(model_cfg, p).values()) for p in layer_plan(model_cfg)) + 1
+    return max(sum(layer_parts(model_cfg, p).values()) for p in layer_plan(model_cfg)) + 1
 
 
 def autoep_settings(model_cfg: ModelConfig, ep_size: int) -> dict[str, Any]:
