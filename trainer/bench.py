@@ -1,6 +1,7 @@
 """Tied vs untied, side by side in one run: training throughput and ZeRO-3 expert traffic.
 
     python -m trainer.bench [--steps N] [--repeats R] [--json OUT] [key=value ...]
+    torchrun --nproc_per_node 8 -m trainer.bench --json benchmarks/results/tying_gpu.json [key=value ...]
 
 Starts 2 CPU ranks (or uses the launcher's ranks on GPUs) and builds both engines in the same
 processes, then times them in alternating blocks so machine noise hits both alike. Reports tokens/s
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from trainer import engine as eng
 from trainer.config import REPO_ROOT, TrainConfig, load_config
 
 DEFAULT_OVERRIDES = ["data.source=random", "run.log_every=1000000"]
@@ -34,7 +36,6 @@ class Runner:
         import deepspeed.comm as dist
 
         from models.transformer import build_model
-        from trainer import engine as eng
         from trainer.data import make_source
         from trainer.losses import RouterTap
 
@@ -50,7 +51,7 @@ class Runner:
         from trainer.losses import training_loss
 
         for _ in range(self.cfg.batch.grad_accum):
-            batch = self.source.next_batch()
+            batch = eng.to_device(self.source.next_batch(), self.engine)
             parts = training_loss(self.engine(batch["input_ids"]), batch["labels"], self.tap.take(),
                                   self.model_cfg.top_k, self.cfg.loss.load_balance_coef, self.cfg.loss.z_loss_coef)
             self.engine.backward(parts.total)
@@ -82,7 +83,6 @@ def run_pair(overrides: list[str], steps: int, repeats: int, warmup: int = 3) ->
     """Tied (as configured) and untied (tie_group_size=1) engines, measured alternately."""
     import deepspeed.comm as dist
 
-    from trainer import engine as eng
     from trainer.train import describe_run
 
     world = dist.get_world_size()
@@ -119,7 +119,6 @@ def run_pair(overrides: list[str], steps: int, repeats: int, warmup: int = 3) ->
 def worker(args: argparse.Namespace) -> None:
     import deepspeed.comm as dist
 
-    from trainer import engine as eng
 
     eng.init_distributed()
     result = run_pair(args.overrides, args.steps, args.repeats)
@@ -127,6 +126,9 @@ def worker(args: argparse.Namespace) -> None:
                   device=_device(), torch=torch.__version__)
     if dist.get_rank() == 0:
         Path(args.json_raw).write_text(json.dumps(result, indent=1))
+        if not args.worker:  # started by a launcher (e.g. torchrun on GPUs): report here
+            print(render(result))
+            print(f"wrote {args.json_raw}", flush=True)
     eng.shutdown()
 
 

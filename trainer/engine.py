@@ -251,6 +251,11 @@ def initialize(model: MoETransformer, cfg: TrainConfig) -> Any:
     return engine
 
 
+def to_device(batch: dict[str, torch.Tensor], engine: Any) -> dict[str, torch.Tensor]:
+    """Loaders yield CPU tensors; the engine's module lives on its accelerator (CPU in tests, a GPU on nodes)."""
+    return {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+
+
 def set_lr(engine: Any, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

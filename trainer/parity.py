@@ -110,7 +110,7 @@ def worker(args: argparse.Namespace) -> None:
     leader = next(p.expert_owner for p in plans if p.is_tied_follower)
     before = _bank(engine, leader)
     tap = RouterTap(engine.module)
-    batch = make_source(cfg, "train", dist.get_rank(), dist.get_world_size()).next_batch()
+    batch = eng.to_device(make_source(cfg, "train", dist.get_rank(), dist.get_world_size()).next_batch(), engine)
     eng.set_lr(engine, cfg.optim.lr)
     parts = training_loss(engine(batch["input_ids"]), batch["labels"], tap.take(), cfg.model_config().top_k, 0.0, 0.0)
     engine.backward(parts.total)

@@ -115,7 +115,7 @@ def evaluate(engine: Any, cfg: TrainConfig, rank: int, world: int) -> float | No
     total = 0.0
     with torch.no_grad():
         for _ in range(cfg.run.eval_batches):
-            batch = source.next_batch()
+            batch = eng.to_device(source.next_batch(), engine)
             logits = engine(batch["input_ids"])
             total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten()).item()
     engine.train()
@@ -216,7 +216,7 @@ def _optimizer_step(run: _Rank) -> tuple[list[float], list[torch.Tensor]]:
     cfg, top_k = run.cfg, run.cfg.model_config().top_k
     sums = torch.zeros(4, dtype=torch.float64)
     for _ in range(cfg.batch.grad_accum):
-        batch = run.source.next_batch()
+        batch = eng.to_device(run.source.next_batch(), run.engine)
         logits = run.engine(batch["input_ids"])
         router_logits = run.tap.take()
         parts = training_loss(logits, batch["labels"], router_logits, top_k, cfg.loss.load_balance_coef,
