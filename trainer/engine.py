@@ -251,6 +251,13 @@ def initialize(model: MoETransformer, cfg: TrainConfig) -> Any:
     return engine
 
 
+def comm_device() -> torch.device:
+    """Where small tensors for collectives must live: NCCL takes only GPU tensors, gloo CPU ones."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def to_device(batch: dict[str, torch.Tensor], engine: Any) -> dict[str, torch.Tensor]:
     """Loaders yield CPU tensors; the engine's module lives on its accelerator (CPU in tests, a GPU on nodes)."""
     return {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}

@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     for name, overrides in variants.items():
         runner = Runner(load_config(None, DEFAULT_OVERRIDES + overrides))
         runner.step()
-        mine = torch.tensor(list(measure(runner.engine).values()), dtype=torch.float64)
+        mine = torch.tensor(list(measure(runner.engine).values()), dtype=torch.float64, device=eng.comm_device())
         parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, mine)
         keys = list(measure(runner.engine).keys())

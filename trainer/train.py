@@ -101,7 +101,7 @@ class Progress:
 def _mean_over_ranks(values: list[float]) -> list[float]:
     import deepspeed.comm as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=eng.comm_device())
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
 
@@ -263,7 +263,7 @@ def describe_run(engine: Any, cfg: TrainConfig, world: int) -> dict[str, Any]:
     ep = cfg.parallel.expert_parallel_size
     zero_stage = engine.zero_optimization_stage()
     measured = eng.local_expert_elements(engine)
-    per_rank = torch.tensor([measured], dtype=torch.float64)
+    per_rank = torch.tensor([measured], dtype=torch.float64, device=eng.comm_device())
     gathered = [torch.zeros_like(per_rank) for _ in range(world)]
     dist.all_gather(gathered, per_rank)
     # Untied expert elements per rank: every MoE layer's bank, sharded over EP (and over the
