@@ -49,6 +49,10 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     backend = "gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else "nccl"
+    if backend == "nccl":  # one GPU per local rank, before any collective
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend)
 
 
