@@ -170,15 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             args.json_raw = args.json
         worker(args)
         return 0
-    from trainer.cli import collect_from_cpu_ranks, write_result
+    from trainer.cli import report_from_cpu_ranks
 
-    result = collect_from_cpu_ranks(["trainer.bench", "--worker", "--steps", str(args.steps), "--repeats",
-                                     str(args.repeats), *args.overrides])
-    if isinstance(result, int):
-        return result
-    print(render(result))
-    write_result(result, args.json)
-    return 0
+    return report_from_cpu_ranks(["trainer.bench", "--worker", "--steps", str(args.steps), "--repeats",
+                                  str(args.repeats), *args.overrides], render, args.json)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from trainer.config import REPO_ROOT, load_config
@@ -57,12 +58,17 @@ def local_ranks() -> tuple[int, dict[str, str]]:
     return int(env.get("TIEDMOE_CPU_RANKS", "2")), env
 
 
+def _torchrun(nproc: int, target: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """torch.distributed.run command for `nproc` local ranks running `target`, with the repo importable."""
+    env = {**env, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), *target]
+    return cmd, env
+
+
 def spawn_cpu_ranks(module_args: list[str], nproc: int = 2, capture: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m <module_args>` on `nproc` local CPU ranks (gloo) through torch.distributed.run."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), "-m", *module_args]
+    cmd, env = _torchrun(nproc, ["-m", *module_args], {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=capture, text=True)
 
 
@@ -80,34 +86,29 @@ def collect_from_cpu_ranks(module_args: list[str], nproc: int = 2) -> Any:
         return json.loads(raw.read_text())
 
 
-def write_result(result: Any, path: str) -> None:
+def report_from_cpu_ranks(module_args: list[str], render: Callable[[Any], str], path: str) -> int:
+    """Run a measuring `--worker` module on 2 CPU ranks, print its table and write its JSON to `path`."""
+    result = collect_from_cpu_ranks(module_args)
+    if isinstance(result, int):
+        return result
+    print(render(result))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
+    return 0
 
 
 def launch(config: str | None, overrides: list[str]) -> int:
-    from trainer.data import ensure_data
+    from trainer.data import ensure_data, make_source
+    from trainer.engine import check_world
 
     cfg = load_config(config, overrides)  # fail fast, before any process starts
     nproc, env = local_ranks()
-    from trainer.engine import check_world
-
     check_world(cfg, nproc)
     ensure_data(cfg)
-    if cfg.data.source == "shards":  # a too-small model vocab fails here, not once per rank
-        from data_prep.loader import check_vocab
-        from trainer.data import data_dir
-
-        check_vocab(data_dir(cfg), cfg.model_config().vocab_size)
-    if cfg.data.source == "stream":  # open the train stream once here: bad files/tokenizer fail before ranks start
-        from trainer.data import make_source
-
-        make_source(cfg, "train", 0, nproc)
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(REPO_ROOT / "run.sh")]
-    cmd += ([config] if config else []) + overrides
+    # Open the train data once here (vocab check, files, tokenizer): bad data fails before ranks start.
+    make_source(cfg, "train", 0, nproc)
+    cmd, env = _torchrun(nproc, [str(REPO_ROOT / "run.sh"), *([config] if config else []), *overrides], env)
     return subprocess.call(cmd, env=env)
 
 

@@ -102,14 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    from trainer.cli import collect_from_cpu_ranks, write_result
+    from trainer.cli import report_from_cpu_ranks
 
-    result = collect_from_cpu_ranks(["trainer.memory", "--worker", *args.overrides])
-    if isinstance(result, int):
-        return result
-    print(render(result))
-    write_result(result, args.json)
-    return 0
+    return report_from_cpu_ranks(["trainer.memory", "--worker", *args.overrides], render, args.json)
 
 
 if __name__ == "__main__":

@@ -70,10 +70,10 @@ def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
     optimizer = make_optimizer(model, cfg)
     sources = [make_source(cfg, "train", r, world_size) for r in range(world_size)]
     tap = RouterTap(model)
-    steps = steps or total_steps(cfg, world_size)
+    schedule_steps = total_steps(cfg, world_size)
     losses = []
-    for step in range(steps):
-        lr = lr_at(step, total_steps(cfg, world_size), cfg.optim.lr, cfg.schedule)
+    for step in range(steps or schedule_steps):
+        lr = lr_at(step, schedule_steps, cfg.optim.lr, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)

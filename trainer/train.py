@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from models.accounting import account
-from models.config import layer_plan
+from models.config import LayerPlan, ModelConfig, layer_plan
 from models.transformer import build_model
 from trainer import checkpoint
 from trainer import engine as eng
@@ -134,6 +134,9 @@ class _Rank:
     source: Any
     tap: RouterTap
     steps: int
+    model_cfg: ModelConfig
+    plan: list[LayerPlan]
+    summary: dict[str, Any]  # sizes from describe_run; final losses are added at the end
 
     @property
     def ckpt_dir(self) -> Path:
@@ -181,12 +184,13 @@ def _start(cfg: TrainConfig) -> _Rank:
         ensure_data(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    engine = eng.initialize(build_model(cfg.model_config(), seed=cfg.run.seed), cfg)
+    model_cfg = cfg.model_config()
+    engine = eng.initialize(build_model(model_cfg, seed=cfg.run.seed), cfg)
     torch.manual_seed(cfg.run.seed + rank)
+    summary = describe_run(engine, cfg, world)
     run = _Rank(cfg=cfg, rank=rank, world=world, run_dir=run_dir, engine=engine,
                 source=make_source(cfg, "train", rank, world), tap=RouterTap(engine.module),
-                steps=total_steps(cfg, world))
-    summary = describe_run(engine, cfg, world)
+                steps=total_steps(cfg, world), model_cfg=model_cfg, plan=layer_plan(model_cfg), summary=summary)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "ds_config.json").write_text(json.dumps(eng.deepspeed_config(cfg, world), indent=2))
@@ -213,7 +217,7 @@ def _resume(run: _Rank) -> int:
 
 def _optimizer_step(run: _Rank) -> tuple[list[float], list[torch.Tensor]]:
     """One optimizer step over grad_accum micro-batches; losses averaged over micro-batches and ranks."""
-    cfg, top_k = run.cfg, run.cfg.model_config().top_k
+    cfg, top_k = run.cfg, run.model_cfg.top_k
     sums = torch.zeros(4, dtype=torch.float64)
     for _ in range(cfg.batch.grad_accum):
         batch = eng.to_device(run.source.next_batch(), run.engine)
@@ -229,7 +233,7 @@ def _optimizer_step(run: _Rank) -> tuple[list[float], list[torch.Tensor]]:
 
 def _routing(run: _Rank, router_logits: list[torch.Tensor]) -> dict[str, float]:
     """Routing health of the last micro-batch, averaged over ranks."""
-    stats = routing_stats(router_logits, run.cfg.model_config().top_k, layer_plan(run.cfg.model_config()))
+    stats = routing_stats(router_logits, run.model_cfg.top_k, run.plan)
     return dict(zip(stats, _mean_over_ranks(list(stats.values())))) if stats else {}
 
 
@@ -245,7 +249,7 @@ def _finish(run: _Rank, result: RunResult, progress: Progress, start: int, stop:
     progress.log_eval(stop - 1, result.val_loss)
     progress.close()
     run.tap.remove()
-    result.summary = describe_run(run.engine, run.cfg, run.world)
+    result.summary = dict(run.summary)
     result.summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=stop, start_step=start)
     if run.rank == 0:
         val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
