@@ -8,7 +8,7 @@ config into a per-layer list saying which expert bank, router and attention each
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 QKNorm = Literal["none", "full", "per_head"]
@@ -181,6 +181,15 @@ def layer_plan(cfg: ModelConfig) -> list[LayerPlan]:
     return plan
 
 
+# Every field that ties something, at its untied value.
+UNTIED_FIELDS: dict[str, Any] = {"tie_group_size": 1, "tie_groups": None, "tie_router": False, "tie_attention": False}
+
+
+def untied(cfg: ModelConfig) -> ModelConfig:
+    """The same architecture with every layer owning its modules: the baseline a tied model is compared with."""
+    return dataclasses.replace(cfg, **UNTIED_FIELDS)
+
+
 def plan_notes(cfg: ModelConfig) -> list[str]:
     """Human-readable remarks on the tying layout (e.g. a short last group)."""
     notes = []
@@ -253,9 +262,3 @@ def from_dict(values: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**values)
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(ModelConfig)]
-
-
-__all__ = ["ModelConfig", "LayerPlan", "PRESETS", "from_preset", "from_dict", "layer_plan", "tie_groups",
-           "moe_layers", "plan_notes", "field", "field_names"]

@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from models.accounting import account, rank_memory
-from models.config import from_preset, plan_notes, tie_groups
+from models.config import from_preset, plan_notes, tie_groups, untied
 from models.overrides import parse_overrides
 
 
@@ -47,8 +46,7 @@ def render(preset: str, overrides: dict) -> str:
 def render_memory(preset: str, overrides: dict, world: int, ep: int, zero: int, precision: str) -> str:
     """Tied vs untied model-state memory per rank (GiB) for one layout."""
     cfg = from_preset(preset, **overrides)
-    untied = dataclasses.replace(cfg, tie_group_size=1, tie_groups=None, tie_router=False, tie_attention=False)
-    tied_mem, untied_mem = (rank_memory(c, world, ep, zero, precision) for c in (cfg, untied))
+    tied_mem, untied_mem = (rank_memory(c, world, ep, zero, precision) for c in (cfg, untied(cfg)))
     lines = [f"  per-rank model states, {world} ranks, EP {ep}, ZeRO-{zero}, {precision} (GiB):",
              f"  {'':<18} {'tied':>8} {'untied':>8} {'ratio':>6}"]
     for field in ("expert_params", "other_params", "grads", "master_params", "optimizer_state", "total"):

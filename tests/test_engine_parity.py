@@ -68,3 +68,18 @@ def test_zero3_tied_bank_gathered_once_per_group(report: dict, ep: int) -> None:
     comm = report[f"comm_ep{ep}"]
     assert comm["expert_gather_ratio_tied_over_untied"] <= comm["goal_banks_over_layers"] + 1e-9
     assert comm["tied_expert_gathers"] < comm["untied_expert_gathers"]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_grad_norm_matches_reference_clip_grad_norm(report: dict, cell: str) -> None:
+    """The logged global gradient norm (before clipping, each tied tensor once) equals
+    torch.nn.utils.clip_grad_norm_ over the reference model's parameters: exactly on the first step
+    (same weights), closely after (router top-k flips amplify 1e-7 weight differences)."""
+    c = report["cells"][cell]
+    assert len(c["grad_norms"]) == 8 and all(n > 0 for n in c["grad_norms"])
+    assert c["first_rel_grad_norm_diff"] <= 1e-5, (c["grad_norms"], c["reference_grad_norms"])
+    assert c["max_rel_grad_norm_diff"] <= 5e-3, (c["grad_norms"], c["reference_grad_norms"])
+
+
+def test_grad_norm_control_counting_tied_banks_per_use_is_far_off(report: dict) -> None:
+    assert report["control_per_use_grad_norm_rel_diff"] > 1e-3

@@ -26,10 +26,10 @@ def test_balanced_and_collapsed_layers_and_agreement() -> None:
     logits = [balanced, collapsed, balanced, shifted, balanced, half, balanced, balanced]
     stats = routing_stats(logits, 2, plan)
     assert stats["layer00/max_load"] == pytest.approx(1.0)
-    assert stats["layer00/unused"] == 0.0
+    assert stats["layer00/unused_share"] == 0.0
     assert stats["layer00/entropy"] == pytest.approx(1.0)
     assert stats["layer01/max_load"] == pytest.approx(4.0)  # share 1/2 of assignments x 8 experts
-    assert stats["layer01/unused"] == pytest.approx(6 / 8)
+    assert stats["layer01/unused_share"] == pytest.approx(6 / 8)
     assert stats["layer01/entropy"] == pytest.approx(1 / 3)  # log 2 / log 8
     assert stats["tie_group02/agreement"] == pytest.approx(0.0)  # layers 2 and 3: disjoint choices
     assert stats["tie_group04/agreement"] == pytest.approx(0.5)  # layers 4 and 5: one of two shared

@@ -19,7 +19,6 @@ import torch
 from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
 from trainer.config import REPO_ROOT, ScheduleSection, load_config
 from trainer.data import make_source
-from trainer.engine import check_world
 from trainer.schedule import lr_at
 
 CONFIG_DIR = REPO_ROOT / "trainer" / "configs"
@@ -54,30 +53,27 @@ def test_expert_parallel_must_divide_expert_count():
 
 def test_expert_parallel_must_divide_world_size():
     cfg = load_config(None, ["parallel.expert_parallel_size=4"])  # divides 8 experts
-    check_world(cfg, 4)
-    check_world(cfg, 8)
-    message = one_line_error(lambda: check_world(cfg, 2), "parallel.expert_parallel_size")
+    cfg.for_world(4)
+    cfg.for_world(8)
+    message = one_line_error(lambda: cfg.for_world(2), "parallel.expert_parallel_size")
     assert "world size 2" in message
     default = load_config()  # EP 2
-    one_line_error(lambda: check_world(default, 3), "parallel.expert_parallel_size")
+    one_line_error(lambda: default.for_world(3), "parallel.expert_parallel_size")
 
 
 def test_global_batch_tokens_sets_grad_accum_from_the_world_size():
     # default: micro 8 x world 2 x seq_len 128 = 2048 tokens per micro-step
     cfg = load_config(None, ["batch.global_batch_tokens=8192"])
-    check_world(cfg, 2)
-    assert cfg.batch.grad_accum == 4
-    cfg = load_config(None, ["batch.global_batch_tokens=8192"])
-    check_world(cfg, 4)
-    assert cfg.batch.grad_accum == 2
-    message = one_line_error(lambda: check_world(load_config(None, ["batch.global_batch_tokens=2048"]), 4),
+    assert cfg.for_world(2).batch.grad_accum == 4
+    assert cfg.for_world(4).batch.grad_accum == 2
+    assert cfg.batch.grad_accum == 1  # resolving returns a new value; the loaded config is unchanged
+    message = one_line_error(lambda: load_config(None, ["batch.global_batch_tokens=2048"]).for_world(4),
                              "batch.global_batch_tokens")
     assert "4096" in message  # micro x world x seq_len on 4 ranks
-    cfg = load_config(None, ["batch.global_batch_tokens=4096", "batch.grad_accum=2"])
-    check_world(cfg, 2)  # agrees
-    one_line_error(lambda: check_world(load_config(None, ["batch.global_batch_tokens=4096", "batch.grad_accum=3"]), 2),
+    load_config(None, ["batch.global_batch_tokens=4096", "batch.grad_accum=2"]).for_world(2)  # agrees
+    one_line_error(lambda: load_config(None, ["batch.global_batch_tokens=4096", "batch.grad_accum=3"]).for_world(2),
                    "batch.grad_accum")
-    one_line_error(lambda: check_world(load_config(None, ["batch.global_batch_tokens=1000"]), 2),
+    one_line_error(lambda: load_config(None, ["batch.global_batch_tokens=1000"]).for_world(2),
                    "batch.global_batch_tokens")
 
 
@@ -86,18 +82,18 @@ def test_tied_bank_learning_rate_is_scaled_by_inverse_sqrt_group_size():
     import math
 
     from models.transformer import build_model
-    from trainer.engine import param_groups
+    from trainer.optim import param_groups
 
     cfg = load_config(None, ["data.source=random", "model.tie_group_size=3"])  # 8 layers: [2,3,4] + [5]
     model = build_model(cfg.model_config())
-    scale_of = {id(p): g["lr_scale"] for g in param_groups(model, cfg) for p in g["params"]}
-    decay_of = {id(p): g["weight_decay"] for g in param_groups(model, cfg) for p in g["params"]}
+    scale_of = {id(p): g["lr_scale"] for g in param_groups(model, cfg.optim, cfg.model_config()) for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in param_groups(model, cfg.optim, cfg.model_config()) for p in g["params"]}
     for name, p in model.named_parameters():
         expected = 1 / math.sqrt(3) if name.startswith("model.layers.2.mlp.experts.") else 1.0
         assert scale_of[id(p)] == pytest.approx(expected), name
         assert decay_of[id(p)] == (0.0 if p.ndim < 2 else cfg.optim.weight_decay), name
     fixed = load_config(None, ["data.source=random", "model.tie_group_size=3", "optim.tied_lr_scale=0.25"])
-    assert {g["lr_scale"] for g in param_groups(build_model(fixed.model_config()), fixed)} == {1.0, 0.25}
+    assert {g["lr_scale"] for g in param_groups(build_model(fixed.model_config()), fixed.optim, fixed.model_config())} == {1.0, 0.25}
 
 
 def _write_ds_config(tmp_path: Path, settings: dict) -> str:
@@ -296,7 +292,7 @@ def test_shipped_yaml_contents():
         assert (cfg.data.seq_len, cfg.batch.micro_batch_size, cfg.batch.grad_accum) == (2048, 4, 8)
         assert (cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.kind) == (4e-4, 2000, "cosine")
         assert cfg.optim.tied_lr_scale == "inv_sqrt_g"
-        check_world(cfg, 8)  # a single 8-GPU node
+        cfg.for_world(8)  # a single 8-GPU node
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ import sys
 import pytest
 
 from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
+from models.accounting import account
 from trainer.config import REPO_ROOT, load_config
 
 STEPS = 40
+PEAK_FLOPS = 1e12
 
 
 def _env() -> dict[str, str]:
@@ -34,7 +36,7 @@ def test_two_rank_zero3_ep2_tied_run_on_real_tokens(tmp_path):
     # value already comes after the fast initial drop and the rest of 40 steps gains only ~0.2.
     args = [f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", f"run.steps={STEPS}",
             f"run.out_dir={out}", "run.name=e2e", "data.seq_len=64", "batch.micro_batch_size=4", "run.log_every=1",
-            "optim.lr=1e-2", "schedule.warmup_steps=5"]
+            "optim.lr=1e-2", "schedule.warmup_steps=5", "run.eval_every=20", f"run.peak_flops={PEAK_FLOPS}"]
     proc = subprocess.run([sys.executable, "run.sh", *args], cwd=REPO_ROOT, env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -58,7 +60,7 @@ def test_two_rank_zero3_ep2_tied_run_on_real_tokens(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     metrics = [m for m in rows if "loss" in m]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    assert [m["step"] for m in rows if "val_ce" in m] == [STEPS]  # the final validation
+    assert [m["step"] for m in rows if "val_ce" in m] == [20, STEPS]  # a validation curve, then the final one
     losses = [m["loss"] for m in metrics]
     assert all(math.isfinite(x) for x in losses)
     assert abs(losses[0] - math.log(FIXTURE_VOCAB_SIZE)) < 0.3, losses[:3]
@@ -66,7 +68,19 @@ def test_two_rank_zero3_ep2_tied_run_on_real_tokens(tmp_path):
     assert tail < losses[0] - 0.7, (losses[0], tail)
     assert max(losses[-10:]) < losses[0] - 0.5, losses
     assert metrics[0]["lr"] == pytest.approx(1e-2 / 5)  # warmup step 1 of 5
-    assert all(m["tokens_per_s"] > 0 for m in metrics)
+    assert all(m["tokens_per_s"] > 0 and m["step_time_s"] > 0 for m in metrics)
+    assert all(m["grad_norm"] > 0 and math.isfinite(m["grad_norm"]) for m in metrics)
+    for m in metrics:  # the split covers the whole norm
+        parts = m["grad_norm_parts"]
+        assert sum(v * v for v in parts.values()) == pytest.approx(m["grad_norm"] ** 2, rel=1e-9)
+        assert parts["tied_experts"] > 0 and parts["untied_experts"] > 0 and parts["other"] > 0
+    # MFU from the tying-aware FLOPs of models.accounting (tied layers at every use), per rank
+    flops = account(resolved.model_config(), resolved.data.seq_len).train_flops_per_token
+    for m in metrics:
+        assert m["mfu"] == pytest.approx(flops * m["tokens_per_s"] / 2 / PEAK_FLOPS, rel=1e-9)
+        assert m["memory"]["peak_rss_gib"] >= m["memory"]["rss_gib"] > 0
+        assert 0 <= m["routing"]["layer02/unused_share"] <= 1
+    _check_tensorboard(run_dir / "tb")
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["zero_stage"] == 3 and summary["world_size"] == 2 and summary["expert_parallel_size"] == 2
@@ -85,6 +99,22 @@ def test_two_rank_zero3_ep2_tied_run_on_real_tokens(tmp_path):
     assert len(progress) == STEPS
     assert "tok/s" in progress[-1] and "eta" in progress[-1], progress[-1]
     assert "ZeRO 3" in proc.stdout and "EP 2" in proc.stdout
+
+
+def _check_tensorboard(tb_dir) -> None:
+    """Every scalar a researcher reads first, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {f"train/{k}" for k in ("loss", "ce", "lb", "z", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu")}
+    expected |= {f"grad_norm/{k}" for k in ("tied_experts", "untied_experts", "other")}
+    expected |= {"memory/rss_gib", "memory/peak_rss_gib", "val/ce", "val/ppl", "routing/mean/tie_agreement",
+                 "routing/layer02/max_load", "routing/layer02/unused_share", "routing/layer02/entropy"}
+    assert expected <= tags, sorted(expected - tags)
+    assert [e.step for e in events.Scalars("val/ce")] == [20, STEPS]
+    assert len(events.Scalars("train/grad_norm")) == STEPS
 
 
 def test_missing_data_path_is_one_error_line(tmp_path):

@@ -25,87 +25,61 @@ import torch
 
 from trainer import engine as eng
 from trainer.config import REPO_ROOT, TrainConfig, load_config
+from trainer.launch import report_from_cpu_ranks
+from trainer.metrics import peak_flops
+from trainer.session import Session, describe, open_session, train_step
 
 DEFAULT_OVERRIDES = ["data.source=random", "run.log_every=1000000"]
 
 
-class Runner:
-    """One engine plus its data, able to run timed blocks of optimizer steps."""
+def timed_steps(s: Session, steps: int) -> float:
+    """Seconds for `steps` of the trainer's own step, all ranks and the device synchronised."""
+    eng.barrier()
+    eng.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(s, s.cfg.optim.lr)
+    eng.synchronize()
+    eng.barrier()
+    return time.perf_counter() - start
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        import deepspeed.comm as dist
 
-        from models.transformer import build_model
-        from trainer.data import make_source
-        from trainer.losses import RouterTap
+def gathers_per_step(s: Session) -> dict[str, int]:
+    """ZeRO-3 all-gather elements of one training step, experts vs the rest."""
+    counter = eng.GatherCounter()
+    with counter.active():
+        train_step(s, s.cfg.optim.lr)
+    return {"expert_gather_elements": counter.expert_elements, "expert_gathers": counter.expert_gathers,
+            "other_gather_elements": counter.other_elements}
 
-        self.cfg = cfg
-        self.model_cfg = cfg.model_config()
-        self.engine = eng.initialize(build_model(self.model_cfg, seed=cfg.run.seed), cfg)
-        self.source = make_source(cfg, "train", dist.get_rank(), dist.get_world_size())
-        self.tap = RouterTap(self.engine.module)
-        self.counter = eng.GatherCounter()
-        eng.set_lr(self.engine, cfg.optim.lr)
 
-    def step(self) -> None:
-        from trainer.losses import training_loss
-
-        for _ in range(self.cfg.batch.grad_accum):
-            batch = eng.to_device(self.source.next_batch(), self.engine)
-            parts = training_loss(self.engine(batch["input_ids"]), batch["labels"], self.tap.take(),
-                                  self.model_cfg.top_k, self.cfg.loss.load_balance_coef, self.cfg.loss.z_loss_coef)
-            self.engine.backward(parts.total)
-            self.engine.step()
-
-    def timed(self, steps: int) -> float:
-        import deepspeed.comm as dist
-
-        from deepspeed.accelerator import get_accelerator
-
-        dist.barrier()
-        get_accelerator().synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        get_accelerator().synchronize()
-        dist.barrier()
-        return time.perf_counter() - start
-
-    def gathers_per_step(self) -> dict[str, int]:
-        self.counter.reset()
-        with self.counter.active():
-            self.step()
-        return {"expert_gather_elements": self.counter.expert_elements,
-                "expert_gathers": self.counter.expert_gathers, "other_gather_elements": self.counter.other_elements}
+def tied_and_untied(overrides: list[str]) -> dict[str, TrainConfig]:
+    tied = load_config(None, DEFAULT_OVERRIDES + overrides)
+    return {"tied": tied, "untied": tied.untied()}
 
 
 def run_pair(overrides: list[str], steps: int, repeats: int, warmup: int = 3) -> dict[str, Any]:
-    """Tied (as configured) and untied (tie_group_size=1) engines, measured alternately."""
-    import deepspeed.comm as dist
-
-    from trainer.train import describe_run
-
-    world = dist.get_world_size()
-    variants = {"tied": overrides, "untied": overrides + ["model.tie_group_size=1", "model.tie_groups=null"]}
-    runners = {name: Runner(load_config(None, DEFAULT_OVERRIDES + o)) for name, o in variants.items()}
-    times = {name: 0.0 for name in runners}
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner.step()
+    """Tied (as configured) and untied sessions in the same processes, timed in alternating blocks."""
+    sessions = {name: open_session(cfg) for name, cfg in tied_and_untied(overrides).items()}
+    times = dict.fromkeys(sessions, 0.0)
+    for s in sessions.values():
+        timed_steps(s, warmup)
     for _ in range(repeats):
-        for name, runner in runners.items():
-            times[name] += runner.timed(steps)
+        for name, s in sessions.items():
+            times[name] += timed_steps(s, steps)
     out: dict[str, Any] = {}
-    for name, runner in runners.items():
-        cfg = runner.cfg
-        tokens = cfg.batch.micro_batch_size * cfg.batch.grad_accum * world * cfg.data.seq_len * steps * repeats
-        info = describe_run(runner.engine, cfg, world)
-        out[name] = {"tokens_per_s": tokens / times[name], "seconds": times[name],
+    for name, s in sessions.items():
+        info = describe(s)
+        flops = s.accounting.train_flops_per_token
+        tok_s = s.tokens_per_step * steps * repeats / times[name]
+        out[name] = {"tokens_per_s": tok_s, "seconds": times[name], "model_flops_per_token": flops,
+                     "achieved_flops_per_rank": flops * tok_s / s.world,
                      "expert_elements_per_rank": info["expert_elements_per_rank_measured"],
                      "expert_banks": info["expert_banks"], "moe_layers": info["moe_layers"],
-                     "local_param_elements": eng.local_param_elements(runner.engine)}
-        if runner.engine.zero_optimization_stage() == 3:
-            out[name].update(runner.gathers_per_step())
+                     "local_param_elements": eng.local_param_elements(s.engine)}
+        if s.engine.zero_optimization_stage() == 3:
+            out[name].update(gathers_per_step(s))
+        s.close()
     out["throughput_ratio_tied_over_untied"] = out["tied"]["tokens_per_s"] / out["untied"]["tokens_per_s"]
     if "expert_gather_elements" in out["tied"]:
         out["expert_gather_ratio_tied_over_untied"] = (out["tied"]["expert_gather_elements"]
@@ -117,14 +91,14 @@ def run_pair(overrides: list[str], steps: int, repeats: int, warmup: int = 3) ->
 
 
 def worker(args: argparse.Namespace) -> None:
-    import deepspeed.comm as dist
-
-
     eng.init_distributed()
     result = run_pair(args.overrides, args.steps, args.repeats)
-    result.update(overrides=args.overrides, steps=args.steps, repeats=args.repeats, world_size=dist.get_world_size(),
-                  device=_device(), torch=torch.__version__)
-    if dist.get_rank() == 0:
+    peak, source = peak_flops(load_config(None, DEFAULT_OVERRIDES + args.overrides))
+    for name in ("tied", "untied"):
+        result[name]["mfu"] = result[name]["achieved_flops_per_rank"] / peak
+    result.update(overrides=args.overrides, steps=args.steps, repeats=args.repeats, world_size=eng.world_size(),
+                  device=_device(), torch=torch.__version__, peak_flops_per_rank=peak, peak_flops_source=source)
+    if eng.rank() == 0:
         Path(args.json_raw).write_text(json.dumps(result, indent=1))
         if not args.worker:  # started by a launcher (e.g. torchrun on GPUs): report here
             print(render(result))
@@ -146,6 +120,8 @@ def render(result: dict[str, Any]) -> str:
         r = result[name]
         lines.append(f"{name:<8} {r['tokens_per_s']:>10,.0f} {r['expert_elements_per_rank'][0]:>18,} "
                      f"{r.get('expert_gather_elements', 0):>25,}")
+    lines.append(f"MFU tied / untied                 {100 * result['tied']['mfu']:.1f}% / {100 * result['untied']['mfu']:.1f}%"
+                 f"  (peak {result['peak_flops_per_rank']:.3g} FLOP/s per rank: {result['peak_flops_source']})")
     lines.append(f"throughput ratio tied/untied      {result['throughput_ratio_tied_over_untied']:.3f}  (goal >= 0.98)")
     lines.append(f"expert memory ratio tied/untied   {result['expert_memory_ratio_tied_over_untied']:.3f}  "
                  f"(banks/layers = {result['goal_banks_over_layers']:.3f})")
@@ -170,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
             args.json_raw = args.json
         worker(args)
         return 0
-    from trainer.cli import report_from_cpu_ranks
-
     return report_from_cpu_ranks(["trainer.bench", "--worker", "--steps", str(args.steps), "--repeats",
                                   str(args.repeats), *args.overrides], render, args.json)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from models.config import ModelConfig, from_preset
+from models.config import UNTIED_FIELDS, ModelConfig, from_preset
 from models.overrides import merge, nest, parse_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,12 +92,13 @@ class RunSection:
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # validation every N steps (0: only at the end)
     eval_batches: int = 4
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest N kept (0: keep all)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run dir>/checkpoints/latest if present
     stop_at_step: int | None = None  # leave after this step (checkpointed), as a time-limited job would
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; null: known GPU table, or a CPU matmul probe
 
 
 @dataclass
@@ -113,6 +114,45 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         return from_preset(self.model.preset, **self.model.overrides)
+
+    def untied(self) -> "TrainConfig":
+        """This run with the untied twin of its model (`models.config.untied`), everything else equal."""
+        model = dataclasses.replace(self.model, overrides={**self.model.overrides, **UNTIED_FIELDS})
+        return dataclasses.replace(self, model=model)
+
+    def for_world(self, world_size: int) -> "TrainConfig":
+        """This config resolved for `world_size` ranks: a new value, the world-dependent checks done.
+
+        The global batch is the fact when `batch.global_batch_tokens` is set; gradient accumulation
+        follows from it and the world size, so the same config runs on 2 or 64 ranks.
+        """
+        ep = self.parallel.expert_parallel_size
+        if world_size % ep:
+            raise ValueError(f"parallel.expert_parallel_size={ep}: expected a divisor of the world size {world_size}")
+        if self.batch.global_batch_tokens is None:
+            return self
+        per_micro_step = self.batch.micro_batch_size * world_size * self.data.seq_len
+        accum, rest = divmod(self.batch.global_batch_tokens, per_micro_step)
+        if rest or accum < 1:
+            raise ValueError(f"batch.global_batch_tokens={self.batch.global_batch_tokens}: expected a multiple of "
+                             f"micro_batch_size x world_size x seq_len = {per_micro_step}")
+        if self.batch.grad_accum not in (1, accum):
+            raise ValueError(f"batch.grad_accum={self.batch.grad_accum}: disagrees with batch.global_batch_tokens="
+                             f"{self.batch.global_batch_tokens} on {world_size} ranks (which needs {accum}); set one")
+        return dataclasses.replace(self, batch=dataclasses.replace(self.batch, grad_accum=accum))
+
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.batch.micro_batch_size * self.batch.grad_accum * world_size * self.data.seq_len
+
+    def total_steps(self, world_size: int) -> int:
+        """Optimizer steps of the whole run (`run.tokens` converted at this world size)."""
+        if self.run.tokens is None:
+            return self.run.steps
+        return max(1, self.run.tokens // self.tokens_per_step(world_size))
+
+    def run_dir(self) -> Path:
+        out = Path(self.run.out_dir)
+        return (out if out.is_absolute() else REPO_ROOT / out) / self.run.name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,7 +261,7 @@ def _coerce_model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks that need no process group (world-size checks live in trainer.engine.check_world)."""
+    """Checks that need no world size (those live in `TrainConfig.for_world`)."""
     cfg.model_config()  # raises on bad model fields
     checks = [
         ("data.seq_len", cfg.data.seq_len >= 2, "an integer >= 2"),
@@ -247,6 +287,8 @@ def validate(cfg: TrainConfig) -> None:
         for key in ("stream_train", "tokenizer"):
             if not getattr(cfg.data, key):
                 raise ValueError(f"data.{key}: required when data.source=stream")
+    if cfg.run.peak_flops is not None and cfg.run.peak_flops <= 0:
+        raise ValueError(f"run.peak_flops={cfg.run.peak_flops!r}: expected a positive number (FLOP/s) or null")
     if isinstance(cfg.optim.tied_lr_scale, float) and cfg.optim.tied_lr_scale <= 0:
         raise ValueError(f"optim.tied_lr_scale={cfg.optim.tied_lr_scale!r}: expected 'inv_sqrt_g', 'none' or > 0")
     model = cfg.model_config()

@@ -7,6 +7,9 @@ from typing import Any, Protocol
 
 import torch
 
+from data_prep.build import DEFAULT_OUT_DIR, ensure_default_dataset
+from data_prep.loader import TokenWindowLoader, check_vocab
+from data_prep.streaming import StreamingTokenLoader, open_streaming_dataset
 from trainer.config import REPO_ROOT, TrainConfig
 
 
@@ -38,18 +41,11 @@ class RandomTokens:
         self.index = int(state["index"])
 
 
-def data_dir(cfg: TrainConfig) -> Path:
-    path = Path(cfg.data.path)
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
 def ensure_data(cfg: TrainConfig) -> None:
     """Build the default corpus when it is missing and the config allows it (call on one process)."""
     if cfg.data.source != "shards":
         return
-    from data_prep.build import DEFAULT_OUT_DIR, ensure_default_dataset
-
-    path = data_dir(cfg)
+    path = repo_path(cfg.data.path)
     if (path / "manifest.json").is_file():
         return
     if cfg.data.build_if_missing and path.resolve() == Path(DEFAULT_OUT_DIR).resolve():
@@ -59,7 +55,8 @@ def ensure_data(cfg: TrainConfig) -> None:
                      f"`python -m data_prep.build --out {cfg.data.path}`")
 
 
-def _repo_path(value: str) -> Path:
+def repo_path(value: str) -> Path:
+    """Paths in configs are relative to the repository root unless absolute."""
     path = Path(value)
     return path if path.is_absolute() else REPO_ROOT / path
 
@@ -71,20 +68,16 @@ def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> Bat
         return RandomTokens(model_vocab, cfg.data.seq_len, cfg.batch.micro_batch_size, rank,
                             cfg.run.seed + (0 if split == "train" else 10_000))
     if cfg.data.source == "stream":
-        from data_prep.streaming import StreamingTokenLoader, open_streaming_dataset
-
         files = cfg.data.stream_train if split == "train" else cfg.data.stream_validation
         if files is None:
             return None
-        loader = StreamingTokenLoader(open_streaming_dataset(str(_repo_path(files))), _repo_path(cfg.data.tokenizer),
+        loader = StreamingTokenLoader(open_streaming_dataset(str(repo_path(files))), repo_path(cfg.data.tokenizer),
                                       cfg.data.seq_len, cfg.batch.micro_batch_size, rank=rank, world_size=world_size,
                                       seed=cfg.run.seed, text_field=cfg.data.text_field)
         if loader.vocab_size > model_vocab:
             raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r}: vocab {loader.vocab_size} is larger than "
                              f"model.vocab_size={model_vocab}")
         return loader
-    from data_prep.loader import TokenWindowLoader, check_vocab
-
-    check_vocab(data_dir(cfg), model_vocab)
-    return TokenWindowLoader(data_dir(cfg), split, cfg.data.seq_len, cfg.batch.micro_batch_size,
+    check_vocab(repo_path(cfg.data.path), model_vocab)
+    return TokenWindowLoader(repo_path(cfg.data.path), split, cfg.data.seq_len, cfg.batch.micro_batch_size,
                              rank=rank, world_size=world_size, seed=cfg.run.seed)

@@ -7,8 +7,12 @@ the engine's `_configure_expert_parallel` and re-applies the model's layer plan 
 layers are built and before ZeRO partitions anything: each follower then runs its leader's
 `GroupedExperts` (and router / attention when tied) without registering it, so ZeRO-3 partitions each
 shared bank exactly once. That wrapper is the one seam that changes behaviour. The other internals
-read here are for measurement only: `GatherCounter` (ZeRO-3 all-gather traffic) and the ZeRO
-optimizer's flat fp32 partitions (`optimizer_master_tensors`, memory reports).
+read here are for measurement only: `GatherCounter` (ZeRO-3 all-gather traffic), the ZeRO optimizer's
+flat fp32 partitions (`optimizer_master_tensors`) and partitions (`held_tensor`: `ds_tensor`) for
+memory reports, reduced gradients and AutoEP's expert-group names (`grad_sq_norms`), and the
+gathering of a full state dict (`gather_state_dict`, export). Small collectives used by the trainer
+(`mean_over_ranks`, `max_over_ranks`, `gather_over_ranks`, `barrier`) live here too, so no other
+module imports deepspeed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -25,9 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.accounting import layer_parts
 from models.config import ModelConfig, layer_plan
 from models.transformer import MoETransformer, apply_tying
 from trainer.config import TrainConfig, load_engine_settings
+from trainer.optim import build_optimizer, param_groups
 
 
 def use_cpu_if_no_gpu() -> None:
@@ -56,27 +61,8 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def check_world(cfg: TrainConfig, world_size: int) -> None:
-    """World-dependent config checks; call before any process group starts."""
-    ep = cfg.parallel.expert_parallel_size
-    if world_size % ep:
-        raise ValueError(f"parallel.expert_parallel_size={ep}: expected a divisor of the world size {world_size}")
-    if cfg.batch.global_batch_tokens is not None:
-        # The global batch is the fact; gradient accumulation follows from it and the world size,
-        # so the same config runs on 2 or 64 ranks. grad_accum, when also set (> 1), must agree.
-        per_micro_step = cfg.batch.micro_batch_size * world_size * cfg.data.seq_len
-        accum, rest = divmod(cfg.batch.global_batch_tokens, per_micro_step)
-        if rest or accum < 1:
-            raise ValueError(f"batch.global_batch_tokens={cfg.batch.global_batch_tokens}: expected a multiple of "
-                             f"micro_batch_size x world_size x seq_len = {per_micro_step}")
-        if cfg.batch.grad_accum not in (1, accum):
-            raise ValueError(f"batch.grad_accum={cfg.batch.grad_accum}: disagrees with batch.global_batch_tokens="
-                             f"{cfg.batch.global_batch_tokens} on {world_size} ranks (which needs {accum}); set one")
-        cfg.batch.grad_accum = accum
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """Engine settings from the ds_config file plus what the trainer config owns."""
+def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
+    """Engine settings from the ds_config file plus what the trainer config (resolved for the world) owns."""
     settings = load_engine_settings(cfg)
     settings.update({
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
@@ -85,14 +71,14 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": cfg.run.precision == "bf16"},
         "zero_allow_untested_optimizer": True,  # our torch optimizers (AdamW, SGD) are exact under ZeRO
-        "expert_parallel": autoep_settings(cfg.model_config(), cfg.parallel.expert_parallel_size),
+        "expert_parallel": autoep_settings(model_cfg, cfg.parallel.expert_parallel_size),
     })
     zero = settings.setdefault("zero_optimization", {})
     if cfg.run.precision == "bf16" and zero.get("stage", 0) > 0:
         # fp32 gradient accumulation (DeepSpeed supports it with ZeRO only; ZeRO-0 bf16 accumulates in bf16)
         settings["data_types"] = {"grad_accum_dtype": "fp32"}
     if zero.get("stage") == 3 and "stage3_max_reuse_distance" not in zero:
-        zero["stage3_max_reuse_distance"] = tie_aware_reuse_distance(cfg.model_config())
+        zero["stage3_max_reuse_distance"] = tie_aware_reuse_distance(model_cfg)
     return settings
 
 
@@ -105,8 +91,6 @@ def tie_aware_reuse_distance(model_cfg: ModelConfig) -> int:
     gathered once per group in forward and once in backward instead of at every layer, while
     nothing else is held longer than with a small distance.
     """
-    from models.accounting import layer_parts
-
     return max(sum(layer_parts(model_cfg, p).values()) for p in layer_plan(model_cfg)) + 1
 
 
@@ -171,61 +155,17 @@ def _present_followers_as_plain_modules(model: MoETransformer) -> None:
             layer.mlp.__class__ = _FOLLOWER_CLASS
 
 
-def _expert_owner_of(name: str, owners: dict[int, int]) -> int | None:
-    """Layer index if `name` is an expert parameter of a tied bank's owner, else None."""
-    parts = name.split(".")
-    if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "mlp" and parts[4] == "experts":
-        layer = int(parts[2])
-        return layer if owners.get(layer, 1) > 1 else None
-    return None
-
-
-def tied_lr_multiplier(setting: str | float, group_size: int) -> float:
-    if setting == "inv_sqrt_g":
-        return 1.0 / math.sqrt(group_size)
-    if setting == "none":
-        return 1.0
-    return float(setting)
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> list[dict[str, Any]]:
-    """Weight-decay and tied-LR groups. Names are read after AutoEP replacement (w1/w2/w3 or fused)."""
-    plan = layer_plan(model_cfg or cfg.model_config())
-    uses = {}
-    for p in plan:
-        if p.expert_owner is not None:
-            uses[p.expert_owner] = uses.get(p.expert_owner, 0) + 1
-    groups: dict[tuple[bool, float], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = param.ndim >= 2
-        owner = _expert_owner_of(name, uses)
-        scale = tied_lr_multiplier(cfg.optim.tied_lr_scale, uses[owner]) if owner is not None else 1.0
-        key = (decay, scale)
-        if key not in groups:
-            groups[key] = {"name": f"{'decay' if decay else 'no_decay'}_lr{scale:.4g}", "params": [],
-                           "weight_decay": cfg.optim.weight_decay if decay else 0.0, "lr_scale": scale}
-        groups[key]["params"].append(param)
-    return list(groups.values())
-
-
-def optimizer_factory(model: nn.Module, cfg: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
+def optimizer_factory(model: MoETransformer, cfg: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
     """A callable DeepSpeed invokes after AutoEP replacement and tying, so groups see the live tensors.
 
-    Pluggable: a new optimizer (e.g. Muon on hidden 2D weights) is one more branch here.
+    ZeRO-1/2 need expert parameters in their own 'moe' groups (reduced over the expert-data-parallel group).
     """
 
     def build(_params: Any) -> torch.optim.Optimizer:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg))
-        o = cfg.optim
-        if o.name == "adamw":
-            return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        if o.name == "sgd":
-            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        raise ValueError(f"optim.name={o.name!r}: expected 'adamw' or 'sgd'")
+        groups = param_groups(model, cfg.optim, model.config)
+        return build_optimizer(split_params_into_different_moe_groups_for_optimizer(groups), cfg.optim)
 
     return build
 
@@ -238,21 +178,23 @@ class _NoHFRecorderWarning(logging.Filter):
         return "output-capture registry" not in record.getMessage()
 
 
-def initialize(model: MoETransformer, cfg: TrainConfig) -> Any:
-    """Wrap the model in a DeepSpeed engine with tied expert parallelism. Process group must exist."""
+def initialize(model: MoETransformer, cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """A DeepSpeed engine with tied expert parallelism, and the DeepSpeed config it got.
+
+    The process group must exist and `cfg` be resolved for its world size (`TrainConfig.for_world`).
+    """
     import deepspeed
-    import deepspeed.comm as dist
     from deepspeed.utils import logger as ds_logger
 
     if not any(isinstance(f, _NoHFRecorderWarning) for f in ds_logger.filters):
         ds_logger.addFilter(_NoHFRecorderWarning())
 
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
-    ds_cfg = deepspeed_config(cfg, dist.get_world_size())
+    ds_config = deepspeed_config(cfg, model.config, world_size())
     with tied_expert_parallel():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory(model, cfg),
-                                               config=ds_cfg)
-    return engine
+                                               config=ds_config)
+    return engine, ds_config
 
 
 def comm_device() -> torch.device:
@@ -262,14 +204,65 @@ def comm_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def launched_world_size() -> int:
+    """World size the launcher announced (1 without one); readable before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_rank()
+
+
+def world_size() -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_world_size()
+
+
+def synchronize() -> None:
+    """Wait for the accelerator's queued work (timing)."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().synchronize()
+
+
+def barrier() -> None:
+    import deepspeed.comm as dist
+
+    dist.barrier()
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
+    import deepspeed.comm as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return t.tolist()
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    return [v / world_size() for v in _all_reduce(values, "SUM")]
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    return _all_reduce(values, "MAX")
+
+
+def gather_over_ranks(value: float) -> list[float]:
+    """Every rank's `value`, in rank order (on every rank)."""
+    import deepspeed.comm as dist
+
+    mine = torch.tensor([value], dtype=torch.float64, device=comm_device())
+    parts = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(parts, mine)
+    return [p.item() for p in parts]
+
+
 def to_device(batch: dict[str, torch.Tensor], engine: Any) -> dict[str, torch.Tensor]:
     """Loaders yield CPU tensors; the engine's module lives on its accelerator (CPU in tests, a GPU on nodes)."""
     return {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-
-
-def set_lr(engine: Any, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def is_expert_param(param: nn.Parameter) -> bool:
@@ -278,20 +271,52 @@ def is_expert_param(param: nn.Parameter) -> bool:
     return is_moe_param(param)
 
 
+def held_tensor(param: nn.Parameter) -> torch.Tensor:
+    """What this rank stores of a parameter: its ZeRO-3 partition, else the (EP-local) tensor itself."""
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param
+
+
 def local_expert_elements(engine: Any) -> int:
     """Expert parameter elements this rank holds: its ZeRO-3 partition, or its EP shard below stage 3."""
-    total = 0
-    for param in engine.module.parameters():
-        if is_expert_param(param):
-            total += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
-    return total
+    return sum(held_tensor(p).numel() for p in engine.module.parameters() if is_expert_param(p))
 
 
 def local_param_elements(engine: Any) -> int:
-    total = 0
-    for param in engine.module.parameters():
-        total += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
-    return total
+    return sum(held_tensor(p).numel() for p in engine.module.parameters())
+
+
+def grad_sq_norms(engine: Any, category_of: Callable[[str], str]) -> dict[str, float]:
+    """Global squared gradient norms per category, each tensor counted once. Collective; call after the
+    backward of an accumulation boundary and before `engine.step()` (the step clears gradients).
+
+    `safe_get_full_grad` gives every rank the whole reduced gradient of a non-expert parameter and of its
+    own EP shard of an expert one (gathering ZeRO-3 partitions), so non-expert squares are divided by
+    the world size and expert squares by the expert-data-parallel size before one all-reduce.
+    """
+    import deepspeed.comm as dist
+    from deepspeed.utils import safe_get_full_grad
+
+    world = dist.get_world_size()
+    sums: dict[str, float] = {}
+    for name, param in engine.module.named_parameters():
+        grad = safe_get_full_grad(param)
+        if grad is None:
+            continue
+        sq = grad.detach().double().pow(2).sum().item()
+        replicas = _expert_data_parallel_size(param) if is_expert_param(param) else world
+        key = category_of(name)
+        sums[key] = sums.get(key, 0.0) + sq / replicas
+    keys = sorted(sums)
+    total = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(total)
+    return dict(zip(keys, total.tolist()))
+
+
+def _expert_data_parallel_size(param: nn.Parameter) -> int:
+    """Ranks holding the same EP shard of an expert parameter (AutoEP tags it with its group's name)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_world_size(param.group_name)
 
 
 class GatherCounter:

@@ -134,9 +134,7 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
                          f"trainer_state_rank{missing[0]}.pt is missing")
     if state.get("identity") is not None:  # config.yaml edited since the checkpoint was written?
         checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg))
-    from trainer.engine import check_world
-
-    check_world(cfg, world)
+    cfg.for_world(world)  # the checkpoint's layout must still be a valid one for this config
     return Source(run_dir, ckpt_dir, tag, world, state.get("step"), cfg)
 
 
@@ -164,9 +162,9 @@ def worker(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    eng.check_world(cfg, world)
+    cfg = cfg.for_world(world)
     model_cfg = cfg.model_config()
-    engine = eng.initialize(build_model(model_cfg, seed=cfg.run.seed), cfg)
+    engine, _ = eng.initialize(build_model(model_cfg, seed=cfg.run.seed), cfg)
     load_path, _ = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=args.tag, load_optimizer_states=False,
                                           load_lr_scheduler_states=False)
     if load_path is None:
@@ -253,7 +251,7 @@ def _publish(stage: Path, out: Path) -> None:
 def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None, hf: bool = False,
                tol: float = 1e-5) -> tuple[bool, dict[str, Any], Path]:
     """Everything `main` does, minus printing. Returns (parity ok, report, where the export is)."""
-    from trainer.cli import spawn_cpu_ranks
+    from trainer.launch import spawn_cpu_ranks
 
     src = resolve(run_dir, tag, hf)
     out = Path(out).resolve() if out else src.run_dir / "export" / src.tag

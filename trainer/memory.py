@@ -17,31 +17,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from trainer import engine as eng
+from trainer.bench import DEFAULT_OVERRIDES, tied_and_untied
 from trainer.config import REPO_ROOT, load_config
-
-DEFAULT_OVERRIDES = ["data.source=random", "run.log_every=1000000"]
-
-
-def _held(param: torch.nn.Parameter) -> torch.Tensor:
-    return param.ds_tensor if hasattr(param, "ds_tensor") else param
+from trainer.launch import report_from_cpu_ranks
+from trainer.session import open_session, train_step
 
 
 def measure(engine: Any) -> dict[str, int]:
     """Bytes of model states this rank holds. Parameters count their own elements (ZeRO-3 partitions
     are views into one flat buffer); optimizer copies count unless they share a parameter's storage."""
-    from trainer.engine import is_expert_param, optimizer_master_tensors, optimizer_state_tensors
-
     out = {"expert_param_bytes": 0, "other_param_bytes": 0, "optimizer_param_bytes": 0, "optimizer_state_bytes": 0}
     param_storages = set()
     for p in engine.module.parameters():
-        held = _held(p)
+        held = eng.held_tensor(p)
         param_storages.add(held.untyped_storage().data_ptr())
-        out["expert_param_bytes" if is_expert_param(p) else "other_param_bytes"] += held.numel() * held.element_size()
+        out["expert_param_bytes" if eng.is_expert_param(p) else "other_param_bytes"] += held.numel() * held.element_size()
     counted: set[int] = set()
-    for key, tensors in (("optimizer_param_bytes", optimizer_master_tensors(engine)),
-                         ("optimizer_state_bytes", optimizer_state_tensors(engine))):
+    for key, tensors in (("optimizer_param_bytes", eng.optimizer_master_tensors(engine)),
+                         ("optimizer_state_bytes", eng.optimizer_state_tensors(engine))):
         for t in tensors:
             if id(t) in counted or t.untyped_storage().data_ptr() in param_storages:
                 continue
@@ -52,26 +46,18 @@ def measure(engine: Any) -> dict[str, int]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import deepspeed.comm as dist
-
-    from trainer import engine as eng
-    from trainer.bench import Runner
-
     eng.init_distributed()
-    result: dict[str, Any] = {"overrides": args.overrides, "world_size": dist.get_world_size()}
-    variants = {"tied": args.overrides, "untied": args.overrides + ["model.tie_group_size=1", "model.tie_groups=null"]}
-    for name, overrides in variants.items():
-        runner = Runner(load_config(None, DEFAULT_OVERRIDES + overrides))
-        runner.step()
-        mine = torch.tensor(list(measure(runner.engine).values()), dtype=torch.float64, device=eng.comm_device())
-        parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, mine)
-        keys = list(measure(runner.engine).keys())
-        result[name] = {"per_rank": [dict(zip(keys, (int(v) for v in p.tolist()))) for p in parts],
-                        "zero_stage": runner.engine.zero_optimization_stage(),
-                        "precision": runner.cfg.run.precision}
-        del runner
-    if dist.get_rank() == 0:
+    result: dict[str, Any] = {"overrides": args.overrides, "world_size": eng.world_size()}
+    for name, cfg in tied_and_untied(args.overrides).items():
+        s = open_session(cfg)
+        train_step(s, cfg.optim.lr)  # optimizer state exists after the first step
+        mine = measure(s.engine)
+        per_key = {key: eng.gather_over_ranks(float(value)) for key, value in mine.items()}
+        result[name] = {"per_rank": [{key: int(per_key[key][r]) for key in mine} for r in range(eng.world_size())],
+                        "zero_stage": s.engine.zero_optimization_stage(), "precision": cfg.run.precision}
+        s.close()
+        del s
+    if eng.rank() == 0:
         Path(args.json_raw).write_text(json.dumps(result, indent=1))
     eng.shutdown()
 
@@ -102,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    from trainer.cli import report_from_cpu_ranks
-
     return report_from_cpu_ranks(["trainer.memory", "--worker", *args.overrides], render, args.json)
 
 

@@ -4,7 +4,8 @@
 
 Starts 2 CPU ranks (gloo) that train every cell of ZeRO {0,1,2,3} x expert-parallel {1,2} x
 {tied g=2, untied} (and the tied-router / tied-attention / widening ablations) with `trainer.train`,
-then replays each in one process with `trainer.reference` and prints the largest loss difference.
+then replays each in one process with `trainer.reference` and prints the largest loss difference and
+the largest relative difference of the global gradient norm (before clipping, each tied tensor once).
 It also checks, with SGD, that a tied bank's gradient is the sum of its layers' gradients.
 Exit code 1 when any cell differs by more than --tol.
 """
@@ -21,11 +22,22 @@ from typing import Any
 
 import torch
 
+from models.transformer import build_model
+from trainer import engine as eng
+from trainer.bench import run_pair
 from trainer.config import TrainConfig, load_config
+from trainer.data import make_source
+from trainer.launch import collect_from_cpu_ranks
+from trainer.losses import RouterTap, training_loss
+from trainer.optim import expert_bank_uses, expert_owner_of
+from trainer.reference import reference_run, untied_copy
+from trainer.session import open_session, train_step
+from trainer.train import train
 
 WORLD = 2
+# log_every=1: the trainer measures its gradient norm at every step, compared with the reference's.
 BASE = ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=4", "batch.grad_accum=2",
-        "schedule.warmup_steps=1", "optim.lr=3e-3", "optim.grad_clip=0.5", "run.log_every=1000",
+        "schedule.warmup_steps=1", "optim.lr=3e-3", "optim.grad_clip=0.5", "run.log_every=1",
         "run.eval_batches=1", "model.vocab_size=512"]
 
 
@@ -58,6 +70,25 @@ def cell_tolerance(name: str, tol: float) -> float:
     return 5e-2 if name.endswith("bf16") else tol
 
 
+def grad_norm_tolerance(name: str) -> float:
+    """Relative, first step (same weights): the trainer's global gradient norm (before clipping) vs
+    clip_grad_norm_ on the reference. Later steps only agree to ~1e-3: a router's top-k choice flips on
+    a 1e-7 weight difference, which moves the gradient far more than the loss."""
+    return 1e-2 if name.endswith("bf16") else 1e-5
+
+
+def per_use_grad_norm(cfg: TrainConfig) -> float:
+    """The reference's first-step gradient norm with each tied bank counted at every layer using it:
+    what a norm that did not de-duplicate tied tensors would report (the negative control)."""
+    model = reference_run(cfg, WORLD, steps=1).model  # gradients of step 1 are still on the parameters
+    uses = expert_bank_uses(model.config)
+    total = 0.0
+    for name, param in model.named_parameters():
+        owner = expert_owner_of(name, uses)
+        total += (uses[owner] if owner is not None else 1) * param.grad.double().pow(2).sum().item()
+    return total ** 0.5
+
+
 def cell_config(overrides: list[str], steps: int, out_dir: str) -> TrainConfig:
     return load_config(None, BASE + [f"run.steps={steps}", f"run.out_dir={out_dir}"] + overrides)
 
@@ -70,25 +101,18 @@ SGD_CELL = ["parallel.ds_config=ds_configs/zero3.json", "parallel.expert_paralle
 
 def _bank(engine: Any, layer: int) -> dict[str, torch.Tensor]:
     """Full copies (all experts, fp32) of one layer's expert bank, in the model's own layout."""
-    from trainer import engine as eng
-
     state = eng.gather_state_dict(engine)
     return {k: state[f"model.layers.{layer}.mlp.experts.{k}"] for k in ("gate_up_proj", "down_proj")}
 
 
 def worker(args: argparse.Namespace) -> None:
     """Runs on each rank under torch.distributed.run."""
-    from trainer import engine as eng
-    from trainer.train import train
-
     results: dict[str, Any] = {}
     for name, overrides in cells(args.cells).items():
         result = train(cell_config(overrides + [f"run.name={name}"], args.steps, args.out_dir))
-        results[name] = {"losses": result.losses, "summary": result.summary}
+        results[name] = {"losses": result.losses, "grad_norms": result.grad_norms, "summary": result.summary}
 
     # ZeRO-3 expert all-gather traffic per step, tied vs untied (goal: banks / MoE layers).
-    from trainer.bench import run_pair
-
     for ep in (1, 2):
         pair = run_pair(BASE + ["parallel.ds_config=ds_configs/zero3.json", f"parallel.expert_parallel_size={ep}",
                                 "model.tie_group_size=2"], steps=1, repeats=1, warmup=1)
@@ -96,40 +120,21 @@ def worker(args: argparse.Namespace) -> None:
         results[f"comm_ep{ep}"]["tied_expert_gathers"] = pair["tied"]["expert_gathers"]
         results[f"comm_ep{ep}"]["untied_expert_gathers"] = pair["untied"]["expert_gathers"]
 
-    # SGD: one step; the bank's change / -lr is the gradient DeepSpeed applied.
-    cfg = cell_config(SGD_CELL, 1, args.out_dir)
-    eng.init_distributed()
-    from models.transformer import build_model
-    from trainer.data import make_source
-    from trainer.losses import RouterTap, training_loss
-
-    import deepspeed.comm as dist
-
-    engine = eng.initialize(build_model(cfg.model_config(), seed=cfg.run.seed), cfg)
-    plans = [layer.plan for layer in engine.module.model.layers]
-    leader = next(p.expert_owner for p in plans if p.is_tied_follower)
-    before = _bank(engine, leader)
-    tap = RouterTap(engine.module)
-    batch = eng.to_device(make_source(cfg, "train", dist.get_rank(), dist.get_world_size()).next_batch(), engine)
-    eng.set_lr(engine, cfg.optim.lr)
-    parts = training_loss(engine(batch["input_ids"]), batch["labels"], tap.take(), cfg.model_config().top_k, 0.0, 0.0)
-    engine.backward(parts.total)
-    engine.step()
-    after = _bank(engine, leader)
-    grads = {k: ((before[k] - after[k]) / cfg.optim.lr).tolist() for k in before}
+    # SGD: one trainer step; the bank's change / -lr is the gradient DeepSpeed applied.
+    s = open_session(cell_config(SGD_CELL, 1, args.out_dir))
+    leader = next(p.expert_owner for p in s.plan if p.is_tied_follower)
+    before = _bank(s.engine, leader)
+    train_step(s, s.cfg.optim.lr)
+    after = _bank(s.engine, leader)
+    grads = {k: ((before[k] - after[k]) / s.cfg.optim.lr).tolist() for k in before}
     results["sgd"] = {"leader": leader, "grad": grads}
-    if dist.get_rank() == 0:
+    if eng.rank() == 0:
         Path(args.json_raw).write_text(json.dumps(results))
     eng.shutdown()
 
 
 def sgd_expected(cfg: TrainConfig, leader: int) -> dict[str, torch.Tensor]:
     """Sum over the tie group's layers of per-layer gradients in an UNTIED copy with the same weights."""
-    from models.transformer import build_model
-    from trainer.data import make_source
-    from trainer.losses import RouterTap, training_loss
-    from trainer.reference import untied_copy
-
     model_cfg = cfg.model_config()
     tied = build_model(model_cfg, seed=cfg.run.seed)
     untied = untied_copy(tied)
@@ -147,27 +152,34 @@ def sgd_expected(cfg: TrainConfig, leader: int) -> dict[str, torch.Tensor]:
 
 def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[str, Any]:
     """Replay every cell with the reference; returns a report (also the JSON written by --json)."""
-    from trainer.reference import reference_run
-
     report: dict[str, Any] = {"cells": {}, "world_size": WORLD, "steps": steps}
-    cache: dict[str, list[float]] = {}
+    cache: dict[str, Any] = {}
     for name, overrides in cells(which).items():
         cfg = cell_config(overrides, steps, out_dir)
         key = json.dumps(cfg.model.__dict__, sort_keys=True, default=str)
         if key not in cache:
-            cache[key], _ = reference_run(cfg, WORLD)
+            cache[key] = reference_run(cfg, WORLD)
+        ref = cache[key]
         got = raw[name]["losses"]
         summary = raw[name]["summary"]
-        diff = max(abs(a - b) for a, b in zip(got, cache[key]))
-        report["cells"][name] = {"max_abs_loss_diff": diff, "losses": got, "reference": cache[key],
+        diff = max(abs(a - b) for a, b in zip(got, ref.losses))
+        norms = raw[name]["grad_norms"]
+        report["cells"][name] = {"max_abs_loss_diff": diff, "losses": got, "reference": ref.losses,
+                                 "first_rel_grad_norm_diff": abs(norms[0] - ref.grad_norms[0]) / ref.grad_norms[0],
+                                 "max_rel_grad_norm_diff": max(abs(a - b) / b for a, b in zip(norms, ref.grad_norms)),
+                                 "grad_norms": norms,
+                                 "reference_grad_norms": ref.grad_norms,
                                  "expert_elements_per_rank": summary["expert_elements_per_rank_measured"],
                                  "expert_elements_per_rank_if_untied": summary["expert_elements_per_rank_if_untied"],
                                  "expert_banks": summary["expert_banks"], "moe_layers": summary["moe_layers"]}
     control_cfg = cell_config(cells(which)["zero3-ep2-tied"], steps, out_dir)
-    control, _ = reference_run(control_cfg, WORLD, untie_after_init=True)
-    tied_ref, _ = reference_run(control_cfg, WORLD)
+    control = reference_run(control_cfg, WORLD, untie_after_init=True).losses
+    tied_ref = reference_run(control_cfg, WORLD).losses
     # What a trainer that silently untied the experts would show: must be far above the tolerance.
     report["control_untied_copy_loss_diff"] = max(abs(a - b) for a, b in zip(control, tied_ref))
+    # What a gradient norm counting a tied bank at every use would show: far above the tolerance.
+    first = report["cells"]["zero3-ep2-tied"]["grad_norms"][0]
+    report["control_per_use_grad_norm_rel_diff"] = abs(per_use_grad_norm(control_cfg) - first) / first
     for ep in (1, 2):
         report[f"comm_ep{ep}"] = raw[f"comm_ep{ep}"]
     sgd = raw["sgd"]
@@ -192,18 +204,19 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        from trainer.cli import collect_from_cpu_ranks
-
         raw = collect_from_cpu_ranks(["trainer.parity", "--worker", "--cells", args.cells, "--steps", str(args.steps),
                                       "--out-dir", tmp], WORLD)
         if isinstance(raw, int):
             return raw
         report = compare(raw, args.cells, args.steps, tmp)
-    worst = max(c["max_abs_loss_diff"] / cell_tolerance(name, args.tol) for name, c in report["cells"].items())
-    print(f"{'cell':<30} {'max |loss - ref|':>17} {'expert elems/rank':>18} {'if untied':>10}")
+    worst = max(max(c["max_abs_loss_diff"] / cell_tolerance(name, args.tol),
+                    c["first_rel_grad_norm_diff"] / grad_norm_tolerance(name)) for name, c in report["cells"].items())
+    print(f"{'cell':<30} {'max |loss - ref|':>17} {'grad norm rel diff (step 1 / max)':>34} {'expert elems/rank':>18} "
+          f"{'if untied':>10}")
     for name, c in report["cells"].items():
-        print(f"{name:<30} {c['max_abs_loss_diff']:>17.2e} {c['expert_elements_per_rank'][0]:>18,} "
-              f"{c['expert_elements_per_rank_if_untied']:>10,}")
+        norm = f"{c['first_rel_grad_norm_diff']:.1e} / {c['max_rel_grad_norm_diff']:.1e}"
+        print(f"{name:<30} {c['max_abs_loss_diff']:>17.2e} {norm:>34} "
+              f"{c['expert_elements_per_rank'][0]:>18,} {c['expert_elements_per_rank_if_untied']:>10,}")
     print(f"SGD tied-bank gradient vs sum of per-layer gradients: max |diff| {report['sgd_grad_max_abs_diff']:.2e} "
           f"(gradient scale {report['sgd_grad_max_abs']:.2e})")
     if args.json:
@@ -215,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = worst <= 1.0 and report["sgd_grad_max_abs_diff"] <= args.tol
     print(f"control: a silently untied trainer would differ by {report['control_untied_copy_loss_diff']:.2e}")
     ok = ok and report["control_untied_copy_loss_diff"] > 3 * args.tol
+    print(f"control: a gradient norm counting tied banks per use would differ by "
+          f"{report['control_per_use_grad_norm_rel_diff']:.2e} (relative)")
+    ok = ok and report["control_per_use_grad_norm_rel_diff"] > 100 * grad_norm_tolerance("fp32")
     print("PASS" if ok else f"FAIL (tolerance {args.tol})")
     return 0 if ok else 1
 

@@ -7,24 +7,17 @@ config, seed, tying, data and optimizer must give the same losses as `trainer.tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from models.config import from_dict
+from models.config import untied
 from models.transformer import MoETransformer, build_model
 from trainer.config import TrainConfig
 from trainer.data import make_source
-from trainer.engine import param_groups
 from trainer.losses import RouterTap, training_loss
+from trainer.optim import build_optimizer, param_groups, set_lr
 from trainer.schedule import lr_at
-from trainer.train import total_steps
-
-
-def make_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg, model.config)
-    o = cfg.optim
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def untied_copy(tied: MoETransformer) -> MoETransformer:
@@ -33,15 +26,13 @@ def untied_copy(tied: MoETransformer) -> MoETransformer:
     Used as a negative control (a trainer that silently untied would follow this model) and to
     check that a tied bank's gradient is the sum of its layers' gradients.
     """
-    cfg = tied.config
-    untied = build_model(from_dict({**cfg.to_dict(), "tie_group_size": 1, "tie_groups": None,
-                                    "tie_router": False, "tie_attention": False}))
-    for layer, source in zip(untied.model.layers, tied.model.layers):
+    twin = build_model(untied(tied.config))
+    for layer, source in zip(twin.model.layers, tied.model.layers):
         layer.load_state_dict(_full_layer_state(source))
-    untied.model.embed_tokens.load_state_dict(tied.model.embed_tokens.state_dict())
-    untied.model.norm.load_state_dict(tied.model.norm.state_dict())
-    untied.lm_head.load_state_dict(tied.lm_head.state_dict())
-    return untied
+    twin.model.embed_tokens.load_state_dict(tied.model.embed_tokens.state_dict())
+    twin.model.norm.load_state_dict(tied.model.norm.state_dict())
+    twin.lm_head.load_state_dict(tied.lm_head.state_dict())
+    return twin
 
 
 def _full_layer_state(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -57,25 +48,27 @@ def _full_layer_state(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
-                  untie_after_init: bool = False) -> tuple[list[float], MoETransformer]:
-    """Per-step mean total loss (over simulated ranks and micro-steps) and the trained model.
+@dataclass
+class ReferenceRun:
+    losses: list[float]  # per step, mean total loss over simulated ranks and micro-steps
+    grad_norms: list[float]  # per step, global gradient norm before clipping (each tied tensor once)
+    model: MoETransformer  # after training
 
-    `untie_after_init`: start from the tied weights but train every layer separately (the control).
-    """
+
+def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
+                  untie_after_init: bool = False) -> ReferenceRun:
+    """`untie_after_init`: start from the tied weights but train every layer separately (the control)."""
     model_cfg = cfg.model_config()
     model = build_model(model_cfg, seed=cfg.run.seed)
     if untie_after_init:
         model = untied_copy(model)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = build_optimizer(param_groups(model, cfg.optim, model.config), cfg.optim)
     sources = [make_source(cfg, "train", r, world_size) for r in range(world_size)]
     tap = RouterTap(model)
-    schedule_steps = total_steps(cfg, world_size)
-    losses = []
+    schedule_steps = cfg.total_steps(world_size)
+    losses, grad_norms = [], []
     for step in range(steps or schedule_steps):
-        lr = lr_at(step, schedule_steps, cfg.optim.lr, cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        set_lr(optimizer, lr_at(step, schedule_steps, cfg.optim.lr, cfg.schedule))
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         n = world_size * cfg.batch.grad_accum
@@ -87,9 +80,10 @@ def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
                                       cfg.loss.load_balance_coef, cfg.loss.z_loss_coef)
                 (parts.total / n).backward()
                 total += parts.total.item() / n
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        # parameters() yields each tied tensor once; max_norm=inf measures without clipping.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         optimizer.step()
         losses.append(total)
+        grad_norms.append(norm.item())
     tap.remove()
-    return losses, model
+    return ReferenceRun(losses=losses, grad_norms=grad_norms, model=model)

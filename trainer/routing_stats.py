@@ -1,8 +1,8 @@
 """Routing health per MoE layer and routing agreement inside tie groups, from one step's router logits.
 
 - `max_load`: the busiest expert's share of assignments times E (1.0 = perfectly balanced; E = all
-  tokens on one expert). `unused`: share of experts that got no token. `entropy`: entropy of the
-  load distribution over log(E) (1.0 = uniform).
+  tokens on one expert). `unused_share`: share of the E experts that got no token on this rank (the
+  logs average it over ranks). `entropy`: entropy of the load distribution over log(E) (1.0 = uniform).
 - `agreement` of a tie group: mean over tokens and consecutive layer pairs of |topk_a ∩ topk_b| / k,
   i.e. how often layers sharing a bank send a token to the same experts (k/E would be chance).
 """
@@ -30,7 +30,7 @@ def routing_stats(router_logits: list[torch.Tensor], top_k: int, plan: list[Laye
         load_E = torch.bincount(top_TK.reshape(-1), minlength=n_experts).float() / top_TK.numel()
         nonzero = load_E[load_E > 0]
         stats[f"layer{p.index:02d}/max_load"] = float(load_E.max() * n_experts)
-        stats[f"layer{p.index:02d}/unused"] = float((load_E == 0).float().mean())
+        stats[f"layer{p.index:02d}/unused_share"] = float((load_E == 0).float().mean())
         stats[f"layer{p.index:02d}/entropy"] = float(-(nonzero * nonzero.log()).sum() / math.log(n_experts))
     groups: dict[int, list[int]] = {}
     for p in moe:

@@ -1,0 +1,155 @@
+"""What one rank holds for a run, built once, and THE training step.
+
+`open_session` resolves the config for the world size, builds the model, the DeepSpeed engine and
+the data source once; `train_step` is the only optimizer step in the project: the training loop,
+`trainer.bench` (timing), `trainer.memory` (state after a step) and `trainer.parity` (SGD gradient
+check) all call it. `trainer.reference` stays a separate plain-PyTorch twin on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models.accounting import Accounting, account, layer_parts
+from models.config import LayerPlan, ModelConfig, layer_plan
+from models.transformer import build_model
+from trainer import engine as eng
+from trainer.config import TrainConfig
+from trainer.data import BatchSource, make_source
+from trainer.losses import RouterTap, training_loss
+from trainer.optim import expert_bank_uses, expert_owner_of, set_lr
+
+GRAD_NORM_PARTS = ("tied_experts", "untied_experts", "other")
+
+
+@dataclass
+class Session:
+    cfg: TrainConfig  # resolved for the world size (`TrainConfig.for_world`)
+    model_cfg: ModelConfig
+    plan: list[LayerPlan]
+    accounting: Accounting
+    ds_config: dict[str, Any]  # what DeepSpeed got
+    rank: int
+    world: int
+    engine: Any
+    source: BatchSource
+    tap: RouterTap
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.tokens_per_step(self.world)
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.total_steps(self.world)
+
+    def close(self) -> None:
+        self.tap.remove()
+
+
+def open_session(cfg: TrainConfig) -> Session:
+    """Engine, data and accounting for this rank. The process group must exist (`engine.init_distributed`)."""
+    rank, world = eng.rank(), eng.world_size()
+    cfg = cfg.for_world(world)
+    model_cfg = cfg.model_config()
+    engine, ds_config = eng.initialize(build_model(model_cfg, seed=cfg.run.seed), cfg)
+    torch.manual_seed(cfg.run.seed + rank)
+    return Session(cfg=cfg, model_cfg=model_cfg, plan=layer_plan(model_cfg),
+                   accounting=account(model_cfg, cfg.data.seq_len), ds_config=ds_config, rank=rank, world=world,
+                   engine=engine, source=make_source(cfg, "train", rank, world), tap=RouterTap(engine.module))
+
+
+@dataclass
+class StepResult:
+    loss: float  # total loss, mean over micro-batches and ranks (identical on every rank)
+    ce: float
+    lb: float
+    z: float
+    router_logits: list[torch.Tensor]  # last micro-batch, this rank
+    grad_norm: float | None = None  # global, before clipping, each tied tensor once (measured steps only)
+    grad_norm_parts: dict[str, float] | None = None  # GRAD_NORM_PARTS -> norm
+
+    @property
+    def finite(self) -> bool:
+        values = [self.loss] + ([self.grad_norm] if self.grad_norm is not None else [])
+        return all(math.isfinite(v) for v in values)
+
+
+def train_step(s: Session, lr: float, measure_grad_norm: bool = False) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches at learning rate `lr` (tied banks scaled).
+
+    measure_grad_norm: also compute the global gradient norm and its split (collective; costs a
+    gradient gather at ZeRO-3, so the loop asks for it on log steps only).
+    """
+    set_lr(s.engine.optimizer, lr)
+    sums = torch.zeros(4, dtype=torch.float64)
+    norms: dict[str, float] | None = None
+    accum = s.cfg.batch.grad_accum
+    for micro in range(accum):
+        batch = eng.to_device(s.source.next_batch(), s.engine)
+        logits = s.engine(batch["input_ids"])
+        router_logits = s.tap.take()
+        parts = training_loss(logits, batch["labels"], router_logits, s.model_cfg.top_k,
+                              s.cfg.loss.load_balance_coef, s.cfg.loss.z_loss_coef)
+        s.engine.backward(parts.total)
+        if measure_grad_norm and micro == accum - 1:
+            norms = eng.grad_sq_norms(s.engine, _grad_norm_part(s.model_cfg))
+        s.engine.step()
+        sums += torch.tensor([parts.total.item(), parts.ce.item(), parts.lb.item(), parts.z.item()])
+    loss, ce, lb, z = eng.mean_over_ranks((sums / accum).tolist())
+    result = StepResult(loss=loss, ce=ce, lb=lb, z=z, router_logits=router_logits)
+    if norms is not None:
+        result.grad_norm = math.sqrt(sum(norms.values()))
+        result.grad_norm_parts = {k: math.sqrt(norms.get(k, 0.0)) for k in GRAD_NORM_PARTS}
+    return result
+
+
+def _grad_norm_part(model_cfg: ModelConfig) -> Any:
+    uses = expert_bank_uses(model_cfg)
+
+    def part(name: str) -> str:
+        if expert_owner_of(name, uses) is not None:
+            return "tied_experts"
+        return "untied_experts" if ".mlp.experts." in name else "other"
+
+    return part
+
+
+@torch.no_grad()
+def validation_ce(s: Session) -> float | None:
+    """Mean cross-entropy over `run.eval_batches` validation micro-batches per rank (None: no validation data).
+
+    The validation source is opened afresh each time, so every evaluation sees the same batches.
+    """
+    source = make_source(s.cfg, "validation", s.rank, s.world)
+    if source is None:
+        return None
+    s.engine.eval()
+    total = 0.0
+    for _ in range(s.cfg.run.eval_batches):
+        batch = eng.to_device(source.next_batch(), s.engine)
+        logits = s.engine(batch["input_ids"])
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten()).item()
+    s.tap.take()  # eval forwards are not part of any step's routing statistics
+    s.engine.train()
+    return eng.mean_over_ranks([total / s.cfg.run.eval_batches])[0]
+
+
+def describe(s: Session) -> dict[str, Any]:
+    """Sizes worth recording: measured per-rank expert elements vs what the untied model would hold."""
+    acc, ep, zero_stage = s.accounting, s.cfg.parallel.expert_parallel_size, s.engine.zero_optimization_stage()
+    measured = eng.gather_over_ranks(float(eng.local_expert_elements(s.engine)))
+    # Untied: every MoE layer's bank, sharded over EP (and over the expert-data-parallel group at ZeRO-3).
+    untied_expert = sum(layer_parts(s.model_cfg, p).get("experts", 0) for p in s.plan)
+    shard = ep * (s.world // ep if zero_stage == 3 else 1)
+    return {
+        "zero_stage": zero_stage, "world_size": s.world, "expert_parallel_size": ep,
+        "unique_params": acc.unique_params, "untied_params": acc.untied_params,
+        "expert_banks": acc.expert_banks, "moe_layers": acc.moe_layers,
+        "expert_elements_per_rank_measured": [int(v) for v in measured],
+        "expert_elements_per_rank_if_untied": untied_expert // shard,
+    }
