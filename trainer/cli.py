@@ -2,17 +2,22 @@
 
 Under a launcher (torchrun / `deepspeed run.sh ...`, which set RANK and WORLD_SIZE) it trains on
 this rank; started directly it hands over to `trainer.launch`, which starts the local ranks.
+
+Exit codes: 0 done (or stopped by SIGTERM / SIGINT with a checkpoint saved), 2 bad input (config,
+data, checkpoint; one line `error: ...`), 3 training diverged (non-finite loss, run.on_nonfinite=stop).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from trainer.config import load_config
 from trainer.engine import shutdown
-from trainer.launch import launch
-from trainer.train import train
+from trainer.launch import ERROR_DIR_ENV, launch
+from trainer.preemption import die_with_parent
+from trainer.train import TrainingDiverged, train
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -34,15 +39,39 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str]) -> int:
+    in_rank = "RANK" in os.environ
     try:
         config, overrides = split_args(argv)
         cfg = load_config(config, overrides)  # fail fast, before any process starts
-        if "RANK" not in os.environ:
+        if not in_rank:
             return launch(cfg, config, overrides)
+        die_with_parent()
         train(cfg)
         shutdown()  # does not return
         return 0
     except ValueError as err:
-        # One line, even when the message quotes a multi-line YAML parser error.
-        print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
-        return 2
+        return _fail(err, 2, in_rank)
+    except TrainingDiverged as err:
+        return _fail(err, 3, in_rank)
+    except KeyboardInterrupt:
+        return _fail("interrupted before training started (nothing saved)", 130, in_rank)
+
+
+def _fail(err: object, code: int, in_rank: bool) -> int:
+    """One line on stderr, even when the message quotes a multi-line YAML parser error.
+
+    In a rank started by `trainer.launch`, the line goes to a file the launcher prints once (not once per
+    rank), and the rank leaves at once: its peers may be waiting for it in a collective, and the
+    launcher stops them.
+    """
+    line = "error: " + " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if in_rank and error_dir:
+        (Path(error_dir) / f"rank{int(os.environ['RANK']):05d}.txt").write_text(line + "\n")
+    else:
+        print(line, file=sys.stderr)
+    if in_rank:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

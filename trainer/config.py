@@ -98,6 +98,8 @@ class RunSection:
     keep_checkpoints: int = 2  # newest N kept (0: keep all)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run dir>/checkpoints/latest if present
     stop_at_step: int | None = None  # leave after this step (checkpointed), as a time-limited job would
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss or grad norm: stop (exit 3, nothing saved) or drop the update
+    max_consecutive_skips: int = 5  # on_nonfinite=skip: stop (exit 3) after this many dropped updates in a row
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; null: known GPU table, or a CPU matmul probe
 
 
@@ -278,6 +280,7 @@ def validate(cfg: TrainConfig) -> None:
         ("run.log_every", cfg.run.log_every >= 1, "a positive integer"),
         ("run.save_every", cfg.run.save_every >= 0, "a non-negative integer (0: only at the end)"),
         ("run.keep_checkpoints", cfg.run.keep_checkpoints >= 0, "a non-negative integer (0: keep all)"),
+        ("run.max_consecutive_skips", cfg.run.max_consecutive_skips >= 1, "a positive integer"),
     ]
     for key, ok, expected in checks:
         if not ok:

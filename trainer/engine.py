@@ -155,7 +155,28 @@ def _present_followers_as_plain_modules(model: MoETransformer) -> None:
             layer.mlp.__class__ = _FOLLOWER_CLASS
 
 
-def optimizer_factory(model: MoETransformer, cfg: TrainConfig) -> Callable[[Any], torch.optim.Optimizer]:
+class UpdateGate:
+    """While `drop` is set, the optimizer's update is a no-op: weights and optimizer state stay as they were.
+
+    Why at the basic optimizer: every ZeRO stage ends its `step()` by calling it (ZeRO-3 once per
+    sub-group), after reducing and partitioning gradients, which must still happen so the next step
+    starts clean; skipping `engine.step()` itself would leave DeepSpeed's buffers half-used.
+    """
+
+    def __init__(self) -> None:
+        self.drop = False
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        update = optimizer.step
+
+        def gated_step(*args: Any, **kwargs: Any) -> Any:
+            return None if self.drop else update(*args, **kwargs)
+
+        optimizer.step = gated_step
+        return optimizer
+
+
+def optimizer_factory(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate) -> Callable[[Any], torch.optim.Optimizer]:
     """A callable DeepSpeed invokes after AutoEP replacement and tying, so groups see the live tensors.
 
     ZeRO-1/2 need expert parameters in their own 'moe' groups (reduced over the expert-data-parallel group).
@@ -165,7 +186,7 @@ def optimizer_factory(model: MoETransformer, cfg: TrainConfig) -> Callable[[Any]
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         groups = param_groups(model, cfg.optim, model.config)
-        return build_optimizer(split_params_into_different_moe_groups_for_optimizer(groups), cfg.optim)
+        return gate.wrap(build_optimizer(split_params_into_different_moe_groups_for_optimizer(groups), cfg.optim))
 
     return build
 
@@ -178,7 +199,7 @@ class _NoHFRecorderWarning(logging.Filter):
         return "output-capture registry" not in record.getMessage()
 
 
-def initialize(model: MoETransformer, cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
+def initialize(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate | None = None) -> tuple[Any, dict[str, Any]]:
     """A DeepSpeed engine with tied expert parallelism, and the DeepSpeed config it got.
 
     The process group must exist and `cfg` be resolved for its world size (`TrainConfig.for_world`).
@@ -192,7 +213,7 @@ def initialize(model: MoETransformer, cfg: TrainConfig) -> tuple[Any, dict[str, 
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     ds_config = deepspeed_config(cfg, model.config, world_size())
     with tied_expert_parallel():
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory(model, cfg),
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory(model, cfg, gate or UpdateGate()),
                                                config=ds_config)
     return engine, ds_config
 
@@ -271,9 +292,22 @@ def is_expert_param(param: nn.Parameter) -> bool:
     return is_moe_param(param)
 
 
+def global_grad_norm(engine: Any) -> float | None:
+    """DeepSpeed's global gradient norm of the last step (ZeRO-1/2/3 and bf16 compute one for clipping;
+    None where it does not, e.g. fp32 ZeRO-0)."""
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None
+
+
 def held_tensor(param: nn.Parameter) -> torch.Tensor:
     """What this rank stores of a parameter: its ZeRO-3 partition, else the (EP-local) tensor itself."""
     return param.ds_tensor if hasattr(param, "ds_tensor") else param
+
+
+def params_finite(engine: Any) -> bool:
+    """Every parameter finite on every rank (each checks what it holds). Collective."""
+    local = all(bool(torch.isfinite(held_tensor(p)).all()) for p in engine.module.parameters())
+    return max_over_ranks([0.0 if local else 1.0])[0] == 0.0
 
 
 def local_expert_elements(engine: Any) -> int:

@@ -1,19 +1,22 @@
 """Starting ranks on this machine: the launcher behind `./run.sh` and the CPU-rank helpers tools use.
 
 Without a launcher, `./run.sh` builds missing data once, then starts one rank per local GPU, or 2
-CPU ranks without a GPU (`TIEDMOE_CPU_RANKS`), through torch.distributed.run, each running run.sh
-again. Tools (`trainer.bench`, `trainer.memory`, `trainer.parity`, `trainer.export`) start their
-`--worker` mode on CPU ranks with `spawn_cpu_ranks` and read its JSON back.
+CPU ranks without a GPU (`TIEDMOE_CPU_RANKS`), each running run.sh again with the torch.distributed
+environment (`run_local_ranks`). Tools (`trainer.bench`, `trainer.memory`, `trainer.parity`,
+`trainer.export`) start their `--worker` mode on CPU ranks with `spawn_cpu_ranks` (torchrun) and
+read its JSON back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,5 +91,63 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     ensure_data(cfg)
     # Open the train data once here (vocab check, files, tokenizer): bad data fails before ranks start.
     make_source(cfg, "train", 0, nproc)
-    cmd, env = torchrun_command(nproc, [str(REPO_ROOT / "run.sh"), *([config] if config else []), *overrides], env)
-    return subprocess.call(cmd, env=env)
+    return run_local_ranks(nproc, [sys.executable, str(REPO_ROOT / "run.sh"), *([config] if config else []),
+                                   *overrides], env)
+
+
+ERROR_DIR_ENV = "TIEDMOE_ERROR_DIR"  # where ranks started by run_local_ranks leave their one-line error
+
+
+def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
+    """Run `cmd` as `nproc` ranks of one job on this machine and wait; returns the job's exit code.
+
+    Why not torchrun: it starts ranks in their own session (they outlive a killed launcher), dies on
+    SIGTERM without letting them save, and wraps a rank's one-line error in a ChildFailedError
+    traceback. Here SIGTERM / SIGINT are passed on to the ranks (which finish the step, save and exit
+    0), a failed rank stops the others at once, and its one-line error is printed once; the exit
+    code is the failed rank's (2: bad input or refused checkpoint).
+    """
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="tiedmoe-errors-") as errors:
+        base = {**env, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""), ERROR_DIR_ENV: errors,
+                "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port)}
+        ranks = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+        previous = {sig: signal.signal(sig, _forward_to(ranks)) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = _wait_for(ranks)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for proc in ranks:
+                if proc.poll() is None:
+                    proc.kill()
+        reported = sorted(Path(errors).glob("rank*.txt"))
+        if code and reported:
+            print(reported[0].read_text().strip(), file=sys.stderr)
+    return code
+
+
+def _forward_to(ranks: list[subprocess.Popen]) -> Callable[[int, Any], None]:
+    def forward(signum: int, _frame: Any) -> None:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # ranks save at the end of the current step
+
+    return forward
+
+
+def _wait_for(ranks: list[subprocess.Popen]) -> int:
+    """0 when every rank ends with 0; else the first failure's code, after killing the rest (they would
+    wait forever in a collective for the failed rank)."""
+    while True:
+        codes = [proc.poll() for proc in ranks]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            for proc in ranks:
+                if proc.poll() is None:
+                    proc.kill()
+            return 2 if 2 in failed else (failed[0] if failed[0] > 0 else 1)
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.1)

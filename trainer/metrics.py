@@ -103,14 +103,20 @@ class Progress:
         self.metrics = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
         self.writer = _tensorboard(run_dir / "tb") if self.enabled else None
         self.run_start, self.run_start_step = time.perf_counter(), start_step
+        self.skipped = 0  # updates dropped for a non-finite loss (run.on_nonfinite=skip), this session
         self._reset()
 
     def _reset(self) -> None:
         self.sums = dict.fromkeys(("loss", "ce", "lb", "z"), 0.0)
-        self.count = 0
+        self.count = 0  # steps whose losses enter the means (not the skipped ones)
+        self.steps = 0  # all steps of the interval, for timing
         self.interval_start = time.perf_counter()
 
     def record(self, result: StepResult) -> None:
+        self.steps += 1
+        if result.skipped:
+            self.skipped += 1
+            return
         for key in self.sums:
             self.sums[key] += getattr(result, key)
         self.count += 1
@@ -120,11 +126,11 @@ class Progress:
         seconds = time.perf_counter() - self.interval_start
         mine = memory_gib()
         memory = dict(zip(mine, eng.max_over_ranks(list(mine.values()))))
-        values = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        step_time = seconds / max(self.count, 1)
+        values = {k: v / self.count if self.count else float("nan") for k, v in self.sums.items()}
+        step_time = seconds / max(self.steps, 1)
         tok_s = self.s.tokens_per_step / step_time
         values.update(lr=lr, grad_norm=result.grad_norm, step_time_s=step_time, tokens_per_s=tok_s,
-                      mfu=self.flops_per_token * tok_s / self.s.world / self.peak)
+                      mfu=self.flops_per_token * tok_s / self.s.world / self.peak, skipped_updates=self.skipped)
         self._reset()
         if not self.enabled:
             return

@@ -38,6 +38,7 @@ class Session:
     engine: Any
     source: BatchSource
     tap: RouterTap
+    gate: eng.UpdateGate  # lets train_step drop an update (run.on_nonfinite=skip)
 
     @property
     def tokens_per_step(self) -> int:
@@ -56,11 +57,12 @@ def open_session(cfg: TrainConfig) -> Session:
     rank, world = eng.rank(), eng.world_size()
     cfg = cfg.for_world(world)
     model_cfg = cfg.model_config()
-    engine, ds_config = eng.initialize(build_model(model_cfg, seed=cfg.run.seed), cfg)
+    gate = eng.UpdateGate()
+    engine, ds_config = eng.initialize(build_model(model_cfg, seed=cfg.run.seed), cfg, gate)
     torch.manual_seed(cfg.run.seed + rank)
     return Session(cfg=cfg, model_cfg=model_cfg, plan=layer_plan(model_cfg),
                    accounting=account(model_cfg, cfg.data.seq_len), ds_config=ds_config, rank=rank, world=world,
-                   engine=engine, source=make_source(cfg, "train", rank, world), tap=RouterTap(engine.module))
+                   engine=engine, source=make_source(cfg, "train", rank, world), tap=RouterTap(engine.module), gate=gate)
 
 
 @dataclass
@@ -70,20 +72,26 @@ class StepResult:
     lb: float
     z: float
     router_logits: list[torch.Tensor]  # last micro-batch, this rank
+    skipped: bool = False  # the update was dropped (run.on_nonfinite=skip)
+    engine_grad_norm: float | None = None  # DeepSpeed's own global norm, every step where it computes one
     grad_norm: float | None = None  # global, before clipping, each tied tensor once (measured steps only)
     grad_norm_parts: dict[str, float] | None = None  # GRAD_NORM_PARTS -> norm
 
     @property
     def finite(self) -> bool:
-        values = [self.loss] + ([self.grad_norm] if self.grad_norm is not None else [])
-        return all(math.isfinite(v) for v in values)
+        norms = [n for n in (self.grad_norm, self.engine_grad_norm) if n is not None]
+        return all(math.isfinite(v) for v in [self.loss, *norms])
 
 
-def train_step(s: Session, lr: float, measure_grad_norm: bool = False) -> StepResult:
+def train_step(s: Session, lr: float, measure_grad_norm: bool = False, poison: bool = False) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches at learning rate `lr` (tied banks scaled).
 
     measure_grad_norm: also compute the global gradient norm and its split (collective; costs a
-    gradient gather at ZeRO-3, so the loop asks for it on log steps only).
+    gradient gather at ZeRO-3, so the loop asks for it on log steps only). With
+    `run.on_nonfinite=skip`, an update whose loss is non-finite on any rank is dropped: the ranks agree
+    on the loss before the boundary's `engine.step()`, and the gate turns the optimizer's update into
+    a no-op (weights and optimizer state unchanged). poison: make this step's loss NaN (fault injection
+    for tests, `TIEDMOE_FAULT_NAN_AT_STEP`).
     """
     set_lr(s.engine.optimizer, lr)
     sums = torch.zeros(4, dtype=torch.float64)
@@ -95,17 +103,32 @@ def train_step(s: Session, lr: float, measure_grad_norm: bool = False) -> StepRe
         router_logits = s.tap.take()
         parts = training_loss(logits, batch["labels"], router_logits, s.model_cfg.top_k,
                               s.cfg.loss.load_balance_coef, s.cfg.loss.z_loss_coef)
-        s.engine.backward(parts.total)
-        if measure_grad_norm and micro == accum - 1:
-            norms = eng.grad_sq_norms(s.engine, _grad_norm_part(s.model_cfg))
-        s.engine.step()
+        s.engine.backward(parts.total * float("nan") if poison else parts.total)
         sums += torch.tensor([parts.total.item(), parts.ce.item(), parts.lb.item(), parts.z.item()])
-    loss, ce, lb, z = eng.mean_over_ranks((sums / accum).tolist())
-    result = StepResult(loss=loss, ce=ce, lb=lb, z=z, router_logits=router_logits)
+        if poison:
+            sums[0] = float("nan")
+        if micro == accum - 1:  # the boundary: gradients are reduced, the update is next
+            if measure_grad_norm:
+                norms = eng.grad_sq_norms(s.engine, _grad_norm_part(s.model_cfg))
+            loss, ce, lb, z = eng.mean_over_ranks((sums / accum).tolist())
+            s.gate.drop = s.cfg.run.on_nonfinite == "skip" and not math.isfinite(loss)
+        s.engine.step()
+    result = StepResult(loss=loss, ce=ce, lb=lb, z=z, router_logits=router_logits, skipped=s.gate.drop,
+                        engine_grad_norm=eng.global_grad_norm(s.engine))
+    s.gate.drop = False
     if norms is not None:
         result.grad_norm = math.sqrt(sum(norms.values()))
         result.grad_norm_parts = {k: math.sqrt(norms.get(k, 0.0)) for k in GRAD_NORM_PARTS}
     return result
+
+
+def nonfinite_layers(s: Session, result: StepResult) -> list[int]:
+    """MoE layers whose router logits were non-finite on any rank in the step's last micro-batch. Collective."""
+    moe = [p.index for p in s.plan if p.ffn == "moe"]
+    local = [0.0 if torch.isfinite(lg).all() else 1.0 for lg in result.router_logits]
+    if len(local) != len(moe):
+        return []
+    return [layer for layer, bad in zip(moe, eng.max_over_ranks(local)) if bad]
 
 
 def _grad_norm_part(model_cfg: ModelConfig) -> Any:

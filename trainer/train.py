@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from trainer.data import ensure_data
 from trainer.metrics import Progress, dumps
 from trainer.routing_stats import routing_stats
 from trainer.schedule import lr_at
-from trainer.session import Session, StepResult, describe, open_session, train_step, validation_ce
+from trainer.preemption import StopSignal
+from trainer.session import Session, StepResult, describe, nonfinite_layers, open_session, train_step, validation_ce
 
 
 @dataclass
@@ -28,28 +30,48 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+FAULT_NAN_ENV = "TIEDMOE_FAULT_NAN_AT_STEP"
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient norm with run.on_nonfinite=stop; nothing of that step was saved."""
+
+
 def train(cfg: TrainConfig) -> RunResult:
     """Train as the config says; returns per-step losses (identical on every rank)."""
     s, run_dir = _start(cfg)
     start = _resume(s, run_dir)
+    _record_run_files(s, run_dir)  # only now: a refused resume leaves the run directory untouched
     stop = min(s.steps, cfg.run.stop_at_step or s.steps)
     progress = Progress(run_dir, s, start)
     result = RunResult(run_dir=run_dir)
-    for step in range(start, stop):
-        lr = lr_at(step, s.steps, cfg.optim.lr, cfg.schedule)
-        log_now = _due(step, cfg.run.log_every) or step + 1 == stop
-        out = train_step(s, lr, measure_grad_norm=log_now)
-        progress.record(out)
-        result.losses.append(out.loss)
-        result.ce.append(out.ce)
-        result.grad_norms.append(out.grad_norm)
-        if log_now:
-            progress.log(step, lr, out, _routing(s, out))
-        if _due(step, cfg.run.eval_every) and step + 1 < s.steps:
-            progress.log_eval(step, validation_ce(s))
-        if _due(step, cfg.run.save_every) or step + 1 == stop:
-            checkpoint.save(s.engine, run_dir / "checkpoints", step + 1, s.source.state_dict(),
-                            cfg.run.keep_checkpoints, checkpoint.identity(s.cfg))
+    signals = StopSignal()
+    skips_in_a_row = 0
+    fault_step = int(os.environ.get(FAULT_NAN_ENV, "0"))  # tests only: a NaN loss at this step
+    try:
+        for step in range(start, stop):
+            lr = lr_at(step, s.steps, cfg.optim.lr, cfg.schedule)
+            log_now = _due(step, cfg.run.log_every) or step + 1 == stop
+            out = train_step(s, lr, measure_grad_norm=log_now, poison=step + 1 == fault_step)
+            skips_in_a_row = skips_in_a_row + 1 if out.skipped else 0
+            _check_finite(s, step, out, skips_in_a_row)
+            progress.record(out)
+            result.losses.append(out.loss)
+            result.ce.append(out.ce)
+            result.grad_norms.append(out.grad_norm)
+            if log_now:
+                progress.log(step, lr, out, _routing(s, out))
+            if _due(step, cfg.run.eval_every) and step + 1 < s.steps:
+                progress.log_eval(step, validation_ce(s))
+            preempted = signals.stop_requested()
+            if _due(step, cfg.run.save_every) or step + 1 == stop or preempted:
+                _check_weights(s, step)
+                checkpoint.save(s.engine, run_dir / "checkpoints", step + 1, s.source.state_dict(),
+                                cfg.run.keep_checkpoints, checkpoint.identity(s.cfg))
+            if preempted and step + 1 < stop:
+                return _preempted(s, run_dir, result, progress, step + 1, signals.received)
+    finally:
+        signals.restore()
     return _finish(s, run_dir, result, progress, start, stop)
 
 
@@ -68,13 +90,18 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
     eng.barrier()
     s = open_session(cfg)
     if s.rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(s.cfg.to_dict(), sort_keys=False))
-        (run_dir / "ds_config.json").write_text(dumps(s.ds_config, indent=2))
         acc = s.accounting
         print(f"run dir {run_dir}  world {s.world}  ZeRO {s.engine.zero_optimization_stage()}  EP "
               f"{s.cfg.parallel.expert_parallel_size}  unique params {acc.unique_params:,}  expert banks "
               f"{acc.expert_banks}/{acc.moe_layers}", flush=True)
     return s, run_dir
+
+
+def _record_run_files(s: Session, run_dir: Path) -> None:
+    """The resolved config and what DeepSpeed got, for export and for the record."""
+    if s.rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(s.cfg.to_dict(), sort_keys=False))
+        (run_dir / "ds_config.json").write_text(dumps(s.ds_config, indent=2))
 
 
 def _resume(s: Session, run_dir: Path) -> int:
@@ -91,6 +118,46 @@ def _resume(s: Session, run_dir: Path) -> int:
     if s.rank == 0:
         print(f"resumed from {ckpt_dir / tag} at step {state['step']}", flush=True)
     return state["step"]
+
+
+def _check_finite(s: Session, step: int, out: StepResult, skips_in_a_row: int) -> None:
+    """run.on_nonfinite: `skip` counts a dropped update (train_step dropped it); `stop` raises before
+    anything of this step is saved. The same values are seen on every rank, so all ranks agree."""
+    if out.finite:
+        return
+    layers = nonfinite_layers(s, out)
+    where = f"; router logits non-finite in layer(s) {layers}" if layers else ""
+    what = (f"step {step + 1}: non-finite loss {out.loss} / gradient norm "
+            f"{out.grad_norm if out.grad_norm is not None else out.engine_grad_norm}{where}")
+    if out.skipped and skips_in_a_row >= s.cfg.run.max_consecutive_skips:
+        raise TrainingDiverged(f"{what}; {skips_in_a_row} updates in a row were skipped, so the model, not a batch, "
+                               f"is broken; stopped without saving (the last checkpoint is still the latest)")
+    if out.skipped:
+        _check_weights(s, step)  # skipping helps a bad batch, not weights that are already broken
+        if s.rank == 0:
+            print(f"{what}: update skipped (run.on_nonfinite=skip)", flush=True)
+        return
+    raise TrainingDiverged(f"{what}; stopped without saving it (run.on_nonfinite=stop; the last checkpoint "
+                           f"is still the latest: lower optim.lr or set run.on_nonfinite=skip)")
+
+
+def _check_weights(s: Session, step: int) -> None:
+    """A checkpoint of non-finite weights must never become `latest` (a finite loss can still come with
+    an update that overflows the weights)."""
+    if not eng.params_finite(s.engine):
+        raise TrainingDiverged(f"step {step + 1}: the weights are non-finite after the update; stopped without "
+                               f"saving them (the last checkpoint is still the latest: lower optim.lr)")
+
+
+def _preempted(s: Session, run_dir: Path, result: RunResult, progress: Progress, step: int,
+               signal_name: str | None) -> RunResult:
+    """A signal asked the job to stop: the checkpoint of `step` is saved; leave so the job can be resumed."""
+    progress.close()
+    s.close()
+    if s.rank == 0:
+        print(f"stopped at step {step} of {s.steps} ({signal_name or 'signal'} on a rank): checkpoint saved in "
+              f"{run_dir / 'checkpoints'}; run the same command again to resume", flush=True)
+    return result
 
 
 def _routing(s: Session, out: StepResult) -> dict[str, float]:
@@ -112,7 +179,8 @@ def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, st
     progress.close()
     s.close()
     result.summary = describe(s)
-    result.summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=stop, start_step=start)
+    result.summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=stop, start_step=start,
+                          skipped_updates=progress.skipped)
     if s.rank == 0:
         val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
         print(f"done: step {stop}/{s.steps}, final loss {result.losses[-1]:.4f}, val ce {val}", flush=True)

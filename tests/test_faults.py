@@ -1,0 +1,165 @@
+"""What a cluster does to a job, on 2 CPU ranks through `run.sh`: signals, a killed launcher, NaN, a
+refused resume. Each run is a few steps of the tiny model on random tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from trainer.config import REPO_ROOT
+
+pytestmark = pytest.mark.distributed
+
+BASE = ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=4", "run.log_every=1",
+        "run.eval_batches=1", "schedule.warmup_steps=2"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
+    env.pop("TIEDMOE_CPU_RANKS", None)
+    return env
+
+
+def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.sh", *BASE, *args], cwd=REPO_ROOT, env=_env(**env),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _strict_rows(path: Path) -> list[dict]:
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-strict JSON constant {token} in {path}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def _errors(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_nan_with_stop_exits_3_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    proc = _run([f"run.out_dir={tmp_path}", "run.name=nan", "run.steps=6", "run.save_every=2"],
+                TIEDMOE_FAULT_NAN_AT_STEP="3")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = _errors(proc.stderr)
+    assert len(errors) == 1 and errors[0].startswith("error: step 3: non-finite loss"), errors
+    ckpt = tmp_path / "nan" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000002"
+    assert not (ckpt / "step00000003").exists()
+    _strict_rows(tmp_path / "nan" / "metrics.jsonl")
+
+
+def _tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor DeepSpeed saved under a tag (our own files, so unpickling is safe)."""
+    out = {}
+    for path in sorted(tag_dir.glob("*.pt")):
+        if path.name.startswith("trainer_state"):
+            continue
+        stack = [(path.name, torch.load(path, map_location="cpu", weights_only=False))]
+        while stack:
+            key, value = stack.pop()
+            if torch.is_tensor(value):
+                out[key] = value
+            elif isinstance(value, dict):
+                stack += [(f"{key}/{k}", v) for k, v in value.items()]
+            elif isinstance(value, (list, tuple)):
+                stack += [(f"{key}/{i}", v) for i, v in enumerate(value)]
+    return out
+
+
+def test_nan_with_skip_drops_exactly_that_update(tmp_path: Path) -> None:
+    proc = _run([f"run.out_dir={tmp_path}", "run.name=skip", "run.steps=5", "run.save_every=1", "run.keep_checkpoints=0",
+                 "run.on_nonfinite=skip"], TIEDMOE_FAULT_NAN_AT_STEP="3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3: non-finite loss" in proc.stdout and "update skipped" in proc.stdout
+    run = tmp_path / "skip"
+    assert json.loads((run / "summary.json").read_text())["skipped_updates"] == 1
+    ckpt = run / "checkpoints"
+    before, after, next_step = (_tensors(ckpt / f"step0000000{n}") for n in (2, 3, 4))
+    assert before.keys() == after.keys() and len(before) > 0
+    for key in before:  # weights, fp32 partitions and Adam moments untouched by the dropped update
+        assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(after[k], next_step[k]) for k in after)  # the next update is applied
+    rows = _strict_rows(run / "metrics.jsonl")
+    assert all(r["loss"] is not None for r in rows if "loss" in r and r["step"] != 3)
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run.sh", *BASE, *args], cwd=REPO_ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, step: int) -> list[str]:
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.lstrip().startswith(f"step {step:>6}/"):
+            return lines
+    raise AssertionError("".join(lines) + proc.stderr.read())
+
+
+def _ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True) if "run.sh" in " ".join(p.cmdline())]
+
+
+@pytest.mark.parametrize("target", ["launcher", "one_rank"])
+def test_sigterm_saves_exits_0_and_resumes_bit_identically(tmp_path: Path, target: str) -> None:
+    args = [f"run.out_dir={tmp_path}", "run.steps=12"]
+    straight = _run(args + ["run.name=straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    job = _start(args + ["run.name=split"])
+    _wait_for_step(job, 2)
+    victim = job.pid if target == "launcher" else _ranks(job)[1].pid
+    os.kill(victim, signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err[-3000:]
+    assert "stopped at step" in out and "checkpoint saved" in out, out[-2000:]
+    stopped_at = int((tmp_path / "split" / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 2 <= stopped_at < 12
+    resumed = _run(args + ["run.name=split"])
+    assert resumed.returncode == 0 and f"resumed from" in resumed.stdout, resumed.stderr[-3000:]
+
+    def losses(name: str) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in _strict_rows(tmp_path / name / "metrics.jsonl") if "loss" in r}
+
+    split, whole = losses("split"), losses("straight")
+    assert set(split) == set(whole) and all(split[k] == whole[k] for k in whole), (split, whole)
+
+
+def test_killed_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
+    job = _start([f"run.out_dir={tmp_path}", "run.name=orphans", "run.steps=400"])
+    _wait_for_step(job, 1)
+    ranks = _ranks(job)
+    assert len(ranks) == 2
+    job.kill()  # SIGKILL: the launcher cannot pass anything on
+    job.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=90)
+    assert not alive, [p.cmdline() for p in alive]
+    assert (tmp_path / "orphans" / "checkpoints" / "latest").is_file()  # they saved on the way out
+
+
+def _digest(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_refused_resume_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
+    first = _run([f"run.out_dir={tmp_path}", "run.name=r", "run.steps=4", "run.stop_at_step=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _digest(tmp_path / "r")
+    refused = _run([f"run.out_dir={tmp_path}", "run.name=r", "run.steps=4", "model.tie_group_size=1"])
+    assert refused.returncode == 2
+    errors = _errors(refused.stderr)
+    assert len(errors) == 1 and "model.tie_group_size" in errors[0], refused.stderr[-3000:]
+    assert _digest(tmp_path / "r") == before

@@ -1,0 +1,48 @@
+"""Stopping a run cleanly when the cluster asks: SIGTERM / SIGINT, or the launcher dying.
+
+A signal only sets a flag; after every optimizer step the ranks agree on it with one all-reduce
+(`stop_requested`), so they all finish the same step, save one checkpoint and exit 0, and the next
+start resumes from it. Each rank also asks the kernel for SIGTERM when its parent (the launcher)
+dies, so no rank outlives a killed launcher.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from types import FrameType
+
+from trainer import engine as eng
+
+_PR_SET_PDEATHSIG = 1
+
+
+class StopSignal:
+    """Records SIGTERM / SIGINT instead of dying, while the loop runs."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._record) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+
+    def stop_requested(self) -> bool:
+        """Collective: True on every rank when any rank got a signal."""
+        return eng.max_over_ranks([1.0 if self.received else 0.0])[0] > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def die_with_parent() -> None:
+    """SIGTERM this process when its parent exits (Linux), then check the parent is not already gone."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: rely on the launcher's own cleanup
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
