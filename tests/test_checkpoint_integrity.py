@@ -234,3 +234,40 @@ def test_unreadable_trainer_state_is_one_line(tmp_path: Path, content: bytes) ->
     path = tmp_path / "trainer_state_rank0.pt"
     path.write_bytes(content)
     one_line(lambda: checkpoint.read_trainer_state(path), str(path), "not a readable trainer state")
+
+
+def _fake_tag(ckpt: Path, tag: str, world: int = 2) -> Path:
+    """A tag as save() leaves it, without DeepSpeed: rank states, one 'shard', the manifest."""
+    tag_dir = ckpt / tag
+    tag_dir.mkdir(parents=True)
+    for rank in range(world):
+        torch.save({"step": 2, "world_size": world, "data": {"index": 2}, "rng": checkpoint._rng_state()},
+                   tag_dir / f"trainer_state_rank{rank}.pt")
+    (tag_dir / SHARD).write_bytes(os.urandom(1000))
+    checkpoint.write_manifest(tag_dir, step=2, world_size=world)
+    return tag_dir
+
+
+def test_manifest_round_trip_without_deepspeed(tmp_path: Path) -> None:
+    tag_dir = _fake_tag(tmp_path, "step00000002")
+    checkpoint.verify_tag(tmp_path, "step00000002", 2)
+    checkpoint.verify_tag(tmp_path, "step00000002")  # world size taken from the manifest
+    data = bytearray((tag_dir / SHARD).read_bytes())
+    data[500] ^= 0xFF  # same size, one flipped byte
+    (tag_dir / SHARD).write_bytes(bytes(data))
+    one_line(lambda: checkpoint.verify_tag(tmp_path, "step00000002", 2), str(tag_dir / SHARD), "sha256 differs")
+
+
+def test_manifest_paths_outside_the_tag_are_refused(tmp_path: Path) -> None:
+    tag_dir = _fake_tag(tmp_path, "step00000002")
+    manifest = json.loads((tag_dir / checkpoint.MANIFEST).read_text())
+    manifest["files"][0]["path"] = "../../etc/passwd"
+    (tag_dir / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    one_line(lambda: checkpoint.verify_tag(tmp_path, "step00000002", 2), str(tag_dir / checkpoint.MANIFEST),
+             "malformed entry")
+
+
+def test_no_latest_is_a_fresh_start_even_with_tags(tmp_path: Path) -> None:
+    _fake_tag(tmp_path, "step00000002")
+    assert checkpoint.resume_tag(tmp_path, 2) == (None, None)
+    assert checkpoint.resume_tag(tmp_path / "missing", 2) == (None, None)

@@ -398,6 +398,18 @@ def test_cli_bash_bad_key_exits_2_with_one_error_line():
     assert len(lines) == 1 and lines[0].startswith("error: foo"), proc.stderr  # no "setting up" line either
 
 
+@pytest.mark.parametrize("case", ["empty_yaml", "range"])
+def test_cli_empty_config_file_and_out_of_range_number_exit_2_with_one_line(tmp_path, case):
+    if case == "empty_yaml":
+        (tmp_path / "empty.yaml").write_text("")
+        args, names = [str(tmp_path / "empty.yaml")], f"error: config file {tmp_path / 'empty.yaml'}: is empty"
+    else:
+        args, names = ["run.eval_batches=0"], "error: run.eval_batches=0: expected a positive integer"
+    proc = _run_sh([_python(), "run.sh", *args])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(names), proc.stderr
+
+
 def test_cli_multiline_parser_error_is_one_line():
     proc = _run_sh([_python(), "run.sh", "optim.betas=[0.9"])  # YAML's own message spans several lines
     assert proc.returncode == 2

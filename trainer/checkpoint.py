@@ -130,7 +130,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _check_listed_file(tag_dir: Path, entry: Any) -> None:
-    if not isinstance(entry, dict) or not {"path", "size", "sha256"} <= set(entry):
+    if (not isinstance(entry, dict) or not {"path", "size", "sha256"} <= set(entry)
+            or Path(entry["path"]).is_absolute() or ".." in Path(entry["path"]).parts):
         raise ValueError(f"checkpoint {tag_dir / MANIFEST}: malformed entry {str(entry)[:80]}")
     path = tag_dir / entry["path"]
     if not path.is_file():
