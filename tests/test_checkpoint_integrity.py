@@ -82,9 +82,10 @@ def test_every_tag_has_a_manifest_of_its_files(trained: Path) -> None:
 
 
 @pytest.mark.distributed
-def test_truncated_model_shard_is_named_and_the_previous_tag_is_used(ckpt: Path) -> None:
-    _truncate(ckpt / "step00000004" / SHARD)
-    message = one_line(lambda: checkpoint.verify_tag(ckpt, "step00000004", 2), str(ckpt / "step00000004" / SHARD),
+@pytest.mark.parametrize("shard", [SHARD, "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_truncated_shard_is_named_and_the_previous_tag_is_used(ckpt: Path, shard: str) -> None:
+    _truncate(ckpt / "step00000004" / shard)
+    message = one_line(lambda: checkpoint.verify_tag(ckpt, "step00000004", 2), str(ckpt / "step00000004" / shard),
                        "truncated")
     tag, skipped = checkpoint.resume_tag(ckpt, 2)
     assert tag == "step00000002"
@@ -184,7 +185,7 @@ def test_resume_from_a_damaged_checkpoint_stops_before_deepspeed_reads_it(refuse
 
 @pytest.mark.distributed
 @pytest.mark.xfail(strict=True, reason="trainer/train.py writes config.yaml and ds_config.json before it verifies "
-                                       "the checkpoint; it must call checkpoint.resume_tag + check_identity first")
+                                       "the checkpoint; it must call checkpoint.choose_resume first")
 def test_refused_resume_leaves_the_run_directory_byte_identical(refused) -> None:
     _, before, after, _ = refused
     assert after == before
@@ -271,3 +272,33 @@ def test_no_latest_is_a_fresh_start_even_with_tags(tmp_path: Path) -> None:
     _fake_tag(tmp_path, "step00000002")
     assert checkpoint.resume_tag(tmp_path, 2) == (None, None)
     assert checkpoint.resume_tag(tmp_path / "missing", 2) == (None, None)
+
+
+def test_choose_resume_refuses_another_models_checkpoint_before_anything_is_written(tmp_path: Path) -> None:
+    from trainer.config import load_config
+
+    saved = checkpoint.identity(load_config(None, ["data.source=random", "model.tie_group_size=2"]))
+    other = checkpoint.identity(load_config(None, ["data.source=random", "model.tie_group_size=1"]))
+    tag_dir = tmp_path / "step00000002"
+    tag_dir.mkdir()
+    for rank in range(2):
+        torch.save({"step": 2, "world_size": 2, "data": {}, "rng": checkpoint._rng_state(), "identity": saved},
+                   tag_dir / f"trainer_state_rank{rank}.pt")
+    checkpoint.write_manifest(tag_dir, step=2, world_size=2)
+    (tmp_path / checkpoint.LATEST).write_text("step00000002")
+    assert checkpoint.choose_resume(tmp_path, 2, saved) == ("step00000002", None)
+    one_line(lambda: checkpoint.choose_resume(tmp_path, 2, other), "model.tie_group_size=2, this run has 1")
+    one_line(lambda: checkpoint.choose_resume(tmp_path, 4, saved), "written by 2 ranks, this run has 4")
+
+
+def test_ranks_hash_shares_that_rank_0_merges(tmp_path: Path) -> None:
+    """save(): each rank checksums every world-th file; the merged manifest equals one rank hashing all."""
+    tag_dir = _fake_tag(tmp_path / "a", "step00000002")
+    alone = json.loads((tag_dir / checkpoint.MANIFEST).read_text())
+    (tag_dir / checkpoint.MANIFEST).unlink()
+    for rank in range(2):
+        checkpoint.hash_share(tag_dir, rank, 2)
+    assert len(list(tag_dir.glob(".manifest.json.part*"))) == 2
+    checkpoint.write_manifest(tag_dir, step=2, world_size=2)
+    assert json.loads((tag_dir / checkpoint.MANIFEST).read_text()) == alone
+    assert not list(tag_dir.glob(".*"))  # parts removed
