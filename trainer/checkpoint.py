@@ -199,13 +199,15 @@ def verify_tag(ckpt_dir: Path, tag: str, world_size: int | None = None) -> None:
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
         raise ValueError(f"checkpoint {tag_dir}: does not exist")
-    manifest_path = tag_dir / MANIFEST
-    manifest = _read_manifest(manifest_path) if manifest_path.is_file() else None
-    if manifest is not None:
+    if (tag_dir / MANIFEST).is_file():
+        manifest = _read_manifest(tag_dir / MANIFEST)
         for entry in manifest["files"]:
             _check_listed_file(tag_dir, entry)
-    written_by = manifest["world_size"] if manifest else read_trainer_state(tag_dir / "trainer_state_rank0.pt").get(
-        "world_size")
+        written_by = manifest["world_size"]
+    else:  # written before manifests: only the rank files can be checked
+        written_by = read_trainer_state(tag_dir / "trainer_state_rank0.pt").get("world_size")
+        if not isinstance(written_by, int) or written_by < 1:
+            raise ValueError(f"checkpoint {tag_dir / 'trainer_state_rank0.pt'}: no world_size recorded")
     world = world_size or written_by
     if written_by != world:
         raise ValueError(f"checkpoint {tag_dir}: written by {written_by} ranks, this run has {world}; resume with "
