@@ -5,6 +5,9 @@ Supported inputs (each may be a glob; a folder means every supported file below 
   *.jsonl / *.json[.gz] one JSON object per line (or one JSON array of objects); the text is `text_field`
   *.parquet             a column named `text_field`
   a saved HF dataset    a folder written by `datasets.save_to_disk` (Dataset or DatasetDict)
+
+Text is decoded as strict UTF-8: a file with undecodable bytes is refused with its name and line
+(DataError), never silently patched with U+FFFD replacement characters the model would then learn.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import io
 import json
 import re
 import unicodedata
@@ -77,13 +79,41 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
     return unique
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _field_text(record: object, text_field: str, where: str) -> str:
+def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """Strict UTF-8, or a DataError naming the file and the line of the first undecodable byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); re-encode the file as "
+                        "UTF-8") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with _open_binary(path) as handle:
+            return handle.read()
+    except (OSError, EOFError) as err:  # e.g. a truncated or fake .gz
+        raise DataError(f"{path}: unreadable ({err})") from None
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number from 1, decoded line with its newline) of a text or jsonl file, optionally gzipped."""
+    try:
+        with _open_binary(path) as handle:
+            for number, raw in enumerate(handle, start=1):
+                yield number, _decode(raw, path, number)
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+
+
+def record_text(record: object, text_field: str, where: str) -> str:
+    """The text of one JSON record ("" for null); a DataError naming `where` if the field is absent or
+    not a string."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object with field {text_field!r}, got {type(record).__name__}")
     if text_field not in record:
@@ -98,46 +128,49 @@ def _field_text(record: object, text_field: str, where: str) -> str:
 
 
 def _read_txt(path: Path, txt_documents: str) -> Iterator[str]:
-    with _open_text(path) as handle:
-        if txt_documents == "line":
-            yield from handle
-            return
-        text = handle.read()
+    if txt_documents == "line":
+        for _, line in read_lines(path):
+            yield line
+        return
+    text = _decode(_read_bytes(path), path)
     if txt_documents == "file":
         yield text
     else:
         yield from re.split(r"\n[ \t]*\n", text)
 
 
+def json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for every record of a jsonl file (where = "file:line") or of a file holding one
+    JSON array (where = "file record i"); invalid UTF-8 or JSON is a DataError naming file and line."""
+    array: list[str] | None = None
+    for number, line in read_lines(path):
+        if array is not None:
+            array.append(line)
+            continue
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("["):
+            array = [line]
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    if array is None:
+        return
+    try:
+        records = json.loads("".join(array))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON array of objects or one object per line")
+    for index, record in enumerate(records):
+        yield f"{path} record {index}", record
+
+
 def _read_json(path: Path, text_field: str) -> Iterator[str]:
-    with _open_text(path) as handle:
-        first = handle.read(1)
-        while first and first.isspace():
-            first = handle.read(1)
-        if first == "[":  # a JSON array of records
-            try:
-                records = json.loads(first + handle.read())
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: not valid JSON ({err})") from err
-            for index, record in enumerate(records):
-                yield _field_text(record, text_field, f"{path} record {index}")
-            return
-        for number, line in enumerate(_chain_first(first, handle), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            yield _field_text(record, text_field, f"{path}:{number}")
-
-
-def _chain_first(first: str, handle: IO[str]) -> Iterator[str]:
-    """Lines of `handle`, with the one character already consumed put back in front."""
-    line = first + handle.readline()
-    while line:
-        yield line
-        line = handle.readline()
+    for where, record in json_records(path):
+        yield record_text(record, text_field, where)
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:

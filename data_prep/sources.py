@@ -154,7 +154,10 @@ def _shakespeare_acts(archive: Path) -> Iterator[str]:
             handle = tar.extractfile(member)
             if handle is None:
                 continue
-            text = handle.read().decode("utf-8", errors="replace")
+            try:  # strict: the pinned texts are valid UTF-8; a replaced byte would be trained on silently
+                text = handle.read().decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{archive}: {member.name} is not valid UTF-8 (byte offset {err.start})") from None
             title = text.strip().splitlines()[0].strip() if text.strip() else member.name
             starts = [m.start() for m in _ACT_HEADING.finditer(text)]
             if not starts:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from data_prep.corpus import resolve_inputs
+from data_prep.corpus import json_records, read_lines, record_text, resolve_inputs
 from data_prep.errors import DataError
 from data_prep.sources import file_sha256
 from data_prep.tokenizer import find_eos_id, load_tokenizer
@@ -28,9 +28,29 @@ _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".
              ".ndjson": "json", ".parquet": "parquet"}
 
 
-def open_streaming_dataset(inputs: str | os.PathLike | list[str | os.PathLike]) -> Any:
+def _text_examples(paths: list[str]) -> Iterator[dict[str, str]]:
+    """One example per line, split like the `datasets` text builder (str.splitlines, no line breaks)."""
+    for path in paths:
+        for _, line in read_lines(Path(path)):
+            for piece in line.splitlines():
+                yield {"text": piece}
+
+
+def _json_examples(paths: list[str], text_field: str) -> Iterator[dict[str, Any]]:
+    """Records as parsed (every field kept), once their text field is checked; a null text becomes ""."""
+    for path in paths:
+        for where, record in json_records(Path(path)):
+            yield {**record, text_field: record_text(record, text_field, where)}
+
+
+def open_streaming_dataset(inputs: str | os.PathLike | list[str | os.PathLike], text_field: str = "text") -> Any:
     """Local files (globs; all of one kind: text, json/jsonl or parquet) or a `save_to_disk` folder as a
-    `datasets.IterableDataset`. Text files give one example per line in the field "text"."""
+    `datasets.IterableDataset`. Text files give one example per line in the field "text".
+
+    Text and json/jsonl files are read by our own generator (one shard per file, like the `datasets`
+    builders) so that a line that is not UTF-8, not JSON or lacks `text_field` stops the run with a
+    DataError naming the file and line, instead of a traceback from inside `datasets` naming neither.
+    """
     import datasets
 
     patterns = [str(p) for p in inputs] if isinstance(inputs, list) else [str(inputs)]
@@ -48,7 +68,14 @@ def open_streaming_dataset(inputs: str | os.PathLike | list[str | os.PathLike]) 
         builders.add(_BUILDERS[suffix])
     if len(builders) != 1:
         raise DataError(f"dataset {patterns}: files must all be of one kind, got {sorted(builders)}")
-    return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in paths], split="train", streaming=True)
+    files = [str(p) for p in paths]
+    builder = builders.pop()
+    if builder == "text":
+        return datasets.IterableDataset.from_generator(_text_examples, gen_kwargs={"paths": files})
+    if builder == "json":
+        return datasets.IterableDataset.from_generator(_json_examples,
+                                                       gen_kwargs={"paths": files, "text_field": text_field})
+    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -91,7 +118,7 @@ class StreamingTokenLoader:
         self.vocab_size: int = self.tokenizer.get_vocab_size()
         self.eos_id = find_eos_id(self.tokenizer, eos_token, where=f"tokenizer {self.tokenizer_path}")
         if not isinstance(dataset, datasets.IterableDataset):
-            dataset = open_streaming_dataset(dataset)
+            dataset = open_streaming_dataset(dataset, text_field)
         if shuffle_buffer > 0:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
         self._dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)

@@ -106,6 +106,24 @@ class RankMemory:
         return asdict(self)
 
 
+def check_layout(cfg: ModelConfig, world: int, ep: int, zero: int, precision: str = "bf16") -> None:
+    """Refuse, naming the setting, a layout AutoEP and ZeRO cannot build (so no estimate is printed for
+    it): expert-parallel groups must tile the ranks and split every expert bank evenly."""
+    for name, value in (("world", world), ("ep", ep)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive integer")
+    if world % ep:
+        raise ValueError(f"world={world}: expected a multiple of ep={ep} (expert-parallel groups tile the ranks)")
+    for n_experts in sorted({p.n_experts for p in layer_plan(cfg) if p.ffn == "moe"}):
+        if n_experts % ep:
+            raise ValueError(f"ep={ep}: expected a divisor of the expert count {n_experts} (each rank holds "
+                             f"n_experts/ep experts of every bank)")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero={zero}: expected 0, 1, 2 or 3")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision={precision!r}: expected 'bf16' or 'fp32'")
+
+
 def rank_memory(cfg: ModelConfig, world: int, ep: int, zero: int, precision: str = "bf16") -> RankMemory:
     """Per-rank model-state bytes under DeepSpeed ZeRO + expert parallelism, tied banks counted once.
 
@@ -115,12 +133,7 @@ def rank_memory(cfg: ModelConfig, world: int, ep: int, zero: int, precision: str
     ranks. bf16 keeps fp32 gradients (fp32 accumulation) and fp32 master weights; fp32 training keeps
     a separate fp32 master only at ZeRO-3, as DeepSpeed's stage-3 optimizer does.
     """
-    if world % ep:
-        raise ValueError(f"world={world}: expected a multiple of ep={ep}")
-    if zero not in (0, 1, 2, 3):
-        raise ValueError(f"zero={zero}: expected 0, 1, 2 or 3")
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision={precision!r}: expected 'bf16' or 'fp32'")
+    check_layout(cfg, world, ep, zero, precision)
     plan = layer_plan(cfg)
     banks = {p.expert_owner: p.n_experts for p in plan if p.ffn == "moe"}
     expert = sum(_expert_bank_params(cfg, n) for n in banks.values())

@@ -114,6 +114,8 @@ def validate(cfg: ModelConfig) -> None:
         _fail("rope_theta", cfg.rope_theta, "a positive number")
     if cfg.norm_eps <= 0:
         _fail("norm_eps", cfg.norm_eps, "a positive number")
+    if cfg.init_std < 0:
+        _fail("init_std", cfg.init_std, "a non-negative number")
     if cfg.top_k > cfg.n_experts:
         _fail("top_k", cfg.top_k, f"at most n_experts={cfg.n_experts}")
     if cfg.n_shared_experts and not cfg.shared_expert_ffn_dim:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from models.accounting import account, rank_memory
+from models.accounting import account, check_layout, rank_memory
 from models.config import from_preset, plan_notes, tie_groups, untied
 from models.overrides import parse_overrides
 
@@ -61,23 +61,39 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    parser = argparse.ArgumentParser(prog="python -m models.summary", add_help=False)
+    try:
+        args = _parser().parse_args(argv)
+        overrides = parse_overrides(args.overrides)
+        layout = (1 if args.ep is None else args.ep, 3 if args.zero is None else args.zero, args.precision or "bf16")
+        if args.world is None and (args.ep, args.zero, args.precision) != (None, None, None):
+            raise ValueError("--ep, --zero and --precision describe a layout: give --world too")
+        if args.world is not None:  # validate before printing anything: no half a report for a bad layout
+            check_layout(from_preset(args.preset, **overrides), args.world, *layout)
+        print(render(args.preset, overrides))
+        if args.world is not None:
+            print(render_memory(args.preset, overrides, args.world, *layout))
+    except ValueError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ValueError instead of printing usage and exiting, so errors are one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m models.summary", add_help=False)
     parser.add_argument("preset")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--world", type=int)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--zero", type=int, default=3)
-    parser.add_argument("--precision", default="bf16")
-    args = parser.parse_args(argv)
-    try:
-        overrides = parse_overrides(args.overrides)
-        print(render(args.preset, overrides))
-        if args.world:
-            print(render_memory(args.preset, overrides, args.world, args.ep, args.zero, args.precision))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    parser.add_argument("--ep", type=int)  # default 1
+    parser.add_argument("--zero", type=int)  # default 3
+    parser.add_argument("--precision")  # default bf16
+    return parser
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -265,3 +266,21 @@ def test_large_vocab_tokenizer_gives_uint32_shards(tmp_path: Path) -> None:
     assert stream.max() == 70_000 and loader.vocab_size == 70_001
     window = int(loader._rank_order()[0])
     assert loader.next_batch()["input_ids"][0].tolist() == stream[window * 64: window * 64 + 64].tolist()
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("corpus.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2),
+    ("corpus.txt", b"fine\n\nstill fine\nbad \xff\n", 4),
+    ("corpus.txt.gz", gzip.compress(b"line one\n\x80oops\n"), 2),
+])
+def test_undecodable_bytes_are_refused_with_file_and_line(tmp_path: Path, name: str, content: bytes,
+                                                          line: int) -> None:
+    """Issue 16: the build used to replace undecodable bytes with U+FFFD silently; now it refuses."""
+    corpus = tmp_path / name
+    corpus.write_bytes(content)
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as raised:
+        build(BuildConfig(inputs=[str(corpus)], out_dir=str(out), progress=False, vocab_size=384))
+    message = str(raised.value)
+    assert message.startswith(f"{corpus}:{line}: not valid UTF-8") and "\n" not in message, message
+    assert not out.exists() and _leftovers(tmp_path) == []

@@ -131,3 +131,52 @@ def test_bad_inputs(tokenizer_path: Path, sonnets: Path, tmp_path: Path) -> None
     state = StreamingTokenLoader(sonnets, tokenizer_path, SEQ_LEN, 1, seed=1).state_dict()
     with pytest.raises(ValueError, match="'seed'"):
         StreamingTokenLoader(sonnets, tokenizer_path, SEQ_LEN, 1, seed=2).load_state_dict(state)
+
+
+def _stream_error(path: Path, tokenizer_path: Path, **kwargs) -> str:
+    with pytest.raises(DataError) as raised:
+        _batches(StreamingTokenLoader(path, tokenizer_path, SEQ_LEN, 2, shuffle_buffer=0, **kwargs), 8)
+    message = str(raised.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("bad_line, says", [
+    (b'{"body": "no text field here"}\n', "no field 'text'"),
+    (b'{"text": "unterminated\n', "not valid JSON"),
+    (b'{"text": "caf\xe9 in latin-1"}\n', "not valid UTF-8 (byte 0xe9)"),
+    (b'{"text": 42}\n', "must be a string"),
+])
+def test_bad_jsonl_line_names_file_and_line(tokenizer_path: Path, tmp_path: Path, bad_line: bytes, says: str) -> None:
+    """Issue 16: found while streaming (inside the ranks), named by file:line; a ValueError for the CLI."""
+    good = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(3)).encode()
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(good + bad_line + good)
+    message = _stream_error(path, tokenizer_path)
+    assert message.startswith(f"{path}:4: ") and says in message, message
+    assert isinstance(DataError(message), ValueError)
+
+
+def test_non_utf8_text_file_names_file_and_line(tokenizer_path: Path, tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("fine line\n".encode() * 5 + b"bad \xff byte\n")
+    message = _stream_error(path, tokenizer_path)
+    assert message.startswith(f"{path}:6: not valid UTF-8"), message
+
+
+def test_text_lines_split_like_the_datasets_text_builder(tokenizer_path: Path, tmp_path: Path) -> None:
+    """Our generator replaced `datasets`' text builder: same examples (no line breaks, CRLF, empty lines)."""
+    import datasets
+
+    path = tmp_path / "lines.txt"
+    path.write_bytes(b"first\r\nsecond\n\nthird \xe2\x80\x94 dash\nlast without newline")
+    ours = [e["text"] for e in open_streaming_dataset(path)]
+    theirs = [e["text"] for e in datasets.load_dataset("text", data_files=[str(path)], split="train", streaming=True)]
+    assert ours == theirs == ["first", "second", "", "third \u2014 dash", "last without newline"]
+
+
+def test_jsonl_stream_keeps_one_shard_per_file(tokenizer_path: Path, sonnets: Path, tmp_path: Path) -> None:
+    """Ranks still split a multi-file stream by file (as with `datasets`' json builder)."""
+    copy = tmp_path / "b.jsonl"
+    copy.write_bytes(sonnets.read_bytes())
+    assert open_streaming_dataset([sonnets, copy]).num_shards == 2

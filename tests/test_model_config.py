@@ -156,3 +156,27 @@ def test_summary_bad_key_is_a_one_line_error() -> None:
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model.n_expert")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--world", "6", "--ep", "3"], "error: ep=3: expected a divisor of the expert count 64"),
+    (["--world", "6", "--ep", "4"], "error: world=6: expected a multiple of ep=4"),
+    (["--world", "0"], "error: world=0: expected a positive integer"),
+    (["--world", "8", "--ep", "0"], "error: ep=0: expected a positive integer"),
+    (["--world", "8", "--zero", "4"], "error: zero=4: expected 0, 1, 2 or 3"),
+    (["--world", "8", "--precision", "fp16"], "error: precision='fp16'"),
+    (["--world", "abc"], "error: argument --world: invalid int value"),
+    (["--ep", "2"], "error: --ep, --zero and --precision describe a layout: give --world too"),
+    (["widen_factor=2", "--world", "32", "--ep", "32"], None),  # 64 and 128 experts: fine
+    (["widen_factor=2", "tie_group_size=2", "--world", "128", "--ep", "128"], "error: ep=128: expected a divisor of "
+                                                                              "the expert count 64"),
+])
+def test_summary_refuses_a_layout_that_cannot_exist(args: list[str], says: str | None) -> None:
+    """Issue 16: one error line, exit 2, nothing printed on stdout (not even the size table)."""
+    result = _summary("olmoe", *args)
+    if says is None:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(says), result.stderr

@@ -186,6 +186,67 @@ def test_bad_values(override, key):
     bad_overrides([override], key)
 
 
+@pytest.mark.parametrize("override, allowed", [
+    ("run.eval_batches=0", "a positive integer"),
+    ("run.eval_batches=-1", "a positive integer"),
+    ("run.stop_at_step=0", "a positive integer or null"),
+    ("run.tokens=-5", "a positive integer or null"),
+    ("run.eval_every=-1", "a non-negative integer"),
+    ("run.save_every=-2", "a non-negative integer"),
+    ("run.log_every=0", "a positive integer"),
+    ("run.keep_checkpoints=-1", "a non-negative integer"),
+    ("run.seed=-1", "an integer in [0, 2**31)"),
+    ("optim.betas=[1.5,2]", "each in [0, 1)"),
+    ("optim.betas=[0.9,1.0]", "each in [0, 1)"),
+    ("optim.eps=-1", "a positive number"),
+    ("optim.eps=0", "a positive number"),
+    ("optim.lr=-1e-3", "a positive number"),
+    ("optim.lr=.inf", "a finite number"),
+    ("optim.lr=.nan", "a finite number"),
+    ("optim.weight_decay=-0.1", "a non-negative number"),
+    ("optim.grad_clip=-1", "a non-negative number"),
+    ("optim.momentum=1.0", "a number in [0, 1)"),
+    ("schedule.warmup_steps=-1", "a non-negative integer"),
+    ("schedule.decay_fraction=0", "a number in (0, 1]"),
+    ("batch.micro_batch_size=0", "a positive integer"),
+    ("batch.grad_accum=0", "a positive integer"),
+    ("batch.global_batch_tokens=0", "a positive integer or null"),
+    ("loss.load_balance_coef=-0.01", "a non-negative number"),
+    ("loss.z_loss_coef=-1", "a non-negative number"),
+    ("data.seq_len=1", "an integer >= 2"),
+    ("parallel.expert_parallel_size=0", "a positive integer"),
+    ("model.init_std=-0.02", "a non-negative number"),
+    ("model.rope_theta=.inf", "a finite number"),
+])
+def test_every_number_is_range_checked(override, allowed):
+    """Each refusal names the dotted key, the bad value and what is allowed (issue 16)."""
+    key, _, value = override.partition("=")
+    message = bad_overrides([override], key)
+    assert allowed in message, message
+
+
+@pytest.mark.parametrize("override", ["run.stop_at_step=null", "run.tokens=null", "run.tokens=1", "run.stop_at_step=1",
+                                      "optim.betas=[0.0,0.999]", "run.eval_every=0", "run.save_every=0",
+                                      "optim.grad_clip=0", "batch.global_batch_tokens=null"])
+def test_range_edges_and_nulls_are_accepted(override):
+    load_config(None, [override])
+
+
+def test_on_nonfinite_policy():
+    assert load_config().run.on_nonfinite == "stop"
+    assert load_config(None, ["run.on_nonfinite=skip"]).run.on_nonfinite == "skip"
+    assert "['stop', 'skip']" in bad_overrides(["run.on_nonfinite=ignore"], "run.on_nonfinite")
+
+
+@pytest.mark.parametrize("text, what", [("", "is empty"), ("# only a comment\n", "is empty"), ("{}\n", "is empty"),
+                                        ("- a\n- b\n", "holds a list"), ("just words\n", "holds a str")])
+def test_empty_or_non_mapping_yaml_file_is_refused(tmp_path, text, what):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    message = one_line_error(lambda: load_config(path), str(path))
+    assert message.startswith(f"config file {path}: {what}"), message
+
+
 def test_seq_len_larger_than_model_max():
     message = bad_overrides(["data.seq_len=1024"], "data.seq_len")  # tiny presets: max_seq_len 512
     assert "max_seq_len=512" in message
@@ -331,6 +392,18 @@ def test_cli_bash_bad_key_exits_2_with_one_error_line():
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: foo"), proc.stderr  # no "setting up" line either
+
+
+@pytest.mark.parametrize("case", ["empty_yaml", "range"])
+def test_cli_empty_config_file_and_out_of_range_number_exit_2_with_one_line(tmp_path, case):
+    if case == "empty_yaml":
+        (tmp_path / "empty.yaml").write_text("")
+        args, names = [str(tmp_path / "empty.yaml")], f"error: config file {tmp_path / 'empty.yaml'}: is empty"
+    else:
+        args, names = ["run.eval_batches=0"], "error: run.eval_batches=0: expected a positive integer"
+    proc = _run_sh([_python(), "run.sh", *args])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(names), proc.stderr
 
 
 def test_cli_multiline_parser_error_is_one_line():

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -98,7 +100,9 @@ class RunSection:
     keep_checkpoints: int = 2  # newest N kept (0: keep all)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run dir>/checkpoints/latest if present
     stop_at_step: int | None = None  # leave after this step (checkpointed), as a time-limited job would
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss or grad norm: stop (exit 3, nothing saved) or drop the update
+    # a non-finite loss or gradient norm: "stop" exits 3 without saving it; "skip" drops that update,
+    # counts it and trains on (a non-finite checkpoint never becomes `latest` either way)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     max_consecutive_skips: int = 5  # on_nonfinite=skip: stop (exit 3) after this many dropped updates in a row
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; null: known GPU table, or a CPU matmul probe
 
@@ -197,6 +201,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):  # YAML reads `.inf` / `.nan`; no setting means either
+            raise ValueError(f"{key}={value!r}: expected a finite number")
         return float(value)
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -237,9 +243,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ValueError(f"config file {path}: not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path}: invalid YAML ({err})") from None
+    if not isinstance(raw, dict) or not raw:
+        # An empty file would otherwise train the dataclass defaults, which is never what was meant.
+        got = "is empty" if raw is None or raw == {} else f"holds a {type(raw).__name__}"
+        raise ValueError(f"config file {path}: {got}; expected a mapping of sections (model, data, optim, ...)")
     flat = parse_overrides(overrides or [])
     # `model.<field>=v` is shorthand for `model.overrides.<field>=v` (except model.preset).
     rewritten = {}
@@ -262,38 +272,64 @@ def _coerce_model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
             for name, value in overrides.items()}
 
 
+def _at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: v >= low
+
+
+def _in_unit_interval(v: float) -> bool:
+    return 0 <= v < 1
+
+
+# Every number of the trainer config: (dotted key, test, what is allowed). `null` (None) passes wherever
+# the field allows it; model fields are checked by models.config.validate.
+_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("data.seq_len", _at_least(2), "an integer >= 2"),
+    ("optim.lr", lambda v: v > 0, "a positive number"),
+    ("optim.betas", lambda v: all(map(_in_unit_interval, v)), "two numbers, each in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "a positive number"),
+    ("optim.weight_decay", _at_least(0), "a non-negative number"),
+    ("optim.momentum", _in_unit_interval, "a number in [0, 1)"),
+    ("optim.grad_clip", _at_least(0), "a non-negative number (0 disables)"),
+    ("optim.tied_lr_scale", lambda v: isinstance(v, str) or v > 0, "'inv_sqrt_g', 'none' or a number > 0"),
+    ("schedule.warmup_steps", _at_least(0), "a non-negative integer"),
+    ("schedule.min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("schedule.decay_fraction", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("batch.micro_batch_size", _at_least(1), "a positive integer"),
+    ("batch.grad_accum", _at_least(1), "a positive integer"),
+    ("batch.global_batch_tokens", _at_least(1), "a positive integer or null"),
+    ("loss.load_balance_coef", _at_least(0), "a non-negative number"),
+    ("loss.z_loss_coef", _at_least(0), "a non-negative number"),
+    ("parallel.expert_parallel_size", _at_least(1), "a positive integer"),
+    ("run.steps", _at_least(1), "a positive integer"),
+    ("run.tokens", _at_least(1), "a positive integer or null"),
+    ("run.seed", lambda v: 0 <= v < 2**31, "an integer in [0, 2**31) (seed + rank must stay a valid numpy seed)"),
+    ("run.log_every", _at_least(1), "a positive integer"),
+    ("run.eval_every", _at_least(0), "a non-negative integer (0: only at the end)"),
+    ("run.eval_batches", _at_least(1), "a positive integer"),
+    ("run.save_every", _at_least(0), "a non-negative integer (0: only at the end)"),
+    ("run.keep_checkpoints", _at_least(0), "a non-negative integer (0: keep all)"),
+    ("run.stop_at_step", _at_least(1), "a positive integer or null"),
+    ("run.max_consecutive_skips", _at_least(1), "a positive integer"),
+    ("run.peak_flops", lambda v: v > 0, "a positive number (FLOP/s per device) or null"),
+]
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for key, ok, expected in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{key}={value!r}: expected {expected}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no world size (those live in `TrainConfig.for_world`)."""
     cfg.model_config()  # raises on bad model fields
-    checks = [
-        ("data.seq_len", cfg.data.seq_len >= 2, "an integer >= 2"),
-        ("batch.micro_batch_size", cfg.batch.micro_batch_size >= 1, "a positive integer"),
-        ("batch.grad_accum", cfg.batch.grad_accum >= 1, "a positive integer"),
-        ("optim.lr", cfg.optim.lr > 0, "a positive number"),
-        ("optim.grad_clip", cfg.optim.grad_clip >= 0, "a non-negative number (0 disables)"),
-        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "a non-negative number"),
-        ("schedule.warmup_steps", cfg.schedule.warmup_steps >= 0, "a non-negative integer"),
-        ("schedule.min_lr_ratio", 0 <= cfg.schedule.min_lr_ratio <= 1, "a number in [0, 1]"),
-        ("schedule.decay_fraction", 0 < cfg.schedule.decay_fraction <= 1, "a number in (0, 1]"),
-        ("parallel.expert_parallel_size", cfg.parallel.expert_parallel_size >= 1, "a positive integer"),
-        ("run.steps", cfg.run.steps >= 1, "a positive integer"),
-        ("run.log_every", cfg.run.log_every >= 1, "a positive integer"),
-        ("run.save_every", cfg.run.save_every >= 0, "a non-negative integer (0: only at the end)"),
-        ("run.keep_checkpoints", cfg.run.keep_checkpoints >= 0, "a non-negative integer (0: keep all)"),
-        ("run.max_consecutive_skips", cfg.run.max_consecutive_skips >= 1, "a positive integer"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            section, name = key.split(".")
-            raise ValueError(f"{key}={getattr(getattr(cfg, section), name)!r}: expected {expected}")
+    _check_ranges(cfg)
     if cfg.data.source == "stream":
         for key in ("stream_train", "tokenizer"):
             if not getattr(cfg.data, key):
                 raise ValueError(f"data.{key}: required when data.source=stream")
-    if cfg.run.peak_flops is not None and cfg.run.peak_flops <= 0:
-        raise ValueError(f"run.peak_flops={cfg.run.peak_flops!r}: expected a positive number (FLOP/s) or null")
-    if isinstance(cfg.optim.tied_lr_scale, float) and cfg.optim.tied_lr_scale <= 0:
-        raise ValueError(f"optim.tied_lr_scale={cfg.optim.tied_lr_scale!r}: expected 'inv_sqrt_g', 'none' or > 0")
     model = cfg.model_config()
     if cfg.data.seq_len > model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len}: expected at most model.max_seq_len={model.max_seq_len}")

@@ -71,8 +71,9 @@ def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> Bat
         files = cfg.data.stream_train if split == "train" else cfg.data.stream_validation
         if files is None:
             return None
-        loader = StreamingTokenLoader(open_streaming_dataset(str(repo_path(files))), repo_path(cfg.data.tokenizer),
-                                      cfg.data.seq_len, cfg.batch.micro_batch_size, rank=rank, world_size=world_size,
+        dataset = open_streaming_dataset(str(repo_path(files)), cfg.data.text_field)
+        loader = StreamingTokenLoader(dataset, repo_path(cfg.data.tokenizer), cfg.data.seq_len,
+                                      cfg.batch.micro_batch_size, rank=rank, world_size=world_size,
                                       seed=cfg.run.seed, text_field=cfg.data.text_field)
         if loader.vocab_size > model_vocab:
             raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r}: vocab {loader.vocab_size} is larger than "

@@ -124,7 +124,7 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
         raise ValueError(f"checkpoint {ckpt_dir / tag}: missing {state_path.name}")
     if not list((ckpt_dir / tag).glob("*model_states.pt")):
         raise ValueError(f"checkpoint {ckpt_dir / tag}: no DeepSpeed model states (*model_states.pt)")
-    state = torch.load(state_path, weights_only=False, map_location="cpu")
+    state = checkpoint.read_trainer_state(state_path)  # torch.load(weights_only=True); one-line error
     world = state.get("world_size")
     if not isinstance(world, int) or world < 1:
         raise ValueError(f"checkpoint {state_path}: no world_size recorded")

@@ -105,18 +105,24 @@ def _record_run_files(s: Session, run_dir: Path) -> None:
 
 
 def _resume(s: Session, run_dir: Path) -> int:
-    """Continue from the run's latest checkpoint (run.resume=auto); returns the first step to run."""
+    """Continue from the newest complete, valid checkpoint (run.resume=auto); returns the first step to run.
+
+    Everything that can refuse a resume (manifest, rank files, model and layout identity) is decided
+    before anything in the run directory is written.
+    """
     ckpt_dir = run_dir / "checkpoints"
-    tag = checkpoint.latest_tag(ckpt_dir) if s.cfg.run.resume == "auto" else None
-    if tag is None:
+    point = (checkpoint.choose_resume(ckpt_dir, s.world, checkpoint.identity(s.cfg)) if s.cfg.run.resume == "auto"
+             else checkpoint.ResumePoint(None, None))
+    if point.skipped and s.rank == 0:
+        print(point.skipped, flush=True)
+    if point.tag is None:
         if s.rank == 0:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         return 0
-    checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(s.cfg))
-    state = checkpoint.load(s.engine, ckpt_dir, tag)
+    state = checkpoint.load(s.engine, ckpt_dir, point.tag, verify=False)
     s.source.load_state_dict(state["data"])
     if s.rank == 0:
-        print(f"resumed from {ckpt_dir / tag} at step {state['step']}", flush=True)
+        print(f"resumed from {ckpt_dir / point.tag} at step {state['step']}", flush=True)
     return state["step"]
 
 
