@@ -170,3 +170,26 @@ def test_stream_without_tokenizer_is_one_error_line() -> None:
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: data.tokenizer: required when data.source=stream"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_four_ranks_zero3_ep2_split_experts_over_the_expert_data_parallel_group(tmp_path) -> None:
+    """EP 2 on 4 ranks: each bank's EP shard is ZeRO-3-partitioned over the 2 ranks of its
+    expert-data-parallel group, tied banks once; losses equal the plain-PyTorch reference of 4 ranks."""
+    from trainer.reference import reference_run
+
+    args = ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=2", "run.steps=4", "run.log_every=1",
+            "run.eval_batches=1", "schedule.warmup_steps=1", f"run.out_dir={tmp_path}", "run.name=four"]
+    proc = subprocess.run([sys.executable, "run.sh", *args], cwd=REPO_ROOT, env={**_env(), "TIEDMOE_CPU_RANKS": "4"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((tmp_path / "four" / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["followers_share_leader_bank"]
+    measured, untied = summary["expert_elements_per_rank_measured"], summary["expert_elements_per_rank_if_untied"]
+    bank_shard = 8 // 2 * 3 * 32 * 64 // 2  # 4 local experts x (w1, w2, w3) x F x D, halved by ZeRO-3 over 2 ranks
+    assert measured == [6 * bank_shard] * 4 and untied == 8 * bank_shard
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "four" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    reference = reference_run(load_config(None, args), 4).losses
+    assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5, (losses, reference)

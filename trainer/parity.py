@@ -171,7 +171,8 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[s
                                  "reference_grad_norms": ref.grad_norms,
                                  "expert_elements_per_rank": summary["expert_elements_per_rank_measured"],
                                  "expert_elements_per_rank_if_untied": summary["expert_elements_per_rank_if_untied"],
-                                 "expert_banks": summary["expert_banks"], "moe_layers": summary["moe_layers"]}
+                                 "expert_banks": summary["expert_banks"], "moe_layers": summary["moe_layers"],
+                                 "followers_share_leader_bank": summary["followers_share_leader_bank"]}
     control_cfg = cell_config(cells(which)["zero3-ep2-tied"], steps, out_dir)
     control = reference_run(control_cfg, WORLD, untie_after_init=True).losses
     tied_ref = reference_run(control_cfg, WORLD).losses

@@ -175,4 +175,11 @@ def describe(s: Session) -> dict[str, Any]:
         "expert_banks": acc.expert_banks, "moe_layers": acc.moe_layers,
         "expert_elements_per_rank_measured": [int(v) for v in measured],
         "expert_elements_per_rank_if_untied": untied_expert // shard,
+        "followers_share_leader_bank": followers_share_leader_bank(s),
     }
+
+
+def followers_share_leader_bank(s: Session) -> bool:
+    """Every tied follower runs its leader's expert module object (not a copy) in the live engine."""
+    layers = s.engine.module.model.layers
+    return all(layers[p.index].mlp.experts is layers[p.expert_owner].mlp.experts for p in s.plan if p.is_tied_follower)
