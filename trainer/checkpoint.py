@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from trainer.config import zero_stage
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "tiedmoe-checkpoint-manifest/1"
@@ -210,8 +212,8 @@ def verify_tag(ckpt_dir: Path, tag: str, world_size: int | None = None) -> None:
             raise ValueError(f"checkpoint {tag_dir / 'trainer_state_rank0.pt'}: no world_size recorded")
     world = world_size or written_by
     if written_by != world:
-        raise ValueError(f"checkpoint {tag_dir}: written by {written_by} ranks, this run has {world}; resume with "
-                         f"the same world size")
+        raise ValueError(f"checkpoint {tag_dir}: written by {written_by} ranks, this run has {world}; "
+                         f"{RESHARD_HINT.format(run_dir=ckpt_dir.parent)}")
     for rank in range(world):
         path = tag_dir / f"trainer_state_rank{rank}.pt"
         if not path.is_file():
@@ -269,10 +271,14 @@ def choose_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> Res
     return point
 
 
+# A checkpoint loads only on the layout that wrote it; this says how to continue on another one.
+RESHARD_HINT = "resume with the same layout, or convert it first with `python -m trainer.reshard {run_dir}`"
+
+
 def identity(cfg: Any) -> dict[str, Any]:
     """What must match for a checkpoint to be resumable: the model and how it is laid out over ranks."""
     return {"model": cfg.model_config().to_dict(), "expert_parallel_size": cfg.parallel.expert_parallel_size,
-            "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len}}
+            "zero_stage": zero_stage(cfg), "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len}}
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], keep: int,
@@ -323,9 +329,10 @@ def check_identity(ckpt_dir: Path, tag: str, ident: dict[str, Any]) -> None:
                 raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {section}.{key}="
                                  f"{saved.get(section, {}).get(key)!r}, this run has {value!r}; use another "
                                  f"run.name or run.resume=never")
-    if saved.get("expert_parallel_size") != ident["expert_parallel_size"]:
-        raise ValueError(f"checkpoint {ckpt_dir / tag}: written with parallel.expert_parallel_size="
-                         f"{saved.get('expert_parallel_size')}, this run has {ident['expert_parallel_size']}")
+    for key, field in (("expert_parallel_size", "parallel.expert_parallel_size"), ("zero_stage", "the ZeRO stage")):
+        if key in saved and saved[key] != ident[key]:
+            raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {field}={saved[key]}, this run has "
+                             f"{ident[key]}; {RESHARD_HINT.format(run_dir=ckpt_dir.parent)}")
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str, verify: bool = True) -> dict[str, Any]:

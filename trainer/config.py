@@ -340,6 +340,10 @@ def validate(cfg: TrainConfig) -> None:
     load_engine_settings(cfg)
 
 
+def zero_stage(cfg: TrainConfig) -> int:
+    return load_engine_settings(cfg).get("zero_optimization", {}).get("stage", 0)
+
+
 def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
     """Read the ds_config JSON; it may hold engine settings only (no batch, optimizer or precision)."""
     path = Path(cfg.parallel.ds_config)

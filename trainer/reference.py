@@ -56,18 +56,25 @@ class ReferenceRun:
 
 
 def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
-                  untie_after_init: bool = False) -> ReferenceRun:
-    """`untie_after_init`: start from the tied weights but train every layer separately (the control)."""
+                  untie_after_init: bool = False, start: dict | None = None) -> ReferenceRun:
+    """`untie_after_init`: start from the tied weights but train every layer separately (the control).
+
+    start: continue from a layout-free training state (`engine.gather_training_state` plus "step" and
+    per-rank "data", as `trainer.reshard` writes it) instead of step 0.
+    """
     model_cfg = cfg.model_config()
     model = build_model(model_cfg, seed=cfg.run.seed)
     if untie_after_init:
         model = untied_copy(model)
     optimizer = build_optimizer(param_groups(model, cfg.optim, model.config), cfg.optim)
     sources = [make_source(cfg, "train", r, world_size) for r in range(world_size)]
+    first = 0
+    if start is not None:
+        first = _load_start(model, optimizer, sources, start)
     tap = RouterTap(model)
     schedule_steps = cfg.total_steps(world_size)
     losses, grad_norms = [], []
-    for step in range(steps or schedule_steps):
+    for step in range(first, steps or schedule_steps):
         set_lr(optimizer, lr_at(step, schedule_steps, cfg.optim.lr, cfg.schedule))
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -87,3 +94,14 @@ def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
         grad_norms.append(norm.item())
     tap.remove()
     return ReferenceRun(losses=losses, grad_norms=grad_norms, model=model)
+
+
+def _load_start(model: MoETransformer, optimizer: torch.optim.Optimizer, sources: list, start: dict) -> int:
+    """Weights, Adam moments and step, and each simulated rank's data position (random tokens: the index)."""
+    model.load_state_dict(start["weights"])
+    for name, param in model.named_parameters():
+        optimizer.state[param] = {"step": torch.tensor(float(start["optimizer_step"])),
+                                  **{key: start[key][name].clone() for key in ("exp_avg", "exp_avg_sq")}}
+    for source in sources:
+        source.load_state_dict({"index": start["data"][0]["index"]})
+    return start["step"]

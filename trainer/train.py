@@ -17,6 +17,7 @@ from trainer.metrics import Progress, dumps
 from trainer.routing_stats import routing_stats
 from trainer.schedule import lr_at
 from trainer.preemption import StopSignal
+from trainer.reshard import resume_layout_free
 from trainer.session import Session, StepResult, describe, nonfinite_layers, open_session, train_step, validation_ce
 
 
@@ -111,6 +112,10 @@ def _resume(s: Session, run_dir: Path) -> int:
     before anything in the run directory is written.
     """
     ckpt_dir = run_dir / "checkpoints"
+    if s.cfg.run.resume == "auto":
+        moved = resume_layout_free(s, ckpt_dir)  # a checkpoint converted for another layout
+        if moved is not None:
+            return moved
     point = (checkpoint.choose_resume(ckpt_dir, s.world, checkpoint.identity(s.cfg)) if s.cfg.run.resume == "auto"
              else checkpoint.ResumePoint(None, None))
     if point.skipped and s.rank == 0:
