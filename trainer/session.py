@@ -38,6 +38,7 @@ class Session:
     engine: Any
     source: BatchSource
     tap: RouterTap
+    grads: eng.GradientWatch  # gradient bytes held at the last optimizer step (memory reports)
 
     @property
     def tokens_per_step(self) -> int:
@@ -60,7 +61,8 @@ def open_session(cfg: TrainConfig) -> Session:
     torch.manual_seed(cfg.run.seed + rank)
     return Session(cfg=cfg, model_cfg=model_cfg, plan=layer_plan(model_cfg),
                    accounting=account(model_cfg, cfg.data.seq_len), ds_config=ds_config, rank=rank, world=world,
-                   engine=engine, source=make_source(cfg, "train", rank, world), tap=RouterTap(engine.module))
+                   engine=engine, source=make_source(cfg, "train", rank, world), tap=RouterTap(engine.module),
+                   grads=eng.GradientWatch(engine))
 
 
 @dataclass
