@@ -161,8 +161,9 @@ class ActivationMemory:
     layers: int  # saved by the decoder layers (with activation checkpointing: only their inputs)
     head: int  # final norm, fp32 log-softmax of the logits, token ids
     recompute: int  # with activation checkpointing: one layer's activations rebuilt during backward
-    saved: int  # layers + head: held when the forward ends
-    peak: int  # saved + recompute: the most held at once during backward
+    logits: int  # not saved but alive in backward: the loop's logits and the fp32 gradient of the log-softmax
+    saved: int  # layers + head: held when the forward ends (what tests measure with saved-tensor hooks)
+    peak: int  # saved + recompute + logits: the most held at once early in backward
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -249,5 +250,6 @@ def activation_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precisio
         layers, recompute = sum(per_layer), 0
     layers += rope_once
     head = tokens * (_norm_saved(cfg.d_model, elt) + elt * cfg.d_model + _FP32 * cfg.vocab_size + 2 * _INT64)
-    return ActivationMemory(layers=layers, head=head, recompute=recompute, saved=layers + head,
-                            peak=layers + head + recompute)
+    logits = tokens * cfg.vocab_size * (elt + _FP32)
+    return ActivationMemory(layers=layers, head=head, recompute=recompute, logits=logits, saved=layers + head,
+                            peak=layers + head + recompute + logits)
