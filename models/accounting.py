@@ -106,16 +106,27 @@ class RankMemory:
         return asdict(self)
 
 
+def _grad_bytes(precision: str, zero: int) -> int:
+    """Gradient bytes per (unpartitioned) parameter that DeepSpeed 0.19.8 holds, by precision and stage.
+
+    bf16 without ZeRO: bf16 gradients (DeepSpeed's bf16 wrapper accumulates in bf16). bf16 ZeRO-1 runs
+    DeepSpeed's BF16_Optimizer: bf16 `param.grad` plus full fp32 gradient buffers (2 + 4). Otherwise
+    fp32 gradients (fp32 accumulation). ZeRO-1 gradients are full: fp32 ZeRO-1 holds them until the
+    reduce at the end of backward (when the step begins only a partition is left).
+    """
+    if precision == "bf16":
+        return {0: 2, 1: 6}.get(zero, 4)
+    return 4
+
+
 def rank_memory(cfg: ModelConfig, world: int, ep: int, zero: int, precision: str = "bf16") -> RankMemory:
     """Per-rank model-state bytes under DeepSpeed ZeRO + expert parallelism, tied banks counted once.
 
     The ZeRO paper's accounting (Rajbhandari et al. 2020: 2 + 2 + 12 bytes per parameter in mixed
     precision), with the layout AutoEP uses: an expert bank is split over `ep` ranks and its ZeRO
     partitioning runs over the expert-data-parallel group (world / ep); other parameters over all
-    ranks. bf16 keeps fp32 master weights, and fp32 gradients (fp32 accumulation) except without ZeRO,
-    where DeepSpeed's bf16 wrapper accumulates in bf16. fp32 training keeps a separate fp32 copy
-    under every ZeRO stage (the optimizer's flat partitions), none without ZeRO. ZeRO-1 counts full
-    gradients: they live until the reduce at the end of backward (at the step only a partition is left).
+    ranks. bf16 keeps fp32 master weights; gradients as `_grad_bytes` says. fp32 training keeps a
+    separate fp32 copy under every ZeRO stage (the optimizer's flat partitions), none without ZeRO.
     Measured against the tensors DeepSpeed 0.19.8 holds in tests/test_memory_report.py.
     """
     if world % ep:
@@ -136,8 +147,7 @@ def rank_memory(cfg: ModelConfig, world: int, ep: int, zero: int, precision: str
     param_bytes = 2 if precision == "bf16" else 4
     held_expert = expert / ep / (edp if zero == 3 else 1)
     held_other = other / (world if zero == 3 else 1)
-    grad_bytes = 2 if precision == "bf16" and zero == 0 else 4
-    grads = grad_bytes * share(expert, other, zero >= 2)
+    grads = _grad_bytes(precision, zero) * share(expert, other, zero >= 2)
     has_master = precision == "bf16" or zero >= 1
     master = 4 * share(expert, other, zero >= 1) if has_master else 0
     moments = 8 * share(expert, other, zero >= 1)

@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CELLS = {"z3-tied": "run.precision=bf16",
          "z3-untied": "run.precision=bf16,model.tie_group_size=1",
-         "z2-ep1": "parallel.ds_config=ds_configs/zero2.json,parallel.expert_parallel_size=1"}
+         "z2-ep1": "parallel.ds_config=ds_configs/zero2.json,parallel.expert_parallel_size=1",
+         "z1-bf16": "parallel.ds_config=ds_configs/zero1.json,run.precision=bf16"}  # DeepSpeed's BF16_Optimizer
 
 
 @pytest.fixture(scope="module")

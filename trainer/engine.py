@@ -402,7 +402,7 @@ def optimizer_tensors_by_kind(engine: Any) -> dict[str, list[tuple[bool, torch.T
         if flats:
             masters = [(group_is_expert[i], t) for i, t in enumerate(flats)]
         else:
-            masters = [(is_expert_param(p), p) for g in basic.param_groups for p in g["params"]]
+            masters = [(group_is_expert[i], p) for i, g in enumerate(basic.param_groups) for p in g["params"]]
     masters = [(kind, t) for kind, t in masters if torch.is_tensor(t)]
     kind_of = {id(t): kind for kind, t in masters}
     state = [(kind_of.get(id(key), False), v) for key, values in basic.state.items() for v in values.values()
