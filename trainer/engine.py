@@ -8,9 +8,10 @@ layers are built and before ZeRO partitions anything: each follower then runs it
 `GroupedExperts` (and router / attention when tied) without registering it, so ZeRO-3 partitions each
 shared bank exactly once. That wrapper is the one seam that changes behaviour. The other internals
 read here are for measurement only: `GatherCounter` (ZeRO-3 all-gather traffic), the ZeRO optimizer's
-flat fp32 partitions (`optimizer_master_tensors`) and partitions (`held_tensor`: `ds_tensor`) for
-memory reports, reduced gradients and AutoEP's expert-group names (`grad_sq_norms`), and the
-gathering of a full state dict (`gather_state_dict`, export). Small collectives used by the trainer
+flat fp32 partitions and state (`optimizer_tensors_by_kind`), gradient buffers (`gradient_tensors`,
+read by `GradientWatch` as each step begins), partitions (`held_tensor`: `ds_tensor`) and DeepSpeed's
+estimators (`deepspeed_estimates`) for memory reports, reduced gradients and AutoEP's expert-group
+names (`grad_sq_norms`), and the gathering of a full state dict (`gather_state_dict`, export). Small collectives used by the trainer
 (`mean_over_ranks`, `max_over_ranks`, `gather_over_ranks`, `barrier`) live here too, so no other
 module imports deepspeed.
 """
@@ -359,32 +360,11 @@ class GatherCounter:
             setattr(Coord, name, original)
 
 
-def optimizer_master_tensors(engine: Any) -> list[torch.Tensor]:
-    """The optimizer's own parameter copies (fp32 master / flat partitions) on this rank.
-
-    ZeRO-3 swaps its flat fp32 partitions into the basic optimizer only during step(), and ZeRO-1/2
-    keep theirs beside it, so they are read from the ZeRO optimizer; without ZeRO they are whatever
-    the basic optimizer holds. Callers de-duplicate against storage the module already holds.
-    """
-    zero = engine.optimizer
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
-        tensors = getattr(zero, attr, None)
-        if tensors:
-            return [t for t in tensors if torch.is_tensor(t)]
-    basic = getattr(engine, "basic_optimizer", None) or zero
-    return [p for group in basic.param_groups for p in group["params"]]
-
-
-def optimizer_state_tensors(engine: Any) -> list[torch.Tensor]:
-    """Tensors of the basic optimizer's state (e.g. Adam moments) on this rank."""
-    basic = getattr(engine, "basic_optimizer", None) or engine.optimizer
-    return [v for state in basic.state.values() for v in state.values() if torch.is_tensor(v) and v.numel() > 1]
-
-
 def optimizer_tensors_by_kind(engine: Any) -> dict[str, list[tuple[bool, torch.Tensor]]]:
     """This rank's optimizer copies ("master") and state ("state"), each tagged True for experts.
 
-    Why per group: ZeRO keeps one flat fp32 partition per parameter group (ZeRO-3: per sub-group),
+    Read from the ZeRO optimizer, not the basic one: ZeRO-3 swaps its flats into the basic optimizer
+    only during step(). Why per group: ZeRO keeps one flat fp32 partition per parameter group (ZeRO-3: per sub-group),
     and the trainer puts expert parameters in their own 'moe' groups, so a flat tensor is wholly
     expert or wholly not. Optimizer state is keyed by those flats (or by the parameters themselves
     without ZeRO) and inherits their tag. Callers de-duplicate against the module's own storage.
