@@ -450,18 +450,19 @@ class GradientWatch:
         self.steps += 1
 
 
-def deepspeed_estimates(total_params: int, largest_layer_params: int, gpus_per_node: int,
-                        nodes: int) -> dict[str, int]:
+def deepspeed_estimates(total_params: int, largest_layer_params: int, world: int) -> dict[str, int]:
     """DeepSpeed's own per-GPU model-state estimates (no offload), bytes: ZeRO-2 (also the only
     figure DeepSpeed offers for stages 0/1) and ZeRO-3. They assume 16-bit weights with fp32 Adam,
     see each parameter as replicated data-parallel (no expert parallelism) and take the caller's
-    parameter count (we pass unique parameters: tied banks once, as their `_all_live` variants would)."""
+    parameter count (we pass unique parameters: tied banks once, as their `_all_live` variants would).
+    Their GPU figure depends on the node layout only through the total GPU count, so one node of
+    `world` GPUs is passed."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    _, zero2_gpu = estimate_zero2_model_states_mem_needs(total_params, gpus_per_node, nodes, cpu_offload=False)
-    _, zero3_gpu, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, gpus_per_node,
-                                                            nodes, cpu_offload=False, cpu_offload_params=False)
+    _, zero2_gpu = estimate_zero2_model_states_mem_needs(total_params, world, 1, cpu_offload=False)
+    _, zero3_gpu, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, world, 1,
+                                                            cpu_offload=False, cpu_offload_params=False)
     return {"zero2_bytes_per_gpu": int(zero2_gpu), "zero3_bytes_per_gpu": int(zero3_gpu)}
 
 

@@ -155,8 +155,7 @@ def analytic_error(measured: dict[str, int], analytic: dict[str, int]) -> dict[s
 def deepspeed_figures(s: Session, zero: int) -> dict[str, Any]:
     """DeepSpeed's numeric estimators for this model and world, with what they leave out."""
     largest = max(sum(layer_parts(s.model_cfg, p).values()) for p in s.plan)
-    nodes = max(1, s.world // max(1, torch.cuda.device_count() or s.world))
-    figures = eng.deepspeed_estimates(s.accounting.unique_params, largest, s.world // nodes, nodes)
+    figures = eng.deepspeed_estimates(s.accounting.unique_params, largest, s.world)
     figures["for_this_stage_bytes"] = figures["zero3_bytes_per_gpu" if zero == 3 else "zero2_bytes_per_gpu"]
     figures["ignores"] = ("expert parallelism (every parameter counted as data-parallel), tying beyond the "
                           "unique parameter count we pass, the precision actually used (always 16-bit weights "
