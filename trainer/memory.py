@@ -116,9 +116,15 @@ def write_run_report(s: Session, run_dir: Path) -> None:
     if s.rank != 0:
         return
     report = build_report(s, [{key: int(gathered[key][r]) for key in keys} for r in range(s.world)])
-    run_dir = Path(run_dir)
-    (run_dir / REPORT_JSON).write_text(dumps(report, indent=1))
-    (run_dir / REPORT_MD).write_text(render_report(report))
+    for name, text in ((REPORT_JSON, dumps(report, indent=1)), (REPORT_MD, render_report(report))):
+        _write_atomically(Path(run_dir) / name, text)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """The report is rewritten at the end of a run; a crash mid-write must leave the earlier one whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def build_report(s: Session, per_rank: list[dict[str, int]]) -> dict[str, Any]:
