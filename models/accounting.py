@@ -124,14 +124,28 @@ def check_layout(cfg: ModelConfig, world: int, ep: int, zero: int, precision: st
         raise ValueError(f"precision={precision!r}: expected 'bf16' or 'fp32'")
 
 
+def _grad_bytes(precision: str, zero: int) -> int:
+    """Gradient bytes per (unpartitioned) parameter that DeepSpeed 0.19.8 holds, by precision and stage.
+
+    bf16 without ZeRO: bf16 gradients (DeepSpeed's bf16 wrapper accumulates in bf16). bf16 ZeRO-1 runs
+    DeepSpeed's BF16_Optimizer: bf16 `param.grad` plus full fp32 gradient buffers (2 + 4). Otherwise
+    fp32 gradients (fp32 accumulation). ZeRO-1 gradients are full: fp32 ZeRO-1 holds them until the
+    reduce at the end of backward (when the step begins only a partition is left).
+    """
+    if precision == "bf16":
+        return {0: 2, 1: 6}.get(zero, 4)
+    return 4
+
+
 def rank_memory(cfg: ModelConfig, world: int, ep: int, zero: int, precision: str = "bf16") -> RankMemory:
     """Per-rank model-state bytes under DeepSpeed ZeRO + expert parallelism, tied banks counted once.
 
     The ZeRO paper's accounting (Rajbhandari et al. 2020: 2 + 2 + 12 bytes per parameter in mixed
     precision), with the layout AutoEP uses: an expert bank is split over `ep` ranks and its ZeRO
     partitioning runs over the expert-data-parallel group (world / ep); other parameters over all
-    ranks. bf16 keeps fp32 gradients (fp32 accumulation) and fp32 master weights; fp32 training keeps
-    a separate fp32 master only at ZeRO-3, as DeepSpeed's stage-3 optimizer does.
+    ranks. bf16 keeps fp32 master weights; gradients as `_grad_bytes` says. fp32 training keeps a
+    separate fp32 copy under every ZeRO stage (the optimizer's flat partitions), none without ZeRO.
+    Measured against the tensors DeepSpeed 0.19.8 holds in tests/test_memory_report.py.
     """
     check_layout(cfg, world, ep, zero, precision)
     plan = layer_plan(cfg)
@@ -146,10 +160,119 @@ def rank_memory(cfg: ModelConfig, world: int, ep: int, zero: int, precision: str
     param_bytes = 2 if precision == "bf16" else 4
     held_expert = expert / ep / (edp if zero == 3 else 1)
     held_other = other / (world if zero == 3 else 1)
-    grads = 4 * share(expert, other, zero >= 2)
-    has_master = precision == "bf16" or zero == 3
+    grads = _grad_bytes(precision, zero) * share(expert, other, zero >= 2)
+    has_master = precision == "bf16" or zero >= 1
     master = 4 * share(expert, other, zero >= 1) if has_master else 0
     moments = 8 * share(expert, other, zero >= 1)
     parts = [round(held_expert * param_bytes), round(held_other * param_bytes), round(grads), round(master),
              round(moments)]
     return RankMemory(*parts, total=sum(parts))
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations: bytes saved for backward, derived from what models/transformer.py and models/moe.py
+# keep alive (checked against torch's saved-tensor hooks in tests/test_memory_activations.py).
+# --------------------------------------------------------------------------------------------------
+
+_INT64, _FP32 = 8, 4
+
+
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Activation bytes one rank holds for one micro-batch (training, forward + loss, before backward)."""
+
+    layers: int  # saved by the decoder layers (with activation checkpointing: only their inputs)
+    head: int  # final norm, fp32 log-softmax of the logits, token ids
+    recompute: int  # with activation checkpointing: one layer's activations rebuilt during backward
+    logits: int  # not saved but alive in backward: the loop's logits and the fp32 gradient of the log-softmax
+    saved: int  # layers + head: held when the forward ends (what tests measure with saved-tensor hooks)
+    peak: int  # saved + recompute + logits: the most held at once early in backward
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _norm_saved(width: int, elt: int, rows: int = 1) -> int:
+    """RMSNorm (fp32 inside): the fp32 input, one rsqrt per row, the normalised input in the activation dtype."""
+    return _FP32 * width + _FP32 * rows + elt * width
+
+
+def _attention_saved_per_token(cfg: ModelConfig, elt: int) -> int:
+    """Input norm, q/k norms, qkv clamps and scaled-dot-product attention (q, k, v, out, log-sum-exp).
+
+    RoPE saves nothing per token (its cos/sin do not need gradients); GQA's repeated k/v are new
+    tensors of the full query width, so attention always keeps four query-width tensors.
+    """
+    q_width, kv_width = cfg.n_heads * cfg.attn_head_dim, cfg.kv_heads * cfg.attn_head_dim
+    total = _norm_saved(cfg.d_model, elt) + elt * cfg.d_model  # the norm and its output (read by q/k/v)
+    if cfg.qk_norm == "full":
+        total += _norm_saved(q_width, elt) + _norm_saved(kv_width, elt)
+    elif cfg.qk_norm == "per_head":
+        total += _norm_saved(q_width, elt, cfg.n_heads) + _norm_saved(kv_width, elt, cfg.kv_heads)
+    if cfg.clip_qkv is not None:  # clamp keeps its input
+        total += elt * (q_width + 2 * kv_width)
+    return total + 4 * elt * q_width + _FP32 * cfg.n_heads
+
+
+def _moe_saved_per_token(cfg: ModelConfig, n_experts: int, elt: int, router_losses: bool) -> int:
+    """Router softmax + top-k, the dispatch permutation, K copies of the token through the SwiGLU
+    experts (input, gate/up, silu, product), the fp32 weighted combine, shared experts, aux losses."""
+    k, d, f = cfg.top_k, cfg.d_model, cfg.expert_ffn_dim
+    total = _norm_saved(cfg.d_model, elt) + elt * d
+    total += _FP32 * n_experts + 3 * _INT64 * k + _FP32 * k  # probs; top-k ids, sort order, token ids; weights
+    total += k * (elt * d + 4 * elt * f + _FP32 * d + elt * d)  # per routed copy
+    if cfg.norm_topk_prob:
+        total += _FP32 * (k + 1)
+    total += 4 * elt * cfg.n_shared_experts * cfg.shared_expert_ffn_dim
+    return total + (_router_loss_saved_per_token(n_experts) if router_losses else 0)
+
+
+def _router_loss_saved_per_token(n_experts: int) -> int:
+    """The trainer's aux losses on router logits: load balancing keeps fp32 probabilities, z-loss the
+    fp32 logits and the log-sum-exp. They run outside the layers, so activation checkpointing keeps them."""
+    return 2 * _FP32 * n_experts + 2 * _FP32
+
+
+def _dense_saved_per_token(cfg: ModelConfig, elt: int) -> int:
+    return _norm_saved(cfg.d_model, elt) + elt * cfg.d_model + 4 * elt * cfg.dense_ffn_dim
+
+
+def layer_activation_bytes(cfg: ModelConfig, p: LayerPlan, tokens: int, seq_len: int, precision: str,
+                           router_losses: bool = True) -> int:
+    """Bytes one layer saves for backward for `tokens` tokens in sequences of `seq_len`."""
+    elt = 2 if precision == "bf16" else 4
+    ffn = (_dense_saved_per_token(cfg, elt) if p.ffn == "dense"
+           else _moe_saved_per_token(cfg, p.n_experts, elt, router_losses))
+    rope = 4 * seq_len * cfg.attn_head_dim * elt if precision == "bf16" else 0  # per-layer bf16 cos/sin casts
+    return tokens * (_attention_saved_per_token(cfg, elt) + ffn) + rope
+
+
+def activation_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str = "bf16",
+                      checkpointing: bool = False, router_losses: bool = True) -> ActivationMemory:
+    """Activation bytes for one micro-batch of `micro_batch` x `seq_len` tokens on one rank.
+
+    Why analytic: the planner must size runs that cannot be built here. The terms follow the saved
+    tensors of this repository's plain model (attention saves O(S) per head, not S^2: fused SDPA);
+    DeepSpeed's AutoEP block and ZeRO buffers add transient memory not counted here. Tying changes
+    nothing: a tied bank is run once per layer that uses it. With activation checkpointing each
+    layer keeps only its input and one layer is rebuilt at a time during backward.
+    """
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision={precision!r}: expected 'bf16' or 'fp32'")
+    if micro_batch < 1 or seq_len < 1:
+        raise ValueError(f"micro_batch={micro_batch}, seq_len={seq_len}: expected positive integers")
+    elt = 2 if precision == "bf16" else 4
+    tokens = micro_batch * seq_len
+    per_layer = [layer_activation_bytes(cfg, p, tokens, seq_len, precision, router_losses) for p in layer_plan(cfg)]
+    rope_once = 2 * seq_len * cfg.attn_head_dim * _FP32 if precision == "fp32" else 0
+    if checkpointing:
+        aux = sum(_router_loss_saved_per_token(p.n_experts) for p in layer_plan(cfg) if p.ffn == "moe")
+        layers = len(per_layer) * tokens * elt * cfg.d_model + (tokens * aux if router_losses else 0)
+        recompute = max(per_layer)
+    else:
+        layers, recompute = sum(per_layer), 0
+    layers += rope_once
+    head = tokens * (_norm_saved(cfg.d_model, elt) + elt * cfg.d_model + _FP32 * cfg.vocab_size + 2 * _INT64)
+    logits = tokens * cfg.vocab_size * (elt + _FP32)
+    return ActivationMemory(layers=layers, head=head, recompute=recompute, logits=logits, saved=layers + head,
+                            peak=layers + head + recompute + logits)

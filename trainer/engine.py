@@ -8,9 +8,10 @@ layers are built and before ZeRO partitions anything: each follower then runs it
 `GroupedExperts` (and router / attention when tied) without registering it, so ZeRO-3 partitions each
 shared bank exactly once. That wrapper is the one seam that changes behaviour. The other internals
 read here are for measurement only: `GatherCounter` (ZeRO-3 all-gather traffic), the ZeRO optimizer's
-flat fp32 partitions (`optimizer_master_tensors`) and partitions (`held_tensor`: `ds_tensor`) for
-memory reports, reduced gradients and AutoEP's expert-group names (`grad_sq_norms`), and the
-gathering of a full state dict (`gather_state_dict`, export). Small collectives used by the trainer
+flat fp32 partitions and state (`optimizer_tensors_by_kind`), gradient buffers (`gradient_tensors`,
+read by `GradientWatch` as each step begins), partitions (`held_tensor`: `ds_tensor`) and DeepSpeed's
+estimators (`deepspeed_estimates`) for memory reports, reduced gradients and AutoEP's expert-group
+names (`grad_sq_norms`), and the gathering of a full state dict (`gather_state_dict`, export). Small collectives used by the trainer
 (`mean_over_ranks`, `max_over_ranks`, `gather_over_ranks`, `barrier`) live here too, so no other
 module imports deepspeed.
 """
@@ -393,26 +394,113 @@ class GatherCounter:
             setattr(Coord, name, original)
 
 
-def optimizer_master_tensors(engine: Any) -> list[torch.Tensor]:
-    """The optimizer's own parameter copies (fp32 master / flat partitions) on this rank.
+def optimizer_tensors_by_kind(engine: Any) -> dict[str, list[tuple[bool, torch.Tensor]]]:
+    """This rank's optimizer copies ("master") and state ("state"), each tagged True for experts.
 
-    ZeRO-3 swaps its flat fp32 partitions into the basic optimizer only during step(), and ZeRO-1/2
-    keep theirs beside it, so they are read from the ZeRO optimizer; without ZeRO they are whatever
-    the basic optimizer holds. Callers de-duplicate against storage the module already holds.
+    Read from the ZeRO optimizer, not the basic one: ZeRO-3 swaps its flats into the basic optimizer
+    only during step(). Why per group: ZeRO keeps one flat fp32 partition per parameter group (ZeRO-3: per sub-group),
+    and the trainer puts expert parameters in their own 'moe' groups, so a flat tensor is wholly
+    expert or wholly not. Optimizer state is keyed by those flats (or by the parameters themselves
+    without ZeRO) and inherits their tag. Callers de-duplicate against the module's own storage.
     """
     zero = engine.optimizer
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
-        tensors = getattr(zero, attr, None)
-        if tensors:
-            return [t for t in tensors if torch.is_tensor(t)]
     basic = getattr(engine, "basic_optimizer", None) or zero
-    return [p for group in basic.param_groups for p in group["params"]]
+    group_is_expert = [bool(g.get("moe")) or any(is_expert_param(p) for p in g["params"]) for g in basic.param_groups]
+    if getattr(zero, "fp32_partitioned_groups_flat", None):  # ZeRO-3: sub-groups of parameter groups
+        flats = zero.fp32_partitioned_groups_flat
+        masters = [(group_is_expert[zero.sub_group_to_group_id[i]], t) for i, t in enumerate(flats)]
+    else:
+        flats = (getattr(zero, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+                 or getattr(zero, "fp32_groups_flat_partition", None)  # BF16_Optimizer (bf16 ZeRO-1)
+                 or getattr(zero, "fp32_groups_flat", None))  # FP16_Optimizer in bf16 mode (bf16 ZeRO-0)
+        if flats:
+            masters = [(group_is_expert[i], t) for i, t in enumerate(flats)]
+        else:
+            masters = [(group_is_expert[i], p) for i, g in enumerate(basic.param_groups) for p in g["params"]]
+    masters = [(kind, t) for kind, t in masters if torch.is_tensor(t)]
+    kind_of = {id(t): kind for kind, t in masters}
+    state = [(kind_of.get(id(key), False), v) for key, values in basic.state.items() for v in values.values()
+             if torch.is_tensor(v) and v.numel() > 1]
+    return {"master": masters, "state": state}
 
 
-def optimizer_state_tensors(engine: Any) -> list[torch.Tensor]:
-    """Tensors of the basic optimizer's state (e.g. Adam moments) on this rank."""
-    basic = getattr(engine, "basic_optimizer", None) or engine.optimizer
-    return [v for state in basic.state.values() for v in state.values() if torch.is_tensor(v) and v.numel() > 1]
+def gradient_tensors(engine: Any) -> list[tuple[bool, torch.Tensor]]:
+    """Gradient tensors this rank holds right now, tagged True for experts (views of one buffer
+    are listed separately; callers count each (address, size) once).
+
+    Read just before the optimizer step (`GradientWatch`), when every stage holds its gradients:
+    ZeRO-3 its partition of the flat fp32 gradient buffer, ZeRO-1/2 the reduced `param.grad` views
+    and flat partitions, the bf16 optimizer its fp32 gradient buffers, plain DDP `param.grad`.
+    """
+    zero = engine.optimizer
+    out: list[tuple[bool, torch.Tensor]] = []
+    parts = getattr(zero, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+    for p in engine.module.parameters():
+        if parts is not None and getattr(p, "ds_id", None) in parts:
+            out.append((is_expert_param(p), parts[p.ds_id]))
+        if p.grad is not None:
+            out.append((is_expert_param(p), p.grad))
+    flats = optimizer_tensors_by_kind(engine)["master"]
+    out += [(kind, t.grad) for kind, t in flats if t.grad is not None]
+    averaged = getattr(zero, "averaged_gradients", None) or {}
+    for i, grads in (enumerate(averaged) if isinstance(averaged, list) else averaged.items()):
+        kind = flats[i][0] if i < len(flats) else False
+        out += [(kind, g) for g in (grads if isinstance(grads, (list, tuple)) else [grads]) if torch.is_tensor(g)]
+    for i, flat in enumerate(getattr(zero, "fp32_groups_gradients_flat", None) or []):
+        out.append((flats[i][0] if i < len(flats) else False, flat))
+    return out
+
+
+class GradientWatch:
+    """Gradient bytes (expert, other) held at the last optimizer step, read as the step begins.
+
+    Why a watch: after `engine.step()` ZeRO-0/1/2 have freed their gradients, so a report written
+    after a step cannot see them. It wraps this engine's optimizer `step` (an instance attribute,
+    measurement only, no behaviour change); while `armed` (the steps a report follows) it costs one
+    pass over the parameters, else nothing.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.expert_bytes = 0
+        self.other_bytes = 0
+        self.steps = 0
+        self.armed = True
+        optimizer = engine.optimizer
+        original = optimizer.step
+
+        def watched_step(*args: Any, **kwargs: Any) -> Any:
+            if self.armed:
+                self._record(engine)
+            return original(*args, **kwargs)
+
+        optimizer.step = watched_step
+
+    def _record(self, engine: Any) -> None:
+        seen: set[tuple[int, int]] = set()
+        sums = {True: 0, False: 0}
+        for kind, t in gradient_tensors(engine):
+            key = (t.data_ptr(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                sums[kind] += t.numel() * t.element_size()
+        self.expert_bytes, self.other_bytes = sums[True], sums[False]
+        self.steps += 1
+
+
+def deepspeed_estimates(total_params: int, largest_layer_params: int, world: int) -> dict[str, int]:
+    """DeepSpeed's own per-GPU model-state estimates (no offload), bytes: ZeRO-2 (also the only
+    figure DeepSpeed offers for stages 0/1) and ZeRO-3. They assume 16-bit weights with fp32 Adam,
+    see each parameter as replicated data-parallel (no expert parallelism) and take the caller's
+    parameter count (we pass unique parameters: tied banks once, as their `_all_live` variants would).
+    Their GPU figure depends on the node layout only through the total GPU count, so one node of
+    `world` GPUs is passed."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    _, zero2_gpu = estimate_zero2_model_states_mem_needs(total_params, world, 1, cpu_offload=False)
+    _, zero3_gpu, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, world, 1,
+                                                            cpu_offload=False, cpu_offload_params=False)
+    return {"zero2_bytes_per_gpu": int(zero2_gpu), "zero3_bytes_per_gpu": int(zero3_gpu)}
 
 
 def shutdown() -> None:

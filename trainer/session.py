@@ -39,6 +39,7 @@ class Session:
     source: BatchSource
     tap: RouterTap
     gate: eng.UpdateGate  # lets train_step drop an update (run.on_nonfinite=skip)
+    grads: eng.GradientWatch  # gradient bytes held at the last optimizer step (memory reports)
 
     @property
     def tokens_per_step(self) -> int:
@@ -62,7 +63,8 @@ def open_session(cfg: TrainConfig) -> Session:
     torch.manual_seed(cfg.run.seed + rank)
     return Session(cfg=cfg, model_cfg=model_cfg, plan=layer_plan(model_cfg),
                    accounting=account(model_cfg, cfg.data.seq_len), ds_config=ds_config, rank=rank, world=world,
-                   engine=engine, source=make_source(cfg, "train", rank, world), tap=RouterTap(engine.module), gate=gate)
+                   engine=engine, source=make_source(cfg, "train", rank, world), tap=RouterTap(engine.module),
+                   gate=gate, grads=eng.GradientWatch(engine))
 
 
 @dataclass

@@ -13,6 +13,7 @@ from trainer import checkpoint
 from trainer import engine as eng
 from trainer.config import TrainConfig
 from trainer.data import ensure_data
+from trainer.memory import write_run_report
 from trainer.metrics import Progress, dumps
 from trainer.routing_stats import routing_stats
 from trainer.schedule import lr_at
@@ -53,9 +54,12 @@ def train(cfg: TrainConfig) -> RunResult:
         for step in range(start, stop):
             lr = lr_at(step, s.steps, cfg.optim.lr, cfg.schedule)
             log_now = _due(step, cfg.run.log_every) or step + 1 == stop
+            s.grads.armed = step == start or step + 1 == stop  # the steps a memory report follows
             out = train_step(s, lr, measure_grad_norm=log_now, poison=step + 1 == fault_step)
             skips_in_a_row = skips_in_a_row + 1 if out.skipped else 0
             _check_finite(s, step, out, skips_in_a_row)
+            if step == start:
+                write_run_report(s, run_dir)  # memory_report.json/.md after the first optimizer step
             progress.record(out)
             result.losses.append(out.loss)
             result.ce.append(out.ce)
@@ -186,6 +190,7 @@ def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, st
                   f"(set run.resume=never or another run.name to start over)", flush=True)
         return result
     result.val_loss = validation_ce(s)
+    write_run_report(s, run_dir)  # refreshed at the end (peak memory of the whole run)
     progress.log_eval(stop - 1, result.val_loss)
     progress.close()
     s.close()
