@@ -20,8 +20,10 @@ def _unsupported(name: str, value: object, why: str) -> NoReturn:
     raise ValueError(f"model.{name}={value!r}: cannot be expressed as a Hugging Face model ({why})")
 
 
-def to_hf_config(cfg: ModelConfig):
+def to_hf_config(cfg: ModelConfig, token_ids: dict[str, int] | None = None):
     """OlmoeConfig for qk_norm="full", Qwen3MoeConfig for qk_norm="per_head".
+
+    `token_ids` (eos/bos/pad_token_id) come from the run's tokenizer; without them they stay None.
 
     Raises ValueError for what neither HF class can express: shared experts, qk_norm="none", widened
     tied banks (HF has one expert count for all layers), dense first layers in OLMoE (Qwen3-MoE takes
@@ -42,8 +44,9 @@ def to_hf_config(cfg: ModelConfig):
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attention_bias=False, attention_dropout=0.0, num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
         norm_topk_prob=cfg.norm_topk_prob,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # the tokenizer's business, not the model's
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
+    common.update(token_ids or {})
     if cfg.qk_norm == "full":
         if cfg.first_k_dense:
             _unsupported("first_k_dense", cfg.first_k_dense, "OLMoE has an MoE block in every layer")
@@ -85,12 +88,20 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in out.items()}
 
 
-def to_hf_model(model: nn.Module, attn_implementation: str = "eager") -> nn.Module:
+def set_generation_tokens(hf_model: nn.Module, token_ids: dict[str, int] | None) -> None:
+    """Greedy `generate` stops at eos only if generation_config (saved as generation_config.json) has it."""
+    for name, value in (token_ids or {}).items():
+        setattr(hf_model.generation_config, name, value)
+
+
+def to_hf_model(model: nn.Module, attn_implementation: str = "eager",
+                token_ids: dict[str, int] | None = None) -> nn.Module:
     """A transformers CausalLM holding `model`'s weights (untied), in eval mode, fp32."""
     from transformers import AutoModelForCausalLM
 
-    hf_cfg = to_hf_config(model.config)
+    hf_cfg = to_hf_config(model.config, token_ids)
     hf_cfg._attn_implementation = attn_implementation
     hf_model = AutoModelForCausalLM.from_config(hf_cfg)
     hf_model.load_state_dict(to_hf_state_dict(model), strict=True)
+    set_generation_tokens(hf_model, token_ids)
     return hf_model.eval()

@@ -62,6 +62,7 @@ def test_export_matches_engine_and_training(exported, name: str) -> None:
     proc, out, run_dir = r["proc"], r["out"], r["run_dir"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "PASS" in proc.stdout
+    assert "tokenizer: none (data.source=random" in proc.stdout  # random tokens: no tokenizer, and it says so
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "export.json", "hf", "model.safetensors"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
@@ -70,6 +71,7 @@ def test_export_matches_engine_and_training(exported, name: str) -> None:
     assert report["ok"] and report["source"]["world_size"] == 2 and report["source"]["step"] == 3
     assert report["parity"]["exported"]["max_abs_logit_diff"] <= 1e-5
     assert report["parity"]["hf"]["max_abs_logit_diff"] <= 1e-5
+    assert report["tokenizer"]["file"] is None and "random token ids" in report["tokenizer"]["note"]
 
     # Keys: exactly our model's state_dict (each tied tensor once, under its leader's name).
     from safetensors.torch import load_file

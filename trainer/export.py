@@ -13,6 +13,9 @@ the model's own. `OUT` (default `RUN_DIR/export/<TAG>`) then holds:
     config.json        the ModelConfig and the tie plan; `load_exported(OUT)` rebuilds the model
     hf/                with --hf: a transformers model directory (tied banks copied into every layer)
     export.json        where it came from and the parity numbers
+    tokenizer.json     the run's tokenizer (also in hf/) with tokenizer_config.json and
+                       special_tokens_map.json; eos/bos/pad ids also in the HF config.json and
+                       generation_config.json. A run on random tokens has none: export.json says so.
 
 Parity: on a fixed random batch the engine's logits (rank 0), the exported model's (`load_exported`)
 and, with --hf, the reloaded HF model's must agree within --tol (default 1e-5), else the exit code is
@@ -205,7 +208,15 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def check_parity(stage: Path, scratch: Path, precision: str, hf: bool) -> dict[str, Any]:
+def token_ids(tokenizer: dict[str, Any]) -> dict[str, int] | None:
+    """eos/bos/pad ids recorded by `write_tokenizer` (None when the export has no tokenizer)."""
+    if tokenizer.get("file") is None:
+        return None
+    return {k: tokenizer[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
+
+
+def check_parity(stage: Path, scratch: Path, precision: str, hf: bool,
+                 tokenizer: dict[str, Any] | None = None) -> dict[str, Any]:
     ref = torch.load(scratch / "engine_logits.pt", weights_only=False)
     ids, engine_logits = ref["input_ids"], ref["logits"]
     model = load_exported(stage)
@@ -224,7 +235,10 @@ def check_parity(stage: Path, scratch: Path, precision: str, hf: bool) -> dict[s
 
         hf_logging.disable_progress_bar()
 
-        to_hf_model(model).save_pretrained(str(stage / "hf"))
+        from trainer.export_tokenizer import copy_tokenizer_files
+
+        to_hf_model(model, token_ids=token_ids(tokenizer or {})).save_pretrained(str(stage / "hf"))
+        copy_tokenizer_files(stage, stage / "hf")
         hf_model = AutoModelForCausalLM.from_pretrained(str(stage / "hf"), attn_implementation="eager").eval()
         with torch.no_grad():
             hf_logits = hf_model(input_ids=ids).logits.float()
@@ -255,7 +269,12 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     """Everything `main` does, minus printing. Returns (parity ok, report, where the export is)."""
     from trainer.cli import spawn_cpu_ranks
 
+    from trainer.export_tokenizer import check_fits, run_tokenizer, write_tokenizer
+
     src = resolve(run_dir, tag, hf)
+    model_cfg = src.cfg.model_config()
+    run_tok = run_tokenizer(src.cfg)
+    check_fits(run_tok, model_cfg.vocab_size)
     out = Path(out).resolve() if out else src.run_dir / "export" / src.tag
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -270,11 +289,13 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
                 sys.stderr.write("\n".join(proc.stderr.splitlines()[-40:]) + "\n")
                 raise RuntimeError(f"export ranks failed (exit {proc.returncode}): "
                                    f"{errors[0] if errors else 'see the log above'}")
-            parity = check_parity(stage, Path(scratch), src.cfg.run.precision, hf)
+            tokenizer = write_tokenizer(stage, run_tok, model_cfg.max_seq_len)
+            meta = json.loads((stage / CONFIG).read_text())
+            (stage / CONFIG).write_text(json.dumps({**meta, "tokenizer": tokenizer}, indent=1))
+            parity = check_parity(stage, Path(scratch), src.cfg.run.precision, hf, tokenizer)
         limit = BF16_TOL if src.cfg.run.precision == "bf16" else tol
         ok = all(v["max_abs_logit_diff"] <= limit for k, v in parity.items() if not k.startswith("_"))
-        meta = json.loads((stage / CONFIG).read_text())
-        report = {"ok": ok, "tolerance": limit, "source": meta["source"], "parity": parity,
+        report = {"ok": ok, "tolerance": limit, "source": meta["source"], "tokenizer": tokenizer, "parity": parity,
                   "files": sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()) + [REPORT],
                   "seconds": round(time.perf_counter() - start, 2)}
         (stage / REPORT).write_text(json.dumps(report, indent=1))
@@ -296,6 +317,9 @@ def print_report(report: dict[str, Any], dest: Path) -> None:
             continue
         label = {"exported": "exported model (safetensors)", "hf": f"HF {row.get('class', '')}"}.get(name, name)
         print(f"{label:<28} {row['max_abs_logit_diff']:>11.2e}  {report['tolerance']:>9.0e}")
+    tok = report.get("tokenizer") or {}
+    print(f"tokenizer: {tok['file']} (eos {tok['eos_token']!r} = id {tok['eos_token_id']}; from {tok['source']})"
+          if tok.get("file") else f"tokenizer: none ({tok.get('note', 'not recorded')})")
     print("PASS" if report["ok"] else
           f"FAIL: logits differ by more than {report['tolerance']:.0e}; export left at {dest}")
 
