@@ -104,8 +104,16 @@ def test_export_matches_engine_and_training(exported, name: str) -> None:
     if name == "zero3-ep2-tied":
         assert model.model.layers[3].mlp.experts is model.model.layers[2].mlp.experts
         assert model.model.layers[2].mlp.experts is not model.model.layers[1].mlp.experts
+        # tied run: the tied HF layout by default, smaller on disk and in memory than the copied one
         hf_cfg = json.loads((out / "hf" / "config.json").read_text())
-        assert hf_cfg["model_type"] == "olmoe" and hf_cfg["num_hidden_layers"] == model_cfg.n_layers
+        assert hf_cfg["model_type"] == "tiedmoe_olmoe" and hf_cfg["num_hidden_layers"] == model_cfg.n_layers
+        sizes = report["parity"]["hf"]["sizes"]
+        assert sizes["layout"] == "tied" and sizes["loaded_param_bytes"] == sizes["tied_param_bytes"]
+        assert sizes["tied_param_bytes"] < sizes["copied_param_bytes"] and sizes["file_bytes"] < sizes["copied_param_bytes"]
+        assert "hf/ layout tied:" in proc.stdout
+    else:
+        assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "olmoe"
+        assert report["parity"]["hf"]["sizes"]["layout"] == "copied"
 
 
 # ---- bad input: one line, exit 2, no ranks started ----------------------------------------------------
