@@ -183,8 +183,9 @@ def load_hf(export_dir: Path) -> nn.Module:
 # Validation loss on the run's held-out split
 # --------------------------------------------------------------------------------------------------
 
-def validation_tokens(run_dir: Path | None, tokenizer_file: Path) -> tuple[Any, int] | str:
-    """The validation split's token stream and seq_len, or why there is none (a note)."""
+def validation_tokens(run_dir: Path | None, tokenizer_file: Path, max_tokens: int | None) -> tuple[Any, int] | str:
+    """The start of the validation split's token stream (all of it without `max_tokens`) and the run's
+    seq_len, or why there is none (a note)."""
     import numpy as np
 
     from data_prep.shards import load_manifest, open_split
@@ -202,18 +203,23 @@ def validation_tokens(run_dir: Path | None, tokenizer_file: Path) -> tuple[Any, 
         return f"{data_dir(cfg)}: no validation split"
     if manifest["tokenizer"]["sha256"] != file_sha256(tokenizer_file):
         raise ValueError(f"{data_dir(cfg)}: its shards were made with another tokenizer than {tokenizer_file}")
-    tokens = np.concatenate([np.asarray(s, dtype=np.int64) for s in open_split(data_dir(cfg), manifest, "validation")])
-    return tokens, cfg.data.seq_len
+    need = max(max_tokens, cfg.data.seq_len) + 1 if max_tokens else None  # windows share one token
+    pieces, have = [], 0
+    for shard in open_split(data_dir(cfg), manifest, "validation"):
+        pieces.append(np.asarray(shard if need is None else shard[: need - have], dtype=np.int64))
+        have += len(pieces[-1])
+        if need is not None and have >= need:
+            break
+    return np.concatenate(pieces), cfg.data.seq_len
 
 
-def validation_metrics(model: nn.Module, tokenizer: Any, tokens: Any, seq_len: int, batch_size: int,
-                       max_tokens: int | None) -> dict[str, Any]:
-    """CE, perplexity and bits-per-byte over consecutive windows (each label token scored once)."""
+def validation_metrics(model: nn.Module, tokenizer: Any, tokens: Any, seq_len: int, batch_size: int) -> dict[str, Any]:
+    """CE, perplexity and bits-per-byte over consecutive windows of `tokens` (each label scored once)."""
     from tqdm import tqdm
 
     n_windows = (len(tokens) - 1) // seq_len
-    if max_tokens:
-        n_windows = min(n_windows, max(1, max_tokens // seq_len))
+    if n_windows < 1:
+        raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
     nats, starts = 0.0, range(0, n_windows, batch_size)
     with torch.no_grad():
         for first in tqdm(starts, desc="validation", unit=" batch", file=sys.stderr):
@@ -276,11 +282,11 @@ def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | No
     tokenizer = load_tokenizer(target.export_dir, cfg.vocab_size)
     result: dict[str, Any] = {"target": str(target.export_dir), "run_dir": str(target.run_dir or ""),
                               "tag": target.tag, "model": "hf" if hf else "tiedmoe"}
-    data = validation_tokens(target.run_dir, target.export_dir / "tokenizer.json")
+    data = validation_tokens(target.run_dir, target.export_dir / "tokenizer.json", val_tokens)
     if isinstance(data, str):
         result["validation"] = {"note": data}
     else:
-        result["validation"] = validation_metrics(model, tokenizer, data[0], data[1], batch_size, val_tokens)
+        result["validation"] = validation_metrics(model, tokenizer, data[0], data[1], batch_size)
     if tasks:
         scorer = load_hf(target.export_dir) if hf else LogitsModel(model, cfg.max_seq_len)
         scores = run_tasks(scorer, tokenizer, tasks, num_fewshot, limit, batch_size, cfg.max_seq_len)
@@ -303,7 +309,8 @@ def _rows(result: dict[str, Any]) -> dict[str, str]:
     if down:
         for task, s in down["tasks"].items():
             rows[f"{task} ({s['metric']}, {down['num_fewshot']}-shot)"] = f"{s['score']:.4f}"
-        rows[f"macro average ({len(down['tasks'])} tasks)"] = f"{down['macro_average']:.4f}"
+        n = len(down["tasks"])
+        rows[f"macro average ({n} task{'s' if n > 1 else ''})"] = f"{down['macro_average']:.4f}"
     return rows
 
 
