@@ -230,6 +230,16 @@ def hf_sizes(hf_dir: Path, hf_model: torch.nn.Module, model: MoETransformer, lay
             "copied_param_bytes": both["copied"], "tied_vs_copied": round(both["tied"] / both["copied"], 4)}
 
 
+def add_tokenizer(stage: Path, run_tok: Any, max_len: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write the run's tokenizer files into the export and record them in its config.json."""
+    from trainer.export_tokenizer import write_tokenizer
+
+    tokenizer = write_tokenizer(stage, run_tok, max_len)
+    meta = {**json.loads((stage / CONFIG).read_text()), "tokenizer": tokenizer}
+    (stage / CONFIG).write_text(json.dumps(meta, indent=1))
+    return tokenizer, meta
+
+
 def check_parity(stage: Path, scratch: Path, precision: str, hf: bool,
                  tokenizer: dict[str, Any] | None = None, layout: str = "copied") -> dict[str, Any]:
     ref = torch.load(scratch / "engine_logits.pt", weights_only=False)
@@ -284,16 +294,14 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
 
     `hf_layout`: "tied" or "copied"; None picks tied for tied runs (`models.hf_convert.default_layout`).
     """
+    from models.hf_convert import default_layout
     from trainer.cli import spawn_cpu_ranks
-
-    from trainer.export_tokenizer import check_fits, run_tokenizer, write_tokenizer
+    from trainer.export_tokenizer import check_fits, run_tokenizer
 
     src = resolve(run_dir, tag, hf)
     model_cfg = src.cfg.model_config()
     run_tok = run_tokenizer(src.cfg)
-    check_fits(run_tok, model_cfg.vocab_size)
-    from models.hf_convert import default_layout
-
+    check_fits(run_tok, model_cfg.vocab_size)  # before any rank starts
     layout = hf_layout or default_layout(model_cfg)
     out = Path(out).resolve() if out else src.run_dir / "export" / src.tag
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -309,9 +317,7 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
                 sys.stderr.write("\n".join(proc.stderr.splitlines()[-40:]) + "\n")
                 raise RuntimeError(f"export ranks failed (exit {proc.returncode}): "
                                    f"{errors[0] if errors else 'see the log above'}")
-            tokenizer = write_tokenizer(stage, run_tok, model_cfg.max_seq_len)
-            meta = json.loads((stage / CONFIG).read_text())
-            (stage / CONFIG).write_text(json.dumps({**meta, "tokenizer": tokenizer}, indent=1))
+            tokenizer, meta = add_tokenizer(stage, run_tok, model_cfg.max_seq_len)
             parity = check_parity(stage, Path(scratch), src.cfg.run.precision, hf, tokenizer, layout)
         limit = BF16_TOL if src.cfg.run.precision == "bf16" else tol
         ok = all(v["max_abs_logit_diff"] <= limit for k, v in parity.items() if not k.startswith("_"))
