@@ -217,3 +217,16 @@ def test_run_sh_eval_branch() -> None:
     proc = subprocess.run(["bash", "run.sh", "eval", "/nonexistent/run"], cwd=REPO_ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: /nonexistent/run: not found", proc.stderr
+
+
+def test_only_passing_tokenizer_aware_exports_are_reused(tmp_path) -> None:
+    from trainer.evaluate import _reusable
+
+    out = _hand_export(tmp_path / "export", 512, None)
+    assert not _reusable(out)  # no export.json: never checked
+    (out / "export.json").write_text(json.dumps({"ok": True}))
+    assert _reusable(out)
+    meta = json.loads((out / "config.json").read_text())
+    del meta["tokenizer"]  # written before exports carried tokenizers: export again
+    (out / "config.json").write_text(json.dumps(meta))
+    assert not _reusable(out)

@@ -80,13 +80,24 @@ def _export_target(export_dir: Path) -> Target:
     return Target(export_dir, run_dir, source.get("tag") or export_dir.name)
 
 
+def _reusable(export_dir: Path) -> bool:
+    """A passing export that records its tokenizer (older exports predate tokenizers: export again)."""
+    from trainer.export import CONFIG, REPORT
+
+    try:
+        report = json.loads((export_dir / REPORT).read_text())
+        return bool(report.get("ok")) and "tokenizer" in json.loads((export_dir / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def _exported(run_dir: Path, tag: str | None) -> Target:
     """The run's export of `tag` (default: latest), made now with the export code if not there yet."""
     from trainer import export
 
     src = export.resolve(run_dir, tag)
     out = src.run_dir / "export" / src.tag
-    if (out / export.REPORT).is_file() and json.loads((out / export.REPORT).read_text()).get("ok"):
+    if _reusable(out):
         print(f"using the export {out}", file=sys.stderr)
         return Target(out, src.run_dir, src.tag)
     print(f"exporting {src.ckpt_dir / src.tag} -> {out} ...", file=sys.stderr)
