@@ -3,6 +3,7 @@
 # tiedmoe entry point: valid bash AND valid Python.
 #   ./run.sh [CONFIG.yaml] [key=value ...]   train (default: tiny tied MoE, 2 CPU ranks or all GPUs)
 #   ./run.sh test [pytest args]             run the test suite
+#   ./run.sh eval TARGET [--tasks ...]      evaluate a run / checkpoint / export (python -m trainer.evaluate)
 #   deepspeed [--hostfile H] run.sh CONFIG.yaml [key=value ...]   the launcher runs this file with python
 # As bash it creates .venv on first use, then hands over to Python; as Python (under a launcher)
 # it goes straight to the trainer. The Python part sits in a bash heredoc, so the file parses as both.
@@ -17,6 +18,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q torch==2.13.0
   DS_BUILD_OPS=0 "$venv/bin/pip" install -q -r "$here/requirements.txt"
+  nodeps="$(sed -n 's/^#no-deps //p' "$here/requirements.txt")"  # data-only packages whose pins clash with ours
+  if [ -n "$nodeps" ]; then "$venv/bin/pip" install -q --no-deps $nodeps; fi
   echo "$want" > "$stamp"
 fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,6 +28,10 @@ cd "$here"
 if [ "${1:-}" = "test" ]; then
   shift
   exec "$venv/bin/python" -m pytest -q "$@"
+fi
+if [ "${1:-}" = "eval" ]; then
+  shift
+  exec "$venv/bin/python" -m trainer.evaluate "$@"
 fi
 exec "$venv/bin/python" "$here/run.sh" "$@"
 : <<'END_OF_PYTHON'

@@ -1,34 +1,52 @@
 """Export to Hugging Face transformers (OLMoE / Qwen3-MoE) for evaluation and parity tests.
 
-HF has no notion of expert tying, so a tied model exports as an untied one: every layer gets its own
-copy of the bank, router and attention it uses. That is why `to_hf_state_dict` walks the layers by
-attribute rather than reading `model.state_dict()`, which holds each tied tensor once (under its
-leader's name) and has no keys for the followers.
+Two layouts. "copied": plain `OlmoeForCausalLM` / `Qwen3MoeForCausalLM`, every layer with its own copy
+of the bank, router and attention it uses (HF has no notion of expert tying); any tool loads it.
+"tied": the same classes subclassed in `hf_modeling_tiedmoe.py` (shipped in the directory, found via
+`auto_map`, `trust_remote_code=True`), each tied tensor stored once on disk and held once in memory
+through transformers' tied-weights mechanism. `to_hf_state_dict` walks the layers by attribute
+rather than reading `model.state_dict()`, which holds each tied tensor once (under its leader's name)
+and has no keys for the followers.
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+import shutil
+from pathlib import Path
+from typing import Literal, NoReturn
 
 import torch
 from torch import nn
 
-from models.config import ModelConfig, tie_groups
+from models.config import ModelConfig, layer_plan, tie_groups
+
+TIED_MODELING_SOURCE = Path(__file__).with_name("hf_modeling_tiedmoe.py")
+TIED_MODELING_FILE = "modeling_tiedmoe.py"  # its name inside an export
+TIED_CLASSES = {"olmoe": ("TiedOlmoeConfig", "TiedOlmoeForCausalLM"),
+                "qwen3_moe": ("TiedQwen3MoeConfig", "TiedQwen3MoeForCausalLM")}
+Layout = Literal["tied", "copied"]
 
 
 def _unsupported(name: str, value: object, why: str) -> NoReturn:
     raise ValueError(f"model.{name}={value!r}: cannot be expressed as a Hugging Face model ({why})")
 
 
-def to_hf_config(cfg: ModelConfig):
-    """OlmoeConfig for qk_norm="full", Qwen3MoeConfig for qk_norm="per_head".
+def to_hf_config(cfg: ModelConfig, token_ids: dict[str, int] | None = None, tied: bool = False):
+    """OlmoeConfig for qk_norm="full", Qwen3MoeConfig for qk_norm="per_head" (their Tied* subclasses
+    from hf_modeling_tiedmoe with `tied`).
+
+    `token_ids` (eos/bos/pad_token_id) come from the run's tokenizer; without them they stay None.
 
     Raises ValueError for what neither HF class can express: shared experts, qk_norm="none", widened
     tied banks (HF has one expert count for all layers), dense first layers in OLMoE (Qwen3-MoE takes
     them as `mlp_only_layers`), clip_qkv in Qwen3-MoE, and a head_dim other than d_model // n_heads in
     OLMoE (its q/k norms are sized from hidden_size).
     """
-    from transformers import OlmoeConfig, Qwen3MoeConfig
+    if tied:
+        from models.hf_modeling_tiedmoe import TiedOlmoeConfig as OlmoeConfig
+        from models.hf_modeling_tiedmoe import TiedQwen3MoeConfig as Qwen3MoeConfig
+    else:
+        from transformers import OlmoeConfig, Qwen3MoeConfig
 
     if cfg.n_shared_experts:
         _unsupported("n_shared_experts", cfg.n_shared_experts, "OLMoE and Qwen3-MoE have no always-on experts")
@@ -42,8 +60,9 @@ def to_hf_config(cfg: ModelConfig):
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attention_bias=False, attention_dropout=0.0, num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
         norm_topk_prob=cfg.norm_topk_prob,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # the tokenizer's business, not the model's
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
+    common.update(token_ids or {})
     if cfg.qk_norm == "full":
         if cfg.first_k_dense:
             _unsupported("first_k_dense", cfg.first_k_dense, "OLMoE has an MoE block in every layer")
@@ -74,6 +93,18 @@ def _layer_modules(layer: nn.Module) -> dict[str, nn.Module]:
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """HF-named tensors with every tied module expanded into each layer that uses it (detached copies)."""
+    return {name: tensor.detach().clone() for name, tensor in _hf_tensors(model).items()}
+
+
+def param_bytes(model: nn.Module) -> dict[str, int]:
+    """Parameter bytes of the two HF layouts: "tied" holds each tensor once, "copied" once per use."""
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return {"tied": sum(unique.values()),
+            "copied": sum(t.numel() * t.element_size() for t in _hf_tensors(model).values())}
+
+
+def _hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """HF name -> the model's own tensor (tied ones under every name that uses them)."""
     to_hf_config(model.config)  # fail early on what HF cannot hold
     out = {"model.embed_tokens.weight": model.model.embed_tokens.weight,
            "model.norm.weight": model.model.norm.weight,
@@ -82,15 +113,74 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for prefix, module in _layer_modules(layer).items():
             for name, tensor in module.state_dict().items():
                 out[f"model.layers.{i}.{prefix}.{name}"] = tensor
-    return {name: tensor.detach().clone() for name, tensor in out.items()}
+    return out
 
 
-def to_hf_model(model: nn.Module, attn_implementation: str = "eager") -> nn.Module:
+def set_generation_tokens(hf_model: nn.Module, token_ids: dict[str, int] | None) -> None:
+    """Greedy `generate` stops at eos only if generation_config (saved as generation_config.json) has it."""
+    for name, value in (token_ids or {}).items():
+        setattr(hf_model.generation_config, name, value)
+
+
+def to_hf_model(model: nn.Module, attn_implementation: str = "eager",
+                token_ids: dict[str, int] | None = None) -> nn.Module:
     """A transformers CausalLM holding `model`'s weights (untied), in eval mode, fp32."""
     from transformers import AutoModelForCausalLM
 
-    hf_cfg = to_hf_config(model.config)
+    hf_cfg = to_hf_config(model.config, token_ids)
     hf_cfg._attn_implementation = attn_implementation
     hf_model = AutoModelForCausalLM.from_config(hf_cfg)
     hf_model.load_state_dict(to_hf_state_dict(model), strict=True)
+    set_generation_tokens(hf_model, token_ids)
     return hf_model.eval()
+
+
+def tied_weight_map(model: nn.Module) -> dict[str, str]:
+    """HF name of every follower tensor -> its leader's, from the layer plan (experts, router, attention)."""
+    tied: dict[str, str] = {}
+    for layer in model.model.layers:
+        i, plan = layer.plan.index, layer.plan
+        owners = {"self_attn": (plan.attention_owner, layer.self_attn)}
+        if plan.ffn == "moe":
+            owners |= {"mlp.experts": (plan.expert_owner, layer.mlp.experts), "mlp.gate": (plan.router_owner, layer.mlp.gate)}
+        for prefix, (owner, module) in owners.items():
+            if owner != i:
+                tied |= {f"model.layers.{i}.{prefix}.{n}": f"model.layers.{owner}.{prefix}.{n}" for n in module.state_dict()}
+    return tied
+
+
+def to_hf_tied_model(model: nn.Module, attn_implementation: str = "eager",
+                     token_ids: dict[str, int] | None = None) -> nn.Module:
+    """The tied-layout CausalLM: like `to_hf_model`, with each follower tensor the leader's Parameter."""
+    from models import hf_modeling_tiedmoe
+
+    hf_cfg = to_hf_config(model.config, token_ids, tied=True)
+    config_class, model_class = TIED_CLASSES[type(hf_cfg).__mro__[1].model_type]
+    hf_cfg.tied_weights = tied_weight_map(model)
+    hf_cfg.auto_map = {"AutoConfig": f"{TIED_MODELING_FILE[:-3]}.{config_class}",
+                       "AutoModelForCausalLM": f"{TIED_MODELING_FILE[:-3]}.{model_class}"}
+    hf_cfg._attn_implementation = attn_implementation
+    hf_model = getattr(hf_modeling_tiedmoe, model_class)(hf_cfg)
+    hf_model.tie_weights()
+    hf_model.load_state_dict(to_hf_state_dict(model), strict=True)
+    set_generation_tokens(hf_model, token_ids)
+    return hf_model.eval()
+
+
+def default_layout(cfg: ModelConfig) -> Layout:
+    """Tied runs get the tied layout (their memory saving survives export); untied ones plain HF classes."""
+    return "tied" if any(p.is_tied_follower or p.attention_owner != p.index for p in layer_plan(cfg)) else "copied"
+
+
+def save_hf(model: nn.Module, out_dir: str | Path, layout: Layout,
+            token_ids: dict[str, int] | None = None) -> nn.Module:
+    """Write `model` as a transformers directory in `layout`; returns the HF model that was saved."""
+    out_dir = Path(out_dir)
+    if layout == "tied":
+        hf_model = to_hf_tied_model(model, token_ids=token_ids)
+        hf_model.save_pretrained(str(out_dir))
+        shutil.copyfile(TIED_MODELING_SOURCE, out_dir / TIED_MODELING_FILE)
+    else:
+        hf_model = to_hf_model(model, token_ids=token_ids)
+        hf_model.save_pretrained(str(out_dir))
+    return hf_model

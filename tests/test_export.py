@@ -62,6 +62,7 @@ def test_export_matches_engine_and_training(exported, name: str) -> None:
     proc, out, run_dir = r["proc"], r["out"], r["run_dir"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "PASS" in proc.stdout
+    assert "tokenizer: none (data.source=random" in proc.stdout  # random tokens: no tokenizer, and it says so
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "export.json", "hf", "model.safetensors"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
@@ -70,6 +71,7 @@ def test_export_matches_engine_and_training(exported, name: str) -> None:
     assert report["ok"] and report["source"]["world_size"] == 2 and report["source"]["step"] == 3
     assert report["parity"]["exported"]["max_abs_logit_diff"] <= 1e-5
     assert report["parity"]["hf"]["max_abs_logit_diff"] <= 1e-5
+    assert report["tokenizer"]["file"] is None and "random token ids" in report["tokenizer"]["note"]
 
     # Keys: exactly our model's state_dict (each tied tensor once, under its leader's name).
     from safetensors.torch import load_file
@@ -102,8 +104,16 @@ def test_export_matches_engine_and_training(exported, name: str) -> None:
     if name == "zero3-ep2-tied":
         assert model.model.layers[3].mlp.experts is model.model.layers[2].mlp.experts
         assert model.model.layers[2].mlp.experts is not model.model.layers[1].mlp.experts
+        # tied run: the tied HF layout by default, smaller on disk and in memory than the copied one
         hf_cfg = json.loads((out / "hf" / "config.json").read_text())
-        assert hf_cfg["model_type"] == "olmoe" and hf_cfg["num_hidden_layers"] == model_cfg.n_layers
+        assert hf_cfg["model_type"] == "tiedmoe_olmoe" and hf_cfg["num_hidden_layers"] == model_cfg.n_layers
+        sizes = report["parity"]["hf"]["sizes"]
+        assert sizes["layout"] == "tied" and sizes["loaded_param_bytes"] == sizes["tied_param_bytes"]
+        assert sizes["tied_param_bytes"] < sizes["copied_param_bytes"] and sizes["file_bytes"] < sizes["copied_param_bytes"]
+        assert "hf/ layout tied:" in proc.stdout
+    else:
+        assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "olmoe"
+        assert report["parity"]["hf"]["sizes"]["layout"] == "copied"
 
 
 # ---- bad input: one line, exit 2, no ranks started ----------------------------------------------------

@@ -11,8 +11,15 @@ the model's own. `OUT` (default `RUN_DIR/export/<TAG>`) then holds:
     model.safetensors  fp32, exactly `MoETransformer.state_dict()` keys: each tied tensor once, under
                        its leader's name (followers' borrowed experts / router / attention have no keys)
     config.json        the ModelConfig and the tie plan; `load_exported(OUT)` rebuilds the model
-    hf/                with --hf: a transformers model directory (tied banks copied into every layer)
+    hf/                with --hf: a transformers model directory. --hf-layout tied (default for tied
+                       runs): each tied bank stored once and held once after
+                       `AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)` (modeling_tiedmoe.py
+                       ships in it); copied (default for untied runs): plain OLMoE / Qwen3-MoE classes with
+                       every tied bank copied into each layer, for tools that refuse custom code
     export.json        where it came from and the parity numbers
+    tokenizer.json     the run's tokenizer (also in hf/) with tokenizer_config.json and
+                       special_tokens_map.json; eos/bos/pad ids also in the HF config.json and
+                       generation_config.json. A run on random tokens has none: export.json says so.
 
 Parity: on a fixed random batch the engine's logits (rank 0), the exported model's (`load_exported`)
 and, with --hf, the reloaded HF model's must agree within --tol (default 1e-5), else the exit code is
@@ -203,8 +210,37 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def check_parity(stage: Path, scratch: Path, precision: str, hf: bool) -> dict[str, Any]:
-    ref = torch.load(scratch / "engine_logits.pt", weights_only=False)
+def token_ids(tokenizer: dict[str, Any]) -> dict[str, int] | None:
+    """eos/bos/pad ids recorded by `write_tokenizer` (None when the export has no tokenizer)."""
+    if tokenizer.get("file") is None:
+        return None
+    return {k: tokenizer[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
+
+
+def hf_sizes(hf_dir: Path, hf_model: torch.nn.Module, model: MoETransformer, layout: str) -> dict[str, Any]:
+    """Bytes on disk and in memory of the written layout, next to the parameter bytes of both layouts."""
+    from models.hf_convert import param_bytes
+
+    loaded = {p.data_ptr(): p.numel() * p.element_size() for p in hf_model.parameters()}
+    both = param_bytes(model)
+    return {"layout": layout, "file_bytes": sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")),
+            "loaded_param_bytes": sum(loaded.values()), "tied_param_bytes": both["tied"],
+            "copied_param_bytes": both["copied"], "tied_vs_copied": round(both["tied"] / both["copied"], 4)}
+
+
+def add_tokenizer(stage: Path, run_tok: Any, max_len: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write the run's tokenizer files into the export and record them in its config.json."""
+    from trainer.export_tokenizer import write_tokenizer
+
+    tokenizer = write_tokenizer(stage, run_tok, max_len)
+    meta = {**json.loads((stage / CONFIG).read_text()), "tokenizer": tokenizer}
+    (stage / CONFIG).write_text(json.dumps(meta, indent=1))
+    return tokenizer, meta
+
+
+def check_parity(stage: Path, scratch: Path, precision: str, hf: bool,
+                 tokenizer: dict[str, Any] | None = None, layout: str = "copied") -> dict[str, Any]:
+    ref = torch.load(scratch / "engine_logits.pt", weights_only=True)
     ids, engine_logits = ref["input_ids"], ref["logits"]
     model = load_exported(stage)
     rows: dict[str, Any] = {}
@@ -218,17 +254,19 @@ def check_parity(stage: Path, scratch: Path, precision: str, hf: bool) -> dict[s
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
-        from models.hf_convert import to_hf_model
+        from models.hf_convert import save_hf
+        from trainer.export_tokenizer import copy_tokenizer_files
 
         hf_logging.disable_progress_bar()
-
-        to_hf_model(model).save_pretrained(str(stage / "hf"))
-        hf_model = AutoModelForCausalLM.from_pretrained(str(stage / "hf"), attn_implementation="eager").eval()
+        save_hf(model, stage / "hf", layout, token_ids(tokenizer or {}))
+        copy_tokenizer_files(stage, stage / "hf")
+        hf_model = AutoModelForCausalLM.from_pretrained(str(stage / "hf"), attn_implementation="eager",
+                                                        trust_remote_code=layout == "tied").eval()
         with torch.no_grad():
             hf_logits = hf_model(input_ids=ids).logits.float()
         rows["hf"] = {"max_abs_logit_diff": _max_diff(hf_logits, engine_logits),
                       "max_abs_diff_vs_exported": _max_diff(hf_logits, model(ids)),
-                      "class": type(hf_model).__name__}
+                      "class": type(hf_model).__name__, "sizes": hf_sizes(stage / "hf", hf_model, model, layout)}
     rows["_meta"] = {"batch_shape": list(ids.shape), "logit_max_abs": engine_logits.abs().max().item()}
     return rows
 
@@ -249,11 +287,20 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None, hf: bool = False,
-               tol: float = 1e-5) -> tuple[bool, dict[str, Any], Path]:
-    """Everything `main` does, minus printing. Returns (parity ok, report, where the export is)."""
+               tol: float = 1e-5, hf_layout: str | None = None) -> tuple[bool, dict[str, Any], Path]:
+    """Everything `main` does, minus printing. Returns (parity ok, report, where the export is).
+
+    `hf_layout`: "tied" or "copied"; None picks tied for tied runs (`models.hf_convert.default_layout`).
+    """
+    from models.hf_convert import default_layout
     from trainer.launch import spawn_cpu_ranks
+    from trainer.export_tokenizer import check_fits, run_tokenizer
 
     src = resolve(run_dir, tag, hf)
+    model_cfg = src.cfg.model_config()
+    run_tok = run_tokenizer(src.cfg)
+    check_fits(run_tok, model_cfg.vocab_size)  # before any rank starts
+    layout = hf_layout or default_layout(model_cfg)
     out = Path(out).resolve() if out else src.run_dir / "export" / src.tag
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -268,11 +315,11 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
                 sys.stderr.write("\n".join(proc.stderr.splitlines()[-40:]) + "\n")
                 raise RuntimeError(f"export ranks failed (exit {proc.returncode}): "
                                    f"{errors[0] if errors else 'see the log above'}")
-            parity = check_parity(stage, Path(scratch), src.cfg.run.precision, hf)
+            tokenizer, meta = add_tokenizer(stage, run_tok, model_cfg.max_seq_len)
+            parity = check_parity(stage, Path(scratch), src.cfg.run.precision, hf, tokenizer, layout)
         limit = BF16_TOL if src.cfg.run.precision == "bf16" else tol
         ok = all(v["max_abs_logit_diff"] <= limit for k, v in parity.items() if not k.startswith("_"))
-        meta = json.loads((stage / CONFIG).read_text())
-        report = {"ok": ok, "tolerance": limit, "source": meta["source"], "parity": parity,
+        report = {"ok": ok, "tolerance": limit, "source": meta["source"], "tokenizer": tokenizer, "parity": parity,
                   "files": sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()) + [REPORT],
                   "seconds": round(time.perf_counter() - start, 2)}
         (stage / REPORT).write_text(json.dumps(report, indent=1))
@@ -294,6 +341,14 @@ def print_report(report: dict[str, Any], dest: Path) -> None:
             continue
         label = {"exported": "exported model (safetensors)", "hf": f"HF {row.get('class', '')}"}.get(name, name)
         print(f"{label:<28} {row['max_abs_logit_diff']:>11.2e}  {report['tolerance']:>9.0e}")
+    sizes = report["parity"].get("hf", {}).get("sizes")
+    if sizes:
+        print(f"hf/ layout {sizes['layout']}: {sizes['file_bytes']:,} file bytes, {sizes['loaded_param_bytes']:,} "
+              f"parameter bytes loaded; parameters tied / copied = {sizes['tied_param_bytes']:,} / "
+              f"{sizes['copied_param_bytes']:,} = {sizes['tied_vs_copied']:.3f}")
+    tok = report.get("tokenizer") or {}
+    print(f"tokenizer: {tok['file']} (eos {tok['eos_token']!r} = id {tok['eos_token_id']}; from {tok['source']})"
+          if tok.get("file") else f"tokenizer: none ({tok.get('note', 'not recorded')})")
     print("PASS" if report["ok"] else
           f"FAIL: logits differ by more than {report['tolerance']:.0e}; export left at {dest}")
 
@@ -305,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", help="checkpoint tag under RUN_DIR/checkpoints (default: the one `latest` names)")
     parser.add_argument("--out", help="output directory (default: RUN_DIR/export/<tag>)")
     parser.add_argument("--hf", action="store_true", help="also write OUT/hf, a Hugging Face transformers model")
+    parser.add_argument("--hf-layout", choices=["tied", "copied"],
+                        help="tied: each tied bank once (needs trust_remote_code; default for tied runs); "
+                             "copied: plain HF classes, banks copied into every layer (default for untied runs)")
     parser.add_argument("--tol", type=float, default=1e-5, help="max |logit diff| allowed (fp32 runs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
@@ -316,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     try:
-        ok, report, dest = run_export(args.run_dir, args.tag, args.out, args.hf, args.tol)
+        if args.hf_layout and not args.hf:
+            raise ValueError("--hf-layout: only with --hf")
+        ok, report, dest = run_export(args.run_dir, args.tag, args.out, args.hf, args.tol, args.hf_layout)
     except ValueError as err:
         print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
         return 2

