@@ -232,3 +232,30 @@ def test_only_passing_tokenizer_aware_exports_are_reused(tmp_path) -> None:
     del meta["tokenizer"]  # written before exports carried tokenizers: export again
     (out / "config.json").write_text(json.dumps(meta))
     assert not _reusable(out)
+
+
+@pytest.mark.distributed
+def test_downstream_subset_in_the_training_loop(tmp_path) -> None:
+    """run.downstream_every: lm-eval on a few documents during training, logged to metrics.jsonl and TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shards = build_fixture_dataset(tmp_path / "shards")
+    proc = _run(["run.sh", f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", "run.steps=2",
+                 f"run.out_dir={tmp_path / 'runs'}", "run.name=loop", "data.seq_len=32", "batch.micro_batch_size=4",
+                 "run.eval_batches=1", "run.downstream_every=2", "run.downstream_tasks=arc_easy",
+                 "run.downstream_limit=3"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "downstream (validation split, 3 docs/task): arc_easy" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "loop" / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["downstream"] for r in rows if "downstream" in r]
+    assert len(scores) == 1 and 0 <= scores[0]["arc_easy"] <= 1 and scores[0]["mean"] == scores[0]["arc_easy"]
+    events = EventAccumulator(str(tmp_path / "runs" / "loop" / "tb"))
+    events.Reload()
+    assert "downstream/arc_easy" in events.Tags()["scalars"]
+
+
+def test_unknown_downstream_task_is_refused_before_ranks_start(tmp_path) -> None:
+    proc = _run(["run.sh", "run.downstream_every=2", "run.downstream_tasks=arc_easy,no_such_task",
+                 f"run.out_dir={tmp_path}"], timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown task 'no_such_task'"), proc.stderr[-2000:]

@@ -96,6 +96,10 @@ class RunSection:
     log_every: int = 10
     eval_every: int = 0  # validation every N steps (0: only at the end)
     eval_batches: int = 4
+    downstream_every: int = 0  # lm-eval downstream subset every N steps (0: off); logged as downstream/<task>
+    downstream_tasks: str = "arc_easy,piqa"  # comma-separated, from trainer/eval_tasks (offline)
+    downstream_limit: int = 20  # documents per task (a quick in-loop signal, not a benchmark)
+    downstream_fewshot: int = 3
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest N kept (0: keep all)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run dir>/checkpoints/latest if present
@@ -310,6 +314,9 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("run.keep_checkpoints", _at_least(0), "a non-negative integer (0: keep all)"),
     ("run.stop_at_step", _at_least(1), "a positive integer or null"),
     ("run.max_consecutive_skips", _at_least(1), "a positive integer"),
+    ("run.downstream_every", _at_least(0), "a non-negative integer (0: off)"),
+    ("run.downstream_limit", _at_least(1), "a positive integer"),
+    ("run.downstream_fewshot", _at_least(0), "a non-negative integer"),
     ("run.peak_flops", lambda v: v > 0, "a positive number (FLOP/s per device) or null"),
 ]
 
@@ -326,6 +333,11 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no world size (those live in `TrainConfig.for_world`)."""
     cfg.model_config()  # raises on bad model fields
     _check_ranges(cfg)
+    if cfg.run.downstream_every and cfg.data.source == "random":
+        raise ValueError(f"run.downstream_every={cfg.run.downstream_every}: needs text data (data.source=shards or "
+                         f"stream); random tokens have no tokenizer to score tasks with")
+    if cfg.run.downstream_every and not [t for t in cfg.run.downstream_tasks.split(",") if t.strip()]:
+        raise ValueError("run.downstream_tasks='': expected at least one task when run.downstream_every > 0")
     if cfg.data.source == "stream":
         for key in ("stream_train", "tokenizer"):
             if not getattr(cfg.data, key):

@@ -45,7 +45,7 @@ def ensure_data(cfg: TrainConfig) -> None:
     """Build the default corpus when it is missing and the config allows it (call on one process)."""
     if cfg.data.source != "shards":
         return
-    path = repo_path(cfg.data.path)
+    path = data_dir(cfg)
     if (path / "manifest.json").is_file():
         return
     if cfg.data.build_if_missing and path.resolve() == Path(DEFAULT_OUT_DIR).resolve():
@@ -53,6 +53,11 @@ def ensure_data(cfg: TrainConfig) -> None:
         return
     raise ValueError(f"data.path={cfg.data.path!r}: no manifest.json in {path}; build it with "
                      f"`python -m data_prep.build --out {cfg.data.path}`")
+
+
+def data_dir(cfg: TrainConfig) -> Path:
+    """The packed-shard directory of `data.path`."""
+    return repo_path(cfg.data.path)
 
 
 def repo_path(value: str) -> Path:
@@ -79,6 +84,6 @@ def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> Bat
             raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r}: vocab {loader.vocab_size} is larger than "
                              f"model.vocab_size={model_vocab}")
         return loader
-    check_vocab(repo_path(cfg.data.path), model_vocab)
-    return TokenWindowLoader(repo_path(cfg.data.path), split, cfg.data.seq_len, cfg.batch.micro_batch_size,
+    check_vocab(data_dir(cfg), model_vocab)
+    return TokenWindowLoader(data_dir(cfg), split, cfg.data.seq_len, cfg.batch.micro_batch_size,
                              rank=rank, world_size=world_size, seed=cfg.run.seed)

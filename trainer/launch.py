@@ -25,6 +25,7 @@ import torch
 
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
+from trainer.evaluate import check_tasks
 
 
 def _free_port() -> int:
@@ -91,6 +92,8 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     ensure_data(cfg)
     # Open the train data once here (vocab check, files, tokenizer): bad data fails before ranks start.
     make_source(cfg, "train", 0, nproc)
+    if cfg.run.downstream_every:
+        check_tasks([t.strip() for t in cfg.run.downstream_tasks.split(",") if t.strip()])
     return run_local_ranks(nproc, [sys.executable, str(REPO_ROOT / "run.sh"), *([config] if config else []),
                                    *overrides], env)
 

@@ -176,6 +176,18 @@ class Progress:
             self._scalar("val/ce", val_ce, step)
             self._scalar("val/ppl", ppl, step)
 
+    def log_downstream(self, step: int, scores: dict[str, float] | None) -> None:
+        if not self.enabled or scores is None:
+            return
+        text = "  ".join(f"{task} {score:.3f}" for task, score in scores.items())
+        print(f"step {step + 1:>6}/{self.s.steps}  downstream (validation split, "
+              f"{self.s.cfg.run.downstream_limit} docs/task): {text}", flush=True)
+        self.metrics.write(dumps({"step": step + 1, "downstream": scores}) + "\n")
+        self.metrics.flush()
+        if self.writer is not None:
+            for task, score in scores.items():
+                self._scalar(f"downstream/{task}", score, step)
+
     def _scalar(self, tag: str, value: float | None, step: int) -> None:
         if value is not None and math.isfinite(value):
             self.writer.add_scalar(tag, value, step + 1)

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from trainer import checkpoint
+from trainer import checkpoint, downstream
 from trainer import engine as eng
 from trainer.config import TrainConfig
 from trainer.data import ensure_data
@@ -46,6 +46,7 @@ def train(cfg: TrainConfig) -> RunResult:
     _record_run_files(s, run_dir)  # only now: a refused resume leaves the run directory untouched
     stop = min(s.steps, cfg.run.stop_at_step or s.steps)
     progress = Progress(run_dir, s, start)
+    tokenizer = downstream.check(s) if cfg.run.downstream_every else None
     result = RunResult(run_dir=run_dir)
     signals = StopSignal()
     skips_in_a_row = 0
@@ -68,6 +69,8 @@ def train(cfg: TrainConfig) -> RunResult:
                 progress.log(step, lr, out, _routing(s, out))
             if _due(step, cfg.run.eval_every) and step + 1 < s.steps:
                 progress.log_eval(step, validation_ce(s))
+            if _due(step, cfg.run.downstream_every):
+                progress.log_downstream(step, downstream.scores(s, tokenizer))
             preempted = signals.stop_requested()
             if _due(step, cfg.run.save_every) or step + 1 == stop or preempted:
                 _check_weights(s, step)

@@ -1,0 +1,53 @@
+"""A small downstream signal during training: lm-eval on a few documents of a few tasks, every N steps.
+
+The model is ZeRO-partitioned and expert-sharded across the ranks, so its weights are gathered into a
+plain `MoETransformer` on rank 0 (tied banks shared, as trained), which `trainer.evaluate` scores with
+lm-evaluation-harness on the offline task data; the other ranks wait. Scores go to the progress line,
+metrics.jsonl and TensorBoard (`downstream/<task>`). A quick trend line, not a benchmark: use
+`python -m trainer.evaluate` on a checkpoint for that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.transformer import build_model
+from trainer import engine as eng
+from trainer.evaluate import LogitsModel, check_tasks, run_tasks
+from trainer.export_tokenizer import run_tokenizer
+from trainer.session import Session
+
+
+def tasks_of(s: Session) -> list[str]:
+    return [t.strip() for t in s.cfg.run.downstream_tasks.split(",") if t.strip()]
+
+
+def check(s: Session) -> Any:
+    """Tasks and tokenizer usable (one-line ValueError otherwise); returns the tokenizer (rank 0)."""
+    check_tasks(tasks_of(s))
+    rt = run_tokenizer(s.cfg)
+    if rt.path is None:
+        raise ValueError(f"run.downstream_every={s.cfg.run.downstream_every}: {rt.note}")
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(rt.path), eos_token=rt.eos_token,
+                                        pad_token=rt.eos_token, bos_token=rt.eos_token)
+    return tokenizer
+
+
+def scores(s: Session, tokenizer: Any) -> dict[str, float] | None:
+    """Per-task primary score (acc_norm or acc) and their mean, on rank 0; None elsewhere. Collective."""
+    state = eng.gather_state_dict(s.engine, master=s.cfg.run.precision == "bf16")
+    result = None
+    if s.rank == 0:
+        model = build_model(s.model_cfg)
+        model.load_state_dict(state)
+        model.eval()
+        max_len = min(s.cfg.data.seq_len, s.model_cfg.max_seq_len)
+        run = s.cfg.run
+        per_task = run_tasks(LogitsModel(model, max_len), tokenizer, tasks_of(s), run.downstream_fewshot,
+                             run.downstream_limit, batch_size=8, max_len=max_len)
+        result = {task: row["score"] for task, row in per_task.items()}
+        result["mean"] = sum(result.values()) / len(per_task)
+    eng.barrier()
+    return result
