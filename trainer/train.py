@@ -15,10 +15,10 @@ from trainer.config import TrainConfig
 from trainer.data import ensure_data
 from trainer.memory import write_run_report
 from trainer.metrics import Progress, dumps
-from trainer.routing_stats import routing_stats
-from trainer.schedule import lr_at
 from trainer.preemption import StopSignal
 from trainer.reshard import resume_layout_free
+from trainer.routing_stats import routing_stats
+from trainer.schedule import lr_at
 from trainer.session import Session, StepResult, describe, nonfinite_layers, open_session, train_step, validation_ce
 
 
