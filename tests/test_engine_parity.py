@@ -24,7 +24,8 @@ def report(tmp_path_factory) -> dict:
 
 CELLS = [f"zero{z}-ep{e}-{t}" for z in range(4) for e in (1, 2) for t in ("tied", "untied")] + [
     "zero3-ep2-tied-router", "zero3-ep2-tied-attention", "zero3-ep2-tied-widen2", "zero3-ep2-tied-actckpt",
-    "zero3-ep2-tied-g3-deepseek"]
+    "zero3-ep2-tied-g3-deepseek"] + [f"zero0-ep{e}-{t}-muon" for e in (1, 2) for t in ("tied", "untied")] + [
+    "zero0-ep2-tied-g3-deepseek-muon"]
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -37,6 +38,11 @@ def test_losses_match_reference(report: dict, cell: str) -> None:
 def test_control_is_far_from_tolerance(report: dict) -> None:
     """A trainer that silently untied the experts after init would fail the cells above."""
     assert report["control_untied_copy_loss_diff"] > 3e-5
+
+
+def test_muon_control_flattened_bank_is_far_from_tolerance(report: dict) -> None:
+    """Muon orthogonalising each expert bank as one flattened matrix would fail the muon cells above."""
+    assert report["control_muon_flat_bank_loss_diff"] > 3e-5
 
 
 def test_tied_bank_gradient_is_sum_over_layers(report: dict) -> None:

@@ -56,13 +56,14 @@ class ReferenceRun:
 
 
 def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
-                  untie_after_init: bool = False) -> ReferenceRun:
-    """`untie_after_init`: start from the tied weights but train every layer separately (the control)."""
+                  untie_after_init: bool = False, flat_banks: bool = False) -> ReferenceRun:
+    """`untie_after_init`: start from the tied weights but train every layer separately (the control).
+    `flat_banks`: Muon orthogonalises each expert bank as one flattened matrix (the Muon control)."""
     model_cfg = cfg.model_config()
     model = build_model(model_cfg, seed=cfg.run.seed)
     if untie_after_init:
         model = untied_copy(model)
-    optimizer = build_optimizer(param_groups(model, cfg.optim, model.config), cfg.optim)
+    optimizer = build_optimizer(param_groups(model, cfg.optim, model.config), cfg.optim, per_expert=not flat_banks)
     sources = [make_source(cfg, "train", r, world_size) for r in range(world_size)]
     tap = RouterTap(model)
     schedule_steps = cfg.total_steps(world_size)
