@@ -31,7 +31,10 @@ class ModelConfig:
     max_seq_len: int = 4096
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
-    init_std: float = 0.02
+    init_std: float = 0.02  # init="normal": every matrix ~ N(0, init_std)
+    # "paper": depth-scaled Xavier (epfml/looped-moe): xavier_uniform with gain 1/sqrt(3 n_layers) on every
+    # matrix and on each expert of a bank on its own; norms stay 1
+    init: Literal["normal", "paper"] = "normal"
     # --- MoE ---
     n_experts: int = 64  # routed experts per MoE layer (before widening)
     top_k: int = 8
@@ -106,6 +109,8 @@ def validate(cfg: ModelConfig) -> None:
         _fail("n_heads", cfg.n_heads, "a head count giving an even head_dim (RoPE rotates pairs)")
     if cfg.n_kv_heads is not None and (cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads):
         _fail("n_kv_heads", cfg.n_kv_heads, f"a positive divisor of n_heads={cfg.n_heads}")
+    if cfg.init not in ("normal", "paper"):
+        _fail("init", cfg.init, "one of 'normal', 'paper'")
     if cfg.qk_norm not in ("none", "full", "per_head"):
         _fail("qk_norm", cfg.qk_norm, "one of 'none', 'full', 'per_head'")
     if cfg.clip_qkv is not None and cfg.clip_qkv <= 0:
