@@ -426,3 +426,11 @@ def test_run_sh_is_valid_bash_and_valid_python():
     run_sh = REPO_ROOT / "run.sh"
     assert subprocess.run(["bash", "-n", str(run_sh)], capture_output=True).returncode == 0
     ast.parse(run_sh.read_text())
+
+
+def test_expert_parallel_size_must_divide_every_layers_expert_count():
+    """Narrowed (and widened) layers have their own expert counts; each must split over the EP ranks."""
+    with pytest.raises(ValueError, match=r"parallel.expert_parallel_size=2: expected a divisor of the expert count 3"):
+        load_config(None, ["data.source=random", "model.n_experts=12", "model.narrow_factor=4", "model.tie_group_size=1"])
+    load_config(None, ["data.source=random", "model.n_experts=12", "model.narrow_factor=4", "model.tie_group_size=1",
+                       "parallel.expert_parallel_size=1"])

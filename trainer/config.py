@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from models.config import UNTIED_FIELDS, ModelConfig, from_preset
+from models.config import UNTIED_FIELDS, ModelConfig, from_preset, layer_plan
 from models.overrides import merge, nest, parse_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -305,7 +305,7 @@ def validate(cfg: TrainConfig) -> None:
     model = cfg.model_config()
     if cfg.data.seq_len > model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len}: expected at most model.max_seq_len={model.max_seq_len}")
-    for n_exp in {model.n_experts, model.n_experts * model.widen_factor}:
+    for n_exp in sorted({p.n_experts for p in layer_plan(model) if p.ffn == "moe"}):
         if n_exp % cfg.parallel.expert_parallel_size:
             raise ValueError(f"parallel.expert_parallel_size={cfg.parallel.expert_parallel_size}: expected a divisor "
                              f"of the expert count {n_exp}")
