@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("parity") / "report.json"
     proc = subprocess.run([sys.executable, "-m", "trainer.parity", "--cells", "all", "--steps", "8", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
