@@ -99,3 +99,21 @@ def test_resuming_another_models_checkpoint_is_refused(tmp_path: Path) -> None:
     checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(saved))
     with pytest.raises(ValueError, match=r"model.tie_group_size=2, this run has 1"):
         checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(other))
+
+
+def test_checkpoint_from_before_a_model_field_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    """Runs saved before `model.init` / `model.narrow_factor` existed had their default behaviour."""
+    import torch
+
+    from trainer.config import load_config
+
+    cfg = load_config(None, ["data.source=random"])
+    old = checkpoint.identity(cfg)
+    for field in ("init", "narrow_factor"):
+        del old["model"][field]
+    (tmp_path / "step00000002").mkdir()
+    torch.save({"identity": old}, tmp_path / "step00000002" / "trainer_state_rank0.pt")
+    checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(cfg))
+    paper = load_config(None, ["data.source=random", "model.init=paper"])
+    with pytest.raises(ValueError, match=r"model.init='normal', this run has 'paper'"):
+        checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(paper))

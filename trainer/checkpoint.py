@@ -8,6 +8,7 @@ rank has finished writing, so a crash mid-save leaves the previous checkpoint as
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from models.config import ModelConfig
 
 LATEST = "latest"
 
@@ -88,6 +91,16 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
+def _saved_value(saved: dict[str, Any], section: str, key: str) -> Any:
+    """A model field added after the checkpoint was written (e.g. `init`, `narrow_factor`) is absent from
+    it; that run had the field's default behaviour, so the default is what it was written with."""
+    values = saved.get(section, {})
+    if section == "model" and key not in values:
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        return defaults.get(key)
+    return values.get(key)
+
+
 def check_identity(ckpt_dir: Path, tag: str, ident: dict[str, Any]) -> None:
     """Refuse, in one line, to resume a checkpoint written for another model or layout (before DeepSpeed
     would fail deep inside its loader)."""
@@ -97,10 +110,10 @@ def check_identity(ckpt_dir: Path, tag: str, ident: dict[str, Any]) -> None:
     saved = torch.load(path, weights_only=False).get("identity") or {}
     for section in ("model", "data"):
         for key, value in ident[section].items():
-            if saved.get(section, {}).get(key) != value:
-                raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {section}.{key}="
-                                 f"{saved.get(section, {}).get(key)!r}, this run has {value!r}; use another "
-                                 f"run.name or run.resume=never")
+            was = _saved_value(saved, section, key)
+            if was != value:
+                raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {section}.{key}={was!r}, this run "
+                                 f"has {value!r}; use another run.name or run.resume=never")
     if saved.get("expert_parallel_size") != ident["expert_parallel_size"]:
         raise ValueError(f"checkpoint {ckpt_dir / tag}: written with parallel.expert_parallel_size="
                          f"{saved.get('expert_parallel_size')}, this run has {ident['expert_parallel_size']}")
