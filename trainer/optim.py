@@ -157,7 +157,7 @@ def orthogonalize(g_ERC: torch.Tensor, steps: int, per_expert: bool = True) -> t
     Leading dimensions are a batch: each expert of a bank is normalised and iterated on its own, so
     one expert's large gradient cannot shrink another's update. `per_expert=False` treats a 3-D bank
     as one [E*R, C] matrix: the wrong way, kept as the negative control of the parity check.
-    Like torch.optim.Muon the result has singular values near, not at, 1 (about 0.7-1.2); fp32
+    Like torch.optim.Muon the result has singular values near, not at, 1 (roughly 0.5-1.5); fp32
     instead of torch's bf16 so the engine and the reference agree to rounding.
     """
     shape = g_ERC.shape
