@@ -38,6 +38,8 @@ SCALES: dict[str, list[str]] = {
     "gpu": ["trainer/configs/olmoe.yaml", "model.d_model=1024", "model.n_layers=16", "model.expert_ffn_dim=512",
             "run.steps=5000", "run.eval_every=500", "run.eval_batches=64", "run.save_every=1000"],
 }
+# The paper's optimizer: Muon (lr 2e-2, AdamW at 0.1x for the rest); it needs ZeRO-0 (see trainer/optim.py).
+MUON = ["optim.name=muon", "optim.lr=2e-2", "parallel.ds_config=ds_configs/zero0.json"]
 # The paper's ablations, each as overrides on top of the scale (AdamW unless the name says Muon).
 VARIANTS: dict[str, list[str]] = {
     "untied": ["model.tie_group_size=1"],
@@ -47,14 +49,16 @@ VARIANTS: dict[str, list[str]] = {
     "g=2 tied attention": ["model.tie_group_size=2", "model.tie_attention=true"],
     "g=2 widened x2": ["model.tie_group_size=2", "model.widen_factor=2"],
     "g=2 lr divisor none": ["model.tie_group_size=2", "optim.tied_lr_scale=none"],
-    "untied Muon": ["model.tie_group_size=1", "optim.name=muon"],
-    "g=2 Muon": ["model.tie_group_size=2", "optim.name=muon"],
+    "narrow (equal params to g=2)": ["model.tie_group_size=1", "model.narrow_factor=2"],
+    "untied Muon": ["model.tie_group_size=1"] + MUON,
+    "g=2 Muon": ["model.tie_group_size=2"] + MUON,
 }
 RESULTS = REPO / "benchmarks" / "results"
 
 
 def run_name(variant: str, seed: int) -> str:
-    return "repro-" + variant.replace(" ", "-").replace("=", "").replace("x2", "2") + f"-s{seed}"
+    name = "".join(c for c in variant.replace(" ", "-") if c.isalnum() or c == "-")
+    return f"repro-{name}-s{seed}"
 
 
 def overrides_for(scale: str, variant: str, seed: int, steps: int | None) -> tuple[str | None, list[str]]:

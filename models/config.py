@@ -31,7 +31,10 @@ class ModelConfig:
     max_seq_len: int = 4096
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
-    init_std: float = 0.02
+    init_std: float = 0.02  # init="normal": every matrix ~ N(0, init_std)
+    # "paper": depth-scaled Xavier (epfml/looped-moe): xavier_uniform with gain 1/sqrt(3 n_layers) on every
+    # matrix and on each expert of a bank on its own; norms stay 1
+    init: Literal["normal", "paper"] = "normal"
     # --- MoE ---
     n_experts: int = 64  # routed experts per MoE layer (before widening)
     top_k: int = 8
@@ -49,6 +52,9 @@ class ModelConfig:
     tie_router: bool = False  # ablation: followers also use the leader's router
     tie_attention: bool = False  # ablation: followers also use the leader's attention
     widen_factor: int = 1  # heterogeneous widening: tied layers get widen_factor x n_experts experts
+    # equal-parameter untied baseline: the MoE layers a tied model would tie (between untied_first and
+    # untied_last) get n_experts / narrow_factor experts each (paper: narrow_factor = g); needs tie_group_size 1
+    narrow_factor: int = 1
 
     def __post_init__(self) -> None:
         validate(self)
@@ -88,7 +94,7 @@ def _fail(name: str, value: Any, expected: str) -> None:
 def validate(cfg: ModelConfig) -> None:
     """Raise ValueError naming the field for any inconsistent setting."""
     positive = ["vocab_size", "d_model", "n_layers", "n_heads", "n_experts", "top_k", "expert_ffn_dim",
-                "tie_group_size", "widen_factor", "max_seq_len"]
+                "tie_group_size", "widen_factor", "narrow_factor", "max_seq_len"]
     for name in positive:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -106,6 +112,8 @@ def validate(cfg: ModelConfig) -> None:
         _fail("n_heads", cfg.n_heads, "a head count giving an even head_dim (RoPE rotates pairs)")
     if cfg.n_kv_heads is not None and (cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads):
         _fail("n_kv_heads", cfg.n_kv_heads, f"a positive divisor of n_heads={cfg.n_heads}")
+    if cfg.init not in ("normal", "paper"):
+        _fail("init", cfg.init, "one of 'normal', 'paper'")
     if cfg.qk_norm not in ("none", "full", "per_head"):
         _fail("qk_norm", cfg.qk_norm, "one of 'none', 'full', 'per_head'")
     if cfg.clip_qkv is not None and cfg.clip_qkv <= 0:
@@ -125,10 +133,31 @@ def validate(cfg: ModelConfig) -> None:
     if cfg.first_k_dense and not cfg.dense_ffn_dim:
         _fail("dense_ffn_dim", cfg.dense_ffn_dim, "> 0 when first_k_dense > 0")
     tie_groups(cfg)  # validates grouping fields
+    if cfg.narrow_factor > 1:
+        _validate_narrow(cfg)
+
+
+def _validate_narrow(cfg: ModelConfig) -> None:
+    """The narrow baseline is untied by definition and needs a whole number of experts, at least top_k."""
+    if cfg.tie_group_size > 1 or cfg.tie_groups is not None:
+        _fail("narrow_factor", cfg.narrow_factor, "1 when layers are tied (the narrow baseline is untied; "
+              "set tie_group_size=1 and tie_groups=null)")
+    if cfg.n_experts % cfg.narrow_factor or cfg.n_experts // cfg.narrow_factor < cfg.top_k:
+        _fail("narrow_factor", cfg.narrow_factor, f"a divisor of n_experts={cfg.n_experts} leaving at least "
+              f"top_k={cfg.top_k} experts")
+    if cfg.untied_first + cfg.untied_last > len(moe_layers(cfg)):
+        _fail("untied_first", cfg.untied_first, f"untied_first + untied_last <= {len(moe_layers(cfg))} MoE layers "
+              f"(untied_last={cfg.untied_last})")
 
 
 def moe_layers(cfg: ModelConfig) -> list[int]:
     return list(range(cfg.first_k_dense, cfg.n_layers))
+
+
+def middle_layers(cfg: ModelConfig) -> list[int]:
+    """MoE layers between the `untied_first` and `untied_last` ones: where tying (or narrowing) happens."""
+    moe = moe_layers(cfg)
+    return moe[cfg.untied_first:len(moe) - cfg.untied_last]
 
 
 def tie_groups(cfg: ModelConfig) -> list[list[int]]:
@@ -156,7 +185,7 @@ def tie_groups(cfg: ModelConfig) -> list[list[int]]:
         _fail("untied_first", cfg.untied_first,
               f"untied_first + untied_last <= {len(moe)} MoE layers (untied_last={cfg.untied_last})")
     head = moe[:cfg.untied_first]
-    middle = moe[cfg.untied_first:len(moe) - cfg.untied_last]
+    middle = middle_layers(cfg)
     tail = moe[len(moe) - cfg.untied_last:]
     groups = [[i] for i in head]
     groups += [middle[s:s + cfg.tie_group_size] for s in range(0, len(middle), cfg.tie_group_size)]
@@ -165,16 +194,18 @@ def tie_groups(cfg: ModelConfig) -> list[list[int]]:
 
 
 def layer_plan(cfg: ModelConfig) -> list[LayerPlan]:
-    """Per-layer ownership of expert bank, router and attention; the single place tying is decided."""
+    """Per-layer ownership of expert bank, router and attention, and expert counts (widening, narrowing);
+    the single place tying is decided."""
     owner = {i: g[0] for g in tie_groups(cfg) for i in g}
     tied = {i for g in tie_groups(cfg) if len(g) > 1 for i in g}
+    narrow = set(middle_layers(cfg)) if cfg.narrow_factor > 1 else set()
     plan = []
     for i in range(cfg.n_layers):
         if i < cfg.first_k_dense:
             plan.append(LayerPlan(i, "dense", None, 0, None, i))
             continue
         lead = owner[i]
-        n_exp = cfg.n_experts * (cfg.widen_factor if i in tied else 1)
+        n_exp = cfg.n_experts * (cfg.widen_factor if i in tied else 1) // (cfg.narrow_factor if i in narrow else 1)
         plan.append(LayerPlan(
             index=i, ffn="moe", expert_owner=lead, n_experts=n_exp,
             router_owner=lead if cfg.tie_router else i,

@@ -52,6 +52,8 @@ def to_hf_config(cfg: ModelConfig, token_ids: dict[str, int] | None = None, tied
         _unsupported("n_shared_experts", cfg.n_shared_experts, "OLMoE and Qwen3-MoE have no always-on experts")
     if cfg.widen_factor > 1 and any(len(g) > 1 for g in tie_groups(cfg)):
         _unsupported("widen_factor", cfg.widen_factor, "HF uses one expert count in every layer")
+    if cfg.narrow_factor > 1:
+        _unsupported("narrow_factor", cfg.narrow_factor, "HF uses one expert count in every layer")
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, hidden_act="silu",

@@ -9,6 +9,8 @@ Shape legend: B batch, S sequence, D d_model, H query heads, G kv heads, Dh head
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,6 +131,9 @@ class MoETransformer(nn.Module):
         apply_tying(self)
 
     def reset_parameters(self) -> None:
+        if self.config.init == "paper":
+            depth_scaled_xavier(self, self.config.n_layers)
+            return
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -150,6 +155,24 @@ class MoETransformer(nn.Module):
             else:
                 x_BSD = layer(x_BSD, cos, sin)
         return self.lm_head(self.model.norm(x_BSD))
+
+
+def depth_scaled_xavier(model: nn.Module, n_layers: int) -> None:
+    """The paper's init: xavier_uniform with gain 1/sqrt(3 n_layers) on every matrix (embeddings, head and
+    routers included), each expert [out, in] of a bank on its own so fan-in/out are one expert's; norms 1.
+
+    Why depth-scaled: the residual stream sums 2 n_layers branch outputs, so smaller weights in deeper
+    models keep its variance from growing with depth (as in epfml/looped-moe `moe_train.py`).
+    """
+    gain = 1.0 / math.sqrt(3 * n_layers)
+    for param in model.parameters():  # each tied tensor once
+        if param.ndim == 2:
+            nn.init.xavier_uniform_(param, gain=gain)
+        elif param.ndim == 3:
+            for expert in param.data:
+                nn.init.xavier_uniform_(expert, gain=gain)
+        else:
+            nn.init.ones_(param)
 
 
 def apply_tying(model: MoETransformer) -> None:

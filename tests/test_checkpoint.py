@@ -26,13 +26,35 @@ def resumed(tmp_path_factory) -> tuple[dict, Path]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("cell", ["zero3-ep2", "zero2-ep1"])
+@pytest.mark.parametrize("cell", ["zero3-ep2", "zero2-ep1", "zero0-ep2-muon"])
 def test_resume_is_bit_identical(resumed, cell: str) -> None:
     r = resumed[0][cell]
     assert len(r["first"]) == 3 and len(r["second"]) == 3
     assert r["first"] + r["second"] == r["straight"]  # exact, not approximate
     assert r["val_split"] == r["val_straight"]
     assert r["again"] == []  # a finished run resumes to nothing
+
+
+@pytest.mark.distributed
+def test_muon_momentum_is_in_the_checkpoint(resumed) -> None:
+    """Resuming without the momentum buffers would not be bit-identical; check they are saved at all."""
+    import torch
+
+    ckpt = resumed[1] / "zero0-ep2-muon-split" / "checkpoints" / "step00000006"
+    states = [torch.load(f, map_location="cpu", weights_only=False) for f in ckpt.rglob("*optim_states.pt")]
+    buffers = [s for st in states for s in _optimizer_states(st) if "momentum_buffer" in s]
+    assert buffers and all(torch.count_nonzero(s["momentum_buffer"]) > 0 for s in buffers)
+
+
+def _optimizer_states(saved: dict) -> list[dict]:
+    """Per-parameter state dicts wherever DeepSpeed nests the client optimizer's state_dict."""
+    found = []
+    for value in saved.values() if isinstance(saved, dict) else []:
+        if isinstance(value, dict) and "state" in value and "param_groups" in value:
+            found += list(value["state"].values())
+        elif isinstance(value, dict):
+            found += _optimizer_states(value)
+    return found
 
 
 @pytest.mark.distributed
@@ -77,3 +99,21 @@ def test_resuming_another_models_checkpoint_is_refused(tmp_path: Path) -> None:
     checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(saved))
     with pytest.raises(ValueError, match=r"model.tie_group_size=2, this run has 1"):
         checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(other))
+
+
+def test_checkpoint_from_before_a_model_field_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    """Runs saved before `model.init` / `model.narrow_factor` existed had their default behaviour."""
+    import torch
+
+    from trainer.config import load_config
+
+    cfg = load_config(None, ["data.source=random"])
+    old = checkpoint.identity(cfg)
+    for field in ("init", "narrow_factor"):
+        del old["model"][field]
+    (tmp_path / "step00000002").mkdir()
+    torch.save({"identity": old}, tmp_path / "step00000002" / "trainer_state_rank0.pt")
+    checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(cfg))
+    paper = load_config(None, ["data.source=random", "model.init=paper"])
+    with pytest.raises(ValueError, match=r"model.init='normal', this run has 'paper'"):
+        checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(paper))

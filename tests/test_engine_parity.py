@@ -17,14 +17,15 @@ pytestmark = pytest.mark.distributed
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("parity") / "report.json"
     proc = subprocess.run([sys.executable, "-m", "trainer.parity", "--cells", "all", "--steps", "8", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
 
 CELLS = [f"zero{z}-ep{e}-{t}" for z in range(4) for e in (1, 2) for t in ("tied", "untied")] + [
     "zero3-ep2-tied-router", "zero3-ep2-tied-attention", "zero3-ep2-tied-widen2", "zero3-ep2-tied-actckpt",
-    "zero3-ep2-tied-g3-deepseek"]
+    "zero3-ep2-tied-g3-deepseek"] + [f"zero0-ep{e}-{t}-muon" for e in (1, 2) for t in ("tied", "untied")] + [
+    "zero0-ep2-tied-g3-deepseek-muon"]
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -38,6 +39,11 @@ def test_losses_match_reference(report: dict, cell: str) -> None:
 def test_control_is_far_from_tolerance(report: dict) -> None:
     """A trainer that silently untied the experts after init would fail the cells above."""
     assert report["control_untied_copy_loss_diff"] > 3e-5
+
+
+def test_muon_control_flattened_bank_is_far_from_tolerance(report: dict) -> None:
+    """Muon orthogonalising each expert bank as one flattened matrix would fail the muon cells above."""
+    assert report["control_muon_flat_bank_loss_diff"] > 3e-5
 
 
 def test_tied_bank_gradient_is_sum_over_layers(report: dict) -> None:

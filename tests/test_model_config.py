@@ -180,3 +180,42 @@ def test_summary_refuses_a_layout_that_cannot_exist(args: list[str], says: str |
     assert result.returncode == 2 and result.stdout == "", result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(says), result.stderr
+
+
+# --- narrow equal-parameter baseline --------------------------------------------------------------
+
+def test_narrow_baseline_plan_gives_middle_layers_n_experts_over_factor() -> None:
+    from models.config import layer_plan
+
+    cfg = from_preset("olmoe_tiny", narrow_factor=2)  # 8 MoE layers, 2 + 2 at the ends stay full
+    assert [p.n_experts for p in layer_plan(cfg)] == [8, 8, 4, 4, 4, 4, 8, 8]
+    assert not any(p.is_tied_follower for p in layer_plan(cfg))
+    model = build_model(cfg)
+    assert [layer.mlp.experts.gate_up_proj.shape[0] for layer in model.model.layers] == [8, 8, 4, 4, 4, 4, 8, 8]
+    assert account(cfg).unique_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("g", [2, 4])
+def test_narrow_baseline_has_the_expert_parameters_of_the_tied_model(g: int) -> None:
+    """Same unique expert parameters as tying g layers per bank; only the routers are smaller."""
+    cfg_tied = from_preset("olmoe_tiny", n_layers=12, tie_group_size=g)
+    cfg_narrow = from_preset("olmoe_tiny", n_layers=12, narrow_factor=g)
+
+    def expert_params(cfg) -> int:
+        return sum(p.numel() for n, p in build_model(cfg).named_parameters() if ".experts." in n)
+
+    assert expert_params(cfg_tied) == expert_params(cfg_narrow)
+    router_rows_saved = 8 * (8 - 8 // g)  # 8 middle layers, each router E -> E/g rows
+    assert account(cfg_tied).unique_params - account(cfg_narrow).unique_params == router_rows_saved * 64
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(narrow_factor=2, tie_group_size=2), "narrow_factor=2: expected 1 when layers are tied"),
+    (dict(narrow_factor=3), "narrow_factor=3: expected a divisor of n_experts=8"),
+    (dict(narrow_factor=8), "narrow_factor=8: expected a divisor of n_experts=8 leaving at least top_k=2"),
+    (dict(narrow_factor=2, untied_first=5, untied_last=4), "untied_first=5"),
+    (dict(narrow_factor=0), "narrow_factor=0: expected a positive integer"),
+])
+def test_narrow_baseline_validation(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        from_preset("olmoe_tiny", **overrides)

@@ -499,3 +499,29 @@ def test_run_sh_is_valid_bash_and_valid_python():
     run_sh = REPO_ROOT / "run.sh"
     assert subprocess.run(["bash", "-n", str(run_sh)], capture_output=True).returncode == 0
     ast.parse(run_sh.read_text())
+
+
+def test_expert_parallel_size_must_divide_every_layers_expert_count():
+    """Narrowed (and widened) layers have their own expert counts; each must split over the EP ranks."""
+    with pytest.raises(ValueError, match=r"parallel.expert_parallel_size=2: expected a divisor of the expert count 3"):
+        load_config(None, ["data.source=random", "model.n_experts=12", "model.narrow_factor=4", "model.tie_group_size=1"])
+    load_config(None, ["data.source=random", "model.n_experts=12", "model.narrow_factor=4", "model.tie_group_size=1",
+                       "parallel.expert_parallel_size=1"])
+
+
+def test_paper_recipe_configs():
+    """tiny_paper: the paper's Muon recipe and init with g=2; tiny_paper_narrow: its equal-parameter untied twin."""
+    from models.config import layer_plan
+
+    tied, narrow = load_config(CONFIG_DIR / "tiny_paper.yaml"), load_config(CONFIG_DIR / "tiny_paper_narrow.yaml")
+    for cfg in (tied, narrow):
+        o = cfg.optim
+        assert (o.name, o.lr, o.betas, o.grad_clip, o.tied_lr_scale) == ("muon", 2e-2, (0.9, 0.95), 1.0, "inv_sqrt_g")
+        assert (o.muon_momentum, o.muon_nesterov, o.muon_weight_decay, o.muon_ns_steps) == (0.95, True, 0.1, 5)
+        assert (o.adam_lr_ratio, o.adam_weight_decay) == (0.1, 0.01)
+        assert (cfg.schedule.kind, cfg.schedule.min_lr_ratio) == ("cosine", 0.1)
+        assert (cfg.loss.load_balance_coef, cfg.loss.z_loss_coef) == (0.01, 1e-4)
+        assert cfg.model_config().init == "paper" and cfg.parallel.ds_config.endswith("zero0.json")
+        cfg.for_world(2)
+    assert tied.model_config().tie_group_size == 2
+    assert [p.n_experts for p in layer_plan(narrow.model_config())] == [8, 8, 4, 4, 4, 4, 8, 8]

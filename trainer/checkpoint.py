@@ -20,6 +20,7 @@ Trainer states hold only tensors and plain types (RNG states included) and are r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from models.config import ModelConfig
 from trainer.config import zero_stage
 
 LATEST = "latest"
@@ -319,16 +321,26 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
+def _saved_value(saved: dict[str, Any], section: str, key: str) -> Any:
+    """A model field added after the checkpoint was written (e.g. `init`, `narrow_factor`) is absent from
+    it; that run had the field's default behaviour, so the default is what it was written with."""
+    values = saved.get(section, {})
+    if section == "model" and key not in values:
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        return defaults.get(key)
+    return values.get(key)
+
+
 def check_identity(ckpt_dir: Path, tag: str, ident: dict[str, Any]) -> None:
     """Refuse, in one line, to resume a checkpoint written for another model or layout (before DeepSpeed
     would fail deep inside its loader)."""
     saved = read_trainer_state(ckpt_dir / tag / "trainer_state_rank0.pt").get("identity") or {}
     for section in ("model", "data"):
         for key, value in ident[section].items():
-            if saved.get(section, {}).get(key) != value:
-                raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {section}.{key}="
-                                 f"{saved.get(section, {}).get(key)!r}, this run has {value!r}; use another "
-                                 f"run.name or run.resume=never")
+            was = _saved_value(saved, section, key)
+            if was != value:
+                raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {section}.{key}={was!r}, this run "
+                                 f"has {value!r}; use another run.name or run.resume=never")
     for key, field in (("expert_parallel_size", "parallel.expert_parallel_size"), ("zero_stage", "the ZeRO stage")):
         if key in saved and saved[key] != ident[key]:
             raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {field}={saved[key]}, this run has "

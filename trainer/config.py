@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from models.config import UNTIED_FIELDS, ModelConfig, from_preset
+from models.config import UNTIED_FIELDS, ModelConfig, from_preset, layer_plan
 from models.overrides import merge, nest, parse_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,14 +47,23 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 3e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # not applied to norms and biases
+    # muon: the paper's split (trainer/optim.py), Muon on hidden matrices and per expert, AdamW for the rest;
+    # ZeRO stage 0 and fp32 only (ZeRO 1-3 and DeepSpeed's bf16 optimizer pass flat partitions)
+    name: Literal["adamw", "sgd", "muon"] = "adamw"
+    lr: float = 3e-3  # muon: the Muon lr (paper 2e-2); its AdamW half runs at lr x adam_lr_ratio
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw, and muon's AdamW half
+    eps: float = 1e-8  # adamw, and muon's AdamW half
+    weight_decay: float = 0.1  # adamw / sgd; not applied to norms and biases
     momentum: float = 0.0  # sgd only
     grad_clip: float = 1.0  # 0 disables; each tied tensor counts once in the norm
-    tied_lr_scale: Literal["inv_sqrt_g", "none"] | float = "inv_sqrt_g"  # paper: lr / sqrt(g) for tied banks
+    # LR multiplier of a bank shared by g layers, for every optimizer and group: 1/sqrt(g) (paper), 1/g, 1, or a number
+    tied_lr_scale: Literal["inv_sqrt_g", "inv_g", "none"] | float = "inv_sqrt_g"
+    muon_momentum: float = 0.95  # muon: momentum of the Muon half
+    muon_nesterov: bool = True  # muon: Nesterov blend of gradient and momentum
+    muon_weight_decay: float = 0.1  # muon: decoupled decay of hidden matrices and expert banks
+    muon_ns_steps: int = 5  # muon: Newton-Schulz iterations per orthogonalisation
+    adam_lr_ratio: float = 0.1  # muon: embeddings, LM head, routers and 1-D tensors at lr x this (AdamW)
+    adam_weight_decay: float = 0.01  # muon: decoupled decay of the AdamW half (every tensor in it, as the paper)
 
 
 @dataclass
@@ -294,7 +303,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.weight_decay", _at_least(0), "a non-negative number"),
     ("optim.momentum", _in_unit_interval, "a number in [0, 1)"),
     ("optim.grad_clip", _at_least(0), "a non-negative number (0 disables)"),
-    ("optim.tied_lr_scale", lambda v: isinstance(v, str) or v > 0, "'inv_sqrt_g', 'none' or a number > 0"),
+    ("optim.tied_lr_scale", lambda v: isinstance(v, str) or v > 0, "'inv_sqrt_g', 'inv_g', 'none' or a number > 0"),
     ("schedule.warmup_steps", _at_least(0), "a non-negative integer"),
     ("schedule.min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("schedule.decay_fraction", lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -342,10 +351,11 @@ def validate(cfg: TrainConfig) -> None:
         for key in ("stream_train", "tokenizer"):
             if not getattr(cfg.data, key):
                 raise ValueError(f"data.{key}: required when data.source=stream")
+    _validate_muon(cfg)
     model = cfg.model_config()
     if cfg.data.seq_len > model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len}: expected at most model.max_seq_len={model.max_seq_len}")
-    for n_exp in {model.n_experts, model.n_experts * model.widen_factor}:
+    for n_exp in sorted({p.n_experts for p in layer_plan(model) if p.ffn == "moe"}):
         if n_exp % cfg.parallel.expert_parallel_size:
             raise ValueError(f"parallel.expert_parallel_size={cfg.parallel.expert_parallel_size}: expected a divisor "
                              f"of the expert count {n_exp}")
@@ -354,6 +364,31 @@ def validate(cfg: TrainConfig) -> None:
 
 def zero_stage(cfg: TrainConfig) -> int:
     return load_engine_settings(cfg).get("zero_optimization", {}).get("stage", 0)
+
+
+def _validate_muon(cfg: TrainConfig) -> None:
+    """Muon orthogonalises whole matrices (each expert's); DeepSpeed ZeRO 1-3 and its bf16 optimizer hand
+    a client optimizer flat partitions of many tensors instead, so those are refused up front."""
+    optim = cfg.optim
+    if optim.name != "muon":
+        return
+    checks = [
+        ("optim.muon_momentum", 0 <= optim.muon_momentum < 1, "a number in [0, 1)"),
+        ("optim.muon_weight_decay", optim.muon_weight_decay >= 0, "a non-negative number"),
+        ("optim.muon_ns_steps", 1 <= optim.muon_ns_steps < 100, "an integer in [1, 99]"),
+        ("optim.adam_lr_ratio", optim.adam_lr_ratio > 0, "a positive number"),
+        ("optim.adam_weight_decay", optim.adam_weight_decay >= 0, "a non-negative number"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{key}={getattr(optim, key.split('.')[1])!r}: expected {expected}")
+    stage = zero_stage(cfg)
+    if stage != 0:
+        raise ValueError(f"optim.name='muon': needs ZeRO stage 0, parallel.ds_config={cfg.parallel.ds_config!r} has "
+                         f"stage {stage} (ZeRO 1-3 pass flat partitions, which cannot be orthogonalised per expert)")
+    if cfg.run.precision != "fp32":
+        raise ValueError(f"optim.name='muon': needs run.precision=fp32, got {cfg.run.precision!r} (DeepSpeed's bf16 "
+                         "optimizer passes flat partitions, which cannot be orthogonalised per expert)")
 
 
 def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:

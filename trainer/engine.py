@@ -33,7 +33,7 @@ from models.accounting import layer_parts
 from models.config import ModelConfig, layer_plan
 from models.transformer import MoETransformer, apply_tying
 from trainer.config import TrainConfig, load_engine_settings
-from trainer.optim import build_optimizer, param_groups
+from trainer.optim import build_optimizer, joint_row_blocks, param_groups
 
 
 def use_cpu_if_no_gpu() -> None:
@@ -181,13 +181,16 @@ def optimizer_factory(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate)
     """A callable DeepSpeed invokes after AutoEP replacement and tying, so groups see the live tensors.
 
     ZeRO-1/2 need expert parameters in their own 'moe' groups (reduced over the expert-data-parallel group).
+    Muon gets AutoEP's gate/up tensor pairs (`joint_row_blocks`) so each expert is orthogonalised as the
+    model's fused [2F, D] matrix.
     """
 
     def build(_params: Any) -> torch.optim.Optimizer:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         groups = param_groups(model, cfg.optim, model.config)
-        return gate.wrap(build_optimizer(split_params_into_different_moe_groups_for_optimizer(groups), cfg.optim))
+        return gate.wrap(build_optimizer(split_params_into_different_moe_groups_for_optimizer(groups), cfg.optim,
+                                         row_blocks=joint_row_blocks(model)))
 
     return build
 

@@ -1,12 +1,25 @@
 """Optimizer parameter groups and construction, in plain PyTorch.
 
 The DeepSpeed engine and the single-process reference (`trainer.reference`) build their optimizer
-here, so both apply the same weight-decay split and the same tied-bank learning-rate scale.
+here, so both apply the same weight-decay split, the same tied-bank learning-rate scale and, for
+`optim.name=muon`, the same Muon / AdamW split and orthogonalisation.
+
+Muon (the paper's recipe, epfml/looped-moe `moe_train.py`, which uses `torch.optim.Muon`): hidden
+2-D weights and every expert of an expert bank get SGD-momentum (Nesterov) whose update is replaced by
+its nearest semi-orthogonal matrix (Newton-Schulz), scaled by sqrt(max(1, rows/cols)); embeddings, the
+LM head, routers and 1-D tensors get AdamW at `adam_lr_ratio` x the Muon lr. A bank [E, rows, cols] is
+orthogonalised as E separate matrices, never as one flattened [E*rows, cols] matrix. AutoEP stores
+a bank's gate and up projections as two tensors (w1, w3 [E_local, F, D]) where the model has one
+`gate_up_proj` [E, 2F, D]; `joint_row_blocks` pairs them so each expert's [2F, D] matrix is
+orthogonalised as a whole, exactly as the unreplaced model (and the paper's per-expert proxies) do.
+
+Shape legend: E experts (local to the rank under expert parallelism), R rows, C columns.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,11 +28,17 @@ from torch import nn
 from models.config import ModelConfig, layer_plan
 from trainer.config import OptimSection
 
+# Newton-Schulz quintic coefficients of Keller Jordan's Muon (also torch.optim.Muon's defaults).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+
 
 def tied_lr_multiplier(setting: str | float, group_size: int) -> float:
     """LR scale of a bank shared by `group_size` layers (paper: 1/sqrt(g), since its gradient sums g layers)."""
     if setting == "inv_sqrt_g":
         return 1.0 / math.sqrt(group_size)
+    if setting == "inv_g":
+        return 1.0 / group_size
     if setting == "none":
         return 1.0
     return float(setting)
@@ -34,46 +53,207 @@ def expert_bank_uses(model_cfg: ModelConfig) -> dict[int, int]:
     return uses
 
 
+def _mlp_part(name: str) -> str | None:
+    """`experts`, `gate`, `router`, ... for a parameter inside `model.layers.N.mlp`, else None."""
+    parts = name.split(".")
+    if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "mlp":
+        return parts[4]
+    return None
+
+
 def expert_owner_of(name: str, uses: dict[int, int]) -> int | None:
     """Layer index if parameter `name` belongs to a bank shared by several layers, else None.
 
     Names are read after AutoEP replacement too (w1/w2/w3 instead of the fused layout).
     """
-    parts = name.split(".")
-    if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "mlp" and parts[4] == "experts":
-        layer = int(parts[2])
+    if _mlp_part(name) == "experts":
+        layer = int(name.split(".")[2])
         return layer if uses.get(layer, 1) > 1 else None
     return None
 
 
+def uses_muon(name: str, param: nn.Parameter) -> bool:
+    """The paper's split: Muon for hidden matrices and expert banks; AdamW for embeddings, the LM head,
+    routers (ours: `mlp.gate`, AutoEP: `mlp.router.gate`) and 1-D tensors."""
+    if param.ndim < 2 or name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return False
+    return _mlp_part(name) not in ("gate", "router")
+
+
 def param_groups(model: nn.Module, optim: OptimSection, model_cfg: ModelConfig) -> list[dict[str, Any]]:
-    """Weight-decay groups (no decay for 1-D tensors) crossed with the tied-bank LR scale."""
+    """Parameter groups crossed with the tied-bank LR scale (`lr_scale`, applied by `set_lr`).
+
+    adamw / sgd: decay vs no decay (1-D tensors). muon: Muon vs AdamW halves of the paper's split.
+    """
     uses = expert_bank_uses(model_cfg)
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = param.ndim >= 2
         owner = expert_owner_of(name, uses)
         scale = tied_lr_multiplier(optim.tied_lr_scale, uses[owner]) if owner is not None else 1.0
-        key = (decay, scale)
+        kind = uses_muon(name, param) if optim.name == "muon" else param.ndim >= 2
+        key = (kind, scale)
         if key not in groups:
-            groups[key] = {"name": f"{'decay' if decay else 'no_decay'}_lr{scale:.4g}", "params": [],
-                           "weight_decay": optim.weight_decay if decay else 0.0, "lr_scale": scale}
+            groups[key] = _new_group(kind, scale, optim)
         groups[key]["params"].append(param)
     return list(groups.values())
 
 
-def build_optimizer(groups: list[dict[str, Any]], optim: OptimSection) -> torch.optim.Optimizer:
+def _new_group(kind: bool, scale: float, optim: OptimSection) -> dict[str, Any]:
+    """One group's settings; `kind` is decay (adamw, sgd) or use_muon (muon)."""
+    if optim.name != "muon":
+        return {"name": f"{'decay' if kind else 'no_decay'}_lr{scale:.4g}", "params": [],
+                "weight_decay": optim.weight_decay if kind else 0.0, "lr_scale": scale}
+    if kind:
+        return {"name": f"muon_lr{scale:.4g}", "params": [], "use_muon": True, "lr_scale": scale,
+                "weight_decay": optim.muon_weight_decay, "momentum": optim.muon_momentum,
+                "nesterov": optim.muon_nesterov, "ns_steps": optim.muon_ns_steps}
+    scale = scale * optim.adam_lr_ratio
+    return {"name": f"adamw_lr{scale:.4g}", "params": [], "use_muon": False, "lr_scale": scale,
+            "weight_decay": optim.adam_weight_decay, "betas": optim.betas, "eps": optim.eps}
+
+
+def joint_row_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
+    """AutoEP's gate (w1) and up (w3) tensors of each bank, in the model's `gate_up_proj` row order.
+
+    Muon orthogonalises each block's per-expert matrices stacked along rows, so a replaced bank gets
+    the update the model's fused [E, 2F, D] tensor would get. Empty for an unreplaced model.
+    """
+    banks: dict[str, dict[str, nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        prefix, _, leaf = name.rpartition(".")
+        if _mlp_part(name) == "experts" and leaf in ("w1", "w3"):
+            banks.setdefault(prefix, {})[leaf] = param
+    return [[bank["w1"], bank["w3"]] for bank in banks.values() if len(bank) == 2]
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim: OptimSection,
+                    row_blocks: Sequence[Sequence[nn.Parameter]] = (), per_expert: bool = True) -> torch.optim.Optimizer:
+    """row_blocks, per_expert: Muon only (see `MuonWithAdamW`)."""
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                  weight_decay=optim.weight_decay)
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-    raise ValueError(f"optim.name={optim.name!r}: expected 'adamw' or 'sgd'")
+    if optim.name == "muon":
+        return MuonWithAdamW(groups, lr=optim.lr, row_blocks=row_blocks, per_expert=per_expert)
+    raise ValueError(f"optim.name={optim.name!r}: expected 'adamw', 'sgd' or 'muon'")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Base LR for this step; each group keeps its own scale (tied banks)."""
+    """Base LR for this step; each group keeps its own scale (tied banks, Muon's AdamW half)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Muon
+# --------------------------------------------------------------------------------------------------
+
+def orthogonalize(g_ERC: torch.Tensor, steps: int, per_expert: bool = True) -> torch.Tensor:
+    """Approximately U V^T of each trailing [R, C] matrix (G = U S V^T), by quintic Newton-Schulz in fp32.
+
+    Leading dimensions are a batch: each expert of a bank is normalised and iterated on its own, so
+    one expert's large gradient cannot shrink another's update. `per_expert=False` treats a 3-D bank
+    as one [E*R, C] matrix: the wrong way, kept as the negative control of the parity check.
+    Like torch.optim.Muon the result has singular values near, not at, 1 (roughly 0.5-1.5); fp32
+    instead of torch's bf16 so the engine and the reference agree to rounding.
+    """
+    shape = g_ERC.shape
+    x = g_ERC.float()
+    if not per_expert and x.ndim == 3:
+        x = x.reshape(-1, shape[-1])
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=NS_EPS)
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.mT
+    return x.reshape(shape).to(g_ERC.dtype)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for groups with `use_muon`, AdamW (decoupled decay, as torch.optim.AdamW) for the others.
+
+    One optimizer object, because DeepSpeed steps, checkpoints and schedules exactly one. Muon follows
+    torch.optim.Muon (momentum buffer lerp, Nesterov blend, decay lr x wd, step lr x sqrt(max(1, R/C)))
+    with two differences: a 3-D tensor is a batch of per-expert matrices, and the tensors of one row
+    block (`row_blocks`, AutoEP's w1 + w3) are orthogonalised stacked. It needs whole tensors: DeepSpeed
+    ZeRO 1-3 and its bf16 optimizer hand it flat partitions instead, which it refuses.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, row_blocks: Sequence[Sequence[nn.Parameter]] = (),
+                 per_expert: bool = True) -> None:
+        super().__init__(groups, {"lr": lr})
+        self.per_expert = per_expert
+        self._block_of: dict[int, tuple[nn.Parameter, ...]] = {}
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        for block in row_blocks:
+            if len({group_of.get(id(p)) for p in block}) != 1 or id(block[0]) not in group_of:
+                raise ValueError("optim.name=muon: the tensors of one expert bank ended up in different "
+                                 "parameter groups; they must share lr and decay")
+            for p in block:
+                self._block_of[id(p)] = tuple(block)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            block = self._block_of.get(id(p), (p,))
+            if p is not block[0] or p.grad is None:
+                continue  # a later member of a row block is stepped with its first member
+            updates = [self._momentum_update(q, group) for q in block]
+            joined = updates[0] if len(updates) == 1 else torch.cat(updates, dim=-2)
+            ortho = orthogonalize(joined, group["ns_steps"], self.per_expert)
+            rows, cols = joined.shape[-2:]
+            step_lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
+            for q, piece in zip(block, ortho.split([u.shape[-2] for u in updates], dim=-2)):
+                q.mul_(1 - group["lr"] * group["weight_decay"])
+                q.add_(piece, alpha=-step_lr)
+
+    def _momentum_update(self, p: nn.Parameter, group: dict[str, Any]) -> torch.Tensor:
+        """Momentum buffer step and the (Nesterov) update to orthogonalise."""
+        if p.ndim < 2:
+            raise ValueError(f"optim.name=muon: got a {p.ndim}-D tensor of {p.numel()} elements in a Muon group; "
+                             "whole matrices are needed (ZeRO 1-3 and the bf16 optimizer pass flat partitions)")
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - group["momentum"])
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            step = state["step"].item()
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
+

@@ -1,12 +1,14 @@
 """Check the DeepSpeed engine against the plain-PyTorch reference, cell by cell.
 
-    python -m trainer.parity [--cells quick|all] [--steps N] [--json OUT]
+    python -m trainer.parity [--cells quick|all|muon] [--steps N] [--json OUT]
 
 Starts 2 CPU ranks (gloo) that train every cell of ZeRO {0,1,2,3} x expert-parallel {1,2} x
-{tied g=2, untied} (and the tied-router / tied-attention / widening ablations) with `trainer.train`,
+{tied g=2, untied} (and the tied-router / tied-attention / widening ablations, and Muon at ZeRO-0,
+the stage it supports; `--cells muon` runs only those) with `trainer.train`,
 then replays each in one process with `trainer.reference` and prints the largest loss difference and
 the largest relative difference of the global gradient norm (before clipping, each tied tensor once).
-It also checks, with SGD, that a tied bank's gradient is the sum of its layers' gradients.
+It also checks, with SGD, that a tied bank's gradient is the sum of its layers' gradients, and that
+Muon orthogonalising a bank as one flattened matrix would differ by far more than the tolerance.
 Exit code 1 when any cell differs by more than --tol.
 """
 
@@ -62,7 +64,23 @@ def cells(which: str) -> dict[str, list[str]]:
                                             "run.precision=bf16"]
     out["zero3-ep2-tied-g3-deepseek"] = ["parallel.ds_config=ds_configs/zero3.json", "parallel.expert_parallel_size=2",
                                          "model.preset=deepseek_moe_tiny", "model.tie_group_size=3"]
+    return (out if which != "muon" else {}) | muon_cells()
+
+
+def muon_cells() -> dict[str, list[str]]:
+    """optim.name=muon at the stage it supports (ZeRO-0; 1-3 are refused) x EP {1,2} x {tied, untied}, and
+    DeepSeek-style (dense layer, shared experts) with g=3."""
+    out = {}
+    for ep, g in itertools.product([1, 2], [2, 1]):
+        out[f"zero0-ep{ep}-{'tied' if g > 1 else 'untied'}-muon"] = MUON + [
+            f"parallel.expert_parallel_size={ep}", f"model.tie_group_size={g}"]
+    out["zero0-ep2-tied-g3-deepseek-muon"] = MUON + ["parallel.expert_parallel_size=2", "model.preset=deepseek_moe_tiny",
+                                                     "model.tie_group_size=3"]
     return out
+
+
+# The paper's Muon lr; tied banks at 1/sqrt(g), the AdamW half at 0.1x.
+MUON = ["parallel.ds_config=ds_configs/zero0.json", "optim.name=muon", "optim.lr=2e-2"]
 
 
 def cell_tolerance(name: str, tol: float) -> float:
@@ -112,6 +130,10 @@ def worker(args: argparse.Namespace) -> None:
         result = train(cell_config(overrides + [f"run.name={name}"], args.steps, args.out_dir))
         results[name] = {"losses": result.losses, "grad_norms": result.grad_norms, "summary": result.summary}
 
+    if args.cells == "muon":
+        if eng.rank() == 0:
+            Path(args.json_raw).write_text(json.dumps(results))
+        eng.shutdown()
     # ZeRO-3 expert all-gather traffic per step, tied vs untied (goal: banks / MoE layers).
     for ep in (1, 2):
         pair = run_pair(BASE + ["parallel.ds_config=ds_configs/zero3.json", f"parallel.expert_parallel_size={ep}",
@@ -156,7 +178,7 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[s
     cache: dict[str, Any] = {}
     for name, overrides in cells(which).items():
         cfg = cell_config(overrides, steps, out_dir)
-        key = json.dumps(cfg.model.__dict__, sort_keys=True, default=str)
+        key = json.dumps([cfg.model.__dict__, cfg.optim.__dict__], sort_keys=True, default=str)
         if key not in cache:
             cache[key] = reference_run(cfg, WORLD)
         ref = cache[key]
@@ -173,6 +195,12 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[s
                                  "expert_elements_per_rank_if_untied": summary["expert_elements_per_rank_if_untied"],
                                  "expert_banks": summary["expert_banks"], "moe_layers": summary["moe_layers"],
                                  "followers_share_leader_bank": summary["followers_share_leader_bank"]}
+    muon_cfg = cell_config(muon_cells()["zero0-ep2-tied-muon"], steps, out_dir)
+    # What Muon orthogonalising each bank as one flattened matrix would show: far above the tolerance.
+    report["control_muon_flat_bank_loss_diff"] = max(abs(a - b) for a, b in zip(
+        reference_run(muon_cfg, WORLD, flat_banks=True).losses, reference_run(muon_cfg, WORLD).losses))
+    if which == "muon":
+        return report
     control_cfg = cell_config(cells(which)["zero3-ep2-tied"], steps, out_dir)
     control = reference_run(control_cfg, WORLD, untie_after_init=True).losses
     tied_ref = reference_run(control_cfg, WORLD).losses
@@ -191,9 +219,30 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[s
     return report
 
 
+def controls_ok(report: dict[str, Any], tol: float) -> bool:
+    """Print the SGD check, the ZeRO-3 traffic and the negative controls the report holds; False if one fails."""
+    flat = report["control_muon_flat_bank_loss_diff"]
+    print(f"control: Muon orthogonalising each expert bank as one flattened matrix would differ by {flat:.2e}")
+    ok = flat > 3 * tol
+    if "sgd_grad_max_abs_diff" not in report:  # --cells muon
+        return ok
+    print(f"SGD tied-bank gradient vs sum of per-layer gradients: max |diff| {report['sgd_grad_max_abs_diff']:.2e} "
+          f"(gradient scale {report['sgd_grad_max_abs']:.2e})")
+    for ep in (1, 2):
+        comm = report[f"comm_ep{ep}"]
+        print(f"ZeRO-3 EP{ep} expert all-gather elements per step, tied/untied: "
+              f"{comm['expert_gather_ratio_tied_over_untied']:.3f} (goal banks/layers {comm['goal_banks_over_layers']:.3f})")
+    ok = ok and report["sgd_grad_max_abs_diff"] <= tol
+    print(f"control: a silently untied trainer would differ by {report['control_untied_copy_loss_diff']:.2e}")
+    ok = ok and report["control_untied_copy_loss_diff"] > 3 * tol
+    print(f"control: a gradient norm counting tied banks per use would differ by "
+          f"{report['control_per_use_grad_norm_rel_diff']:.2e} (relative)")
+    return ok and report["control_per_use_grad_norm_rel_diff"] > 100 * grad_norm_tolerance("fp32")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", choices=["quick", "all"], default="all")
+    parser.add_argument("--cells", choices=["quick", "all", "muon"], default="all")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--json", help="write the report here")
@@ -218,20 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         norm = f"{c['first_rel_grad_norm_diff']:.1e} / {c['max_rel_grad_norm_diff']:.1e}"
         print(f"{name:<30} {c['max_abs_loss_diff']:>17.2e} {norm:>34} "
               f"{c['expert_elements_per_rank'][0]:>18,} {c['expert_elements_per_rank_if_untied']:>10,}")
-    print(f"SGD tied-bank gradient vs sum of per-layer gradients: max |diff| {report['sgd_grad_max_abs_diff']:.2e} "
-          f"(gradient scale {report['sgd_grad_max_abs']:.2e})")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    for ep in (1, 2):
-        comm = report[f"comm_ep{ep}"]
-        print(f"ZeRO-3 EP{ep} expert all-gather elements per step, tied/untied: "
-              f"{comm['expert_gather_ratio_tied_over_untied']:.3f} (goal banks/layers {comm['goal_banks_over_layers']:.3f})")
-    ok = worst <= 1.0 and report["sgd_grad_max_abs_diff"] <= args.tol
-    print(f"control: a silently untied trainer would differ by {report['control_untied_copy_loss_diff']:.2e}")
-    ok = ok and report["control_untied_copy_loss_diff"] > 3 * args.tol
-    print(f"control: a gradient norm counting tied banks per use would differ by "
-          f"{report['control_per_use_grad_norm_rel_diff']:.2e} (relative)")
-    ok = ok and report["control_per_use_grad_norm_rel_diff"] > 100 * grad_norm_tolerance("fp32")
+    ok = worst <= 1.0 and controls_ok(report, args.tol)
     print("PASS" if ok else f"FAIL (tolerance {args.tol})")
     return 0 if ok else 1
 

@@ -56,8 +56,9 @@ class ReferenceRun:
 
 
 def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
-                  untie_after_init: bool = False, start: dict | None = None) -> ReferenceRun:
+                  untie_after_init: bool = False, start: dict | None = None, flat_banks: bool = False) -> ReferenceRun:
     """`untie_after_init`: start from the tied weights but train every layer separately (the control).
+    `flat_banks`: Muon orthogonalises each expert bank as one flattened matrix (the Muon control).
 
     start: continue from a layout-free training state (`engine.gather_training_state` plus "step" and
     per-rank "data", as `trainer.reshard` writes it) instead of step 0.
@@ -66,7 +67,7 @@ def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
     model = build_model(model_cfg, seed=cfg.run.seed)
     if untie_after_init:
         model = untied_copy(model)
-    optimizer = build_optimizer(param_groups(model, cfg.optim, model.config), cfg.optim)
+    optimizer = build_optimizer(param_groups(model, cfg.optim, model.config), cfg.optim, per_expert=not flat_banks)
     sources = [make_source(cfg, "train", r, world_size) for r in range(world_size)]
     first = 0
     if start is not None:

@@ -12,12 +12,13 @@ from trainer.train import train  # noqa: E402
 
 out_dir, result_path = sys.argv[1], sys.argv[2]
 results = {}
-for zero, ep in ((3, 2), (2, 1)):
-    base = ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=4", "batch.grad_accum=2",
+# (ZeRO stage, expert-parallel size, extra overrides): Muon resumes its momentum (ZeRO-0, the stage it supports).
+for zero, ep, extra in ((3, 2, []), (2, 1, []), (0, 2, ["optim.name=muon", "optim.lr=2e-2"])):
+    base = extra + ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=4", "batch.grad_accum=2",
             "run.log_every=1000", f"parallel.ds_config=ds_configs/zero{zero}.json",
             f"parallel.expert_parallel_size={ep}", "run.steps=6", f"run.out_dir={out_dir}", "run.eval_batches=1",
             "schedule.warmup_steps=2", "run.save_every=2", "run.keep_checkpoints=2"]
-    name = f"zero{zero}-ep{ep}"
+    name = f"zero{zero}-ep{ep}" + ("-muon" if extra else "")
     straight = train(load_config(None, base + [f"run.name={name}-straight"]))
     first = train(load_config(None, base + [f"run.name={name}-split", "run.stop_at_step=3"]))
     second = train(load_config(None, base + [f"run.name={name}-split"]))

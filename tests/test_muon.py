@@ -1,0 +1,137 @@
+"""Muon (optim.name=muon): per-expert Newton-Schulz against SVD, the paper's parameter split, AutoEP's
+split gate/up tensors stepping exactly like the fused bank, state round trip and refused set-ups."""
+
+import math
+
+import pytest
+import torch
+
+from models.transformer import build_model
+from trainer.config import load_config
+from trainer.optim import MuonWithAdamW, orthogonalize, param_groups, tied_lr_multiplier, uses_muon
+
+MUON = ["data.source=random", "optim.name=muon", "parallel.ds_config=ds_configs/zero0.json"]
+
+
+def svd_polar(g: torch.Tensor) -> torch.Tensor:
+    """U V^T of each trailing matrix (the exact orthogonalisation Newton-Schulz approximates)."""
+    u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    return (u @ vh).float()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(16, 48), (48, 16), (32, 32)])
+def test_newton_schulz_approximates_svd_polar_factor(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    ortho = orthogonalize(g, steps=5)
+    polar = svd_polar(g)
+    # Same singular vectors: U^T O V is (nearly) diagonal, with entries in Keller Jordan's (0.5, 1.5) band.
+    u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    core = (u.mT @ ortho.double() @ vh.mT).float()
+    diag = core.diagonal()
+    assert (core - torch.diag(diag)).abs().max() < 1e-4
+    assert diag.min() > 0.5 and diag.max() < 1.5
+    assert _rel(ortho, polar) < 0.3
+    assert _rel(orthogonalize(g, steps=5), polar) < _rel(orthogonalize(g, steps=1), polar)
+
+
+def test_each_expert_of_a_bank_is_orthogonalised_on_its_own():
+    gen = torch.Generator().manual_seed(1)
+    bank = torch.randn(4, 24, 16, generator=gen)
+    bank[2] *= 1000.0  # one expert with a far larger gradient must not shrink the others' updates
+    per_expert = orthogonalize(bank, steps=5)
+    for e in range(4):
+        assert torch.allclose(per_expert[e], orthogonalize(bank[e], steps=5), atol=1e-5)
+        assert _rel(per_expert[e], svd_polar(bank[e])) < 0.3
+    flattened = orthogonalize(bank, steps=5, per_expert=False)  # the wrong way: one [E*R, C] matrix
+    assert _rel(flattened[0], svd_polar(bank[0])) > 0.9
+
+
+def test_paper_split_muon_for_hidden_matrices_and_experts_adamw_for_the_rest():
+    cfg = load_config(None, MUON + ["model.tie_group_size=2"])
+    model = build_model(cfg.model_config())
+    for name, p in model.named_parameters():
+        adam = (p.ndim == 1 or name in ("model.embed_tokens.weight", "lm_head.weight") or ".mlp.gate." in name)
+        assert uses_muon(name, p) is not adam, name
+    assert uses_muon("model.layers.3.mlp.router.gate.weight", torch.zeros(8, 64)) is False  # AutoEP's router
+    assert uses_muon("model.layers.3.mlp.experts.w1", torch.zeros(4, 32, 64)) is True
+    groups = param_groups(model, cfg.optim, cfg.model_config())
+    by_kind = {(g["use_muon"], round(g["lr_scale"], 6)): g for g in groups}
+    assert set(by_kind) == {(True, 1.0), (True, round(1 / math.sqrt(2), 6)), (False, 0.1)}
+    assert by_kind[(True, 1.0)]["weight_decay"] == 0.1 and by_kind[(True, 1.0)]["momentum"] == 0.95
+    assert by_kind[(True, 1.0)]["nesterov"] is True and by_kind[(True, 1.0)]["ns_steps"] == 5
+    assert by_kind[(False, 0.1)]["weight_decay"] == 0.01 and by_kind[(False, 0.1)]["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("setting, expected", [("inv_sqrt_g", 0.5), ("inv_g", 0.25), ("none", 1.0), (0.3, 0.3)])
+def test_tied_lr_divisor_options(setting, expected):
+    assert tied_lr_multiplier(setting, 4) == pytest.approx(expected)
+
+
+def test_tied_lr_divisor_applies_to_muon_banks():
+    cfg = load_config(None, MUON + ["model.tie_group_size=2", "optim.tied_lr_scale=inv_g"])
+    model = build_model(cfg.model_config())
+    scale = {id(p): g["lr_scale"] for g in param_groups(model, cfg.optim, cfg.model_config()) for p in g["params"]}
+    for name, p in model.named_parameters():
+        tied = name.startswith(("model.layers.2.mlp.experts.", "model.layers.4.mlp.experts."))
+        assert scale[id(p)] == pytest.approx(0.5 if tied else (1.0 if uses_muon(name, p) else 0.1)), name
+
+
+def _steps(params, grads, row_blocks=()):
+    opt = MuonWithAdamW([{"params": params, "use_muon": True, "lr": 0.02, "weight_decay": 0.1, "momentum": 0.95,
+                          "nesterov": True, "ns_steps": 5}], lr=0.02, row_blocks=row_blocks)
+    for g in grads:
+        for p, gp in zip(params, g):
+            p.grad = gp.clone()
+        opt.step()
+    return opt
+
+
+def test_split_gate_and_up_tensors_step_exactly_like_the_fused_bank():
+    """AutoEP's w1 / w3 [E, F, D] paired as a row block follow the model's gate_up_proj [E, 2F, D]."""
+    gen = torch.Generator().manual_seed(2)
+    fused = torch.nn.Parameter(torch.randn(4, 16, 8, generator=gen))
+    w1, w3 = (torch.nn.Parameter(t.clone()) for t in fused.detach().chunk(2, dim=1))
+    grads = [torch.randn(4, 16, 8, generator=gen) for _ in range(3)]
+    _steps([fused], [[g] for g in grads])
+    _steps([w1, w3], [list(g.chunk(2, dim=1)) for g in grads], row_blocks=[[w1, w3]])
+    assert torch.allclose(torch.cat([w1, w3], dim=1), fused, atol=1e-6)
+    a1, a3 = (torch.nn.Parameter(t.clone()) for t in fused.detach().chunk(2, dim=1))
+    _steps([a1, a3], [list(g.chunk(2, dim=1)) for g in grads])  # unpaired: another update
+    assert not torch.allclose(torch.cat([a1, a3], dim=1), fused, atol=1e-3)
+
+
+def test_state_dict_round_trip_continues_identically():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(4, 16, 8, generator=gen))
+    grads = [torch.randn(4, 16, 8, generator=gen) for _ in range(4)]
+    straight = torch.nn.Parameter(w.detach().clone())
+    _steps([straight], [[g] for g in grads])
+    first = torch.nn.Parameter(w.detach().clone())
+    saved = _steps([first], [[g] for g in grads[:2]]).state_dict()
+    second = _steps([first], [])
+    second.load_state_dict(saved)
+    for g in grads[2:]:
+        first.grad = g.clone()
+        second.step()
+    assert torch.equal(first, straight)
+
+
+def test_flat_partition_is_refused():
+    flat = torch.nn.Parameter(torch.zeros(64))
+    with pytest.raises(ValueError, match="optim.name=muon: got a 1-D tensor"):
+        _steps([flat], [[torch.ones(64)]])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.ds_config=ds_configs/zero3.json", r"optim.name='muon': needs ZeRO stage 0.*stage 3"),
+    ("parallel.ds_config=ds_configs/zero1.json", r"optim.name='muon': needs ZeRO stage 0.*stage 1"),
+    ("run.precision=bf16", r"optim.name='muon': needs run.precision=fp32"),
+    ("optim.muon_momentum=1.0", r"optim.muon_momentum=1.0: expected"),
+])
+def test_unsupported_muon_setups_are_one_line_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, MUON + [override])
