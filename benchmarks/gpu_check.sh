@@ -10,7 +10,8 @@
 #   2. parity: `trainer.parity --cells gpu1` (ZeRO 0 and 3, EP 1, tied and untied, fp32 and bf16) on
 #      the GPU against the plain-PyTorch reference (which runs on the CPU)
 #   3. throughput: `benchmarks/equal_memory.py` bf16, untied vs tied g=2 and g=4, an OLMoE-shaped model
-#      (64 experts, top-8, 16 layers) cut to d_model 1024 so it fits one GPU: tokens/s, MFU, peak
+#      (64 experts, top-8, 16 layers, vocab 50304) cut to d_model 768 / expert FFN 384 (about 1B
+#      parameters untied) so three engines fit one GPU and build quickly: tokens/s, MFU, peak
 #      max_memory_allocated at equal micro-batch and at equal memory (budget: untied's peak)
 #   4. report: gpu_check.json + summary.md (benchmarks/gpu_check_report.py)
 # Writes at most 6 files (the device tool brings back 8): gpu_check.log, default_run.json, parity.json,
@@ -58,9 +59,9 @@ else
   [ -f data/default/manifest.json ] || default_args=(data.source=random)
   parity_args=(--steps 8)
   tp_args=(--variants untied,g2,g4 --micro-batch 4 --max-micro-batch 8 --steps 3 --repeats 3
-           model.preset=olmoe model.n_layers=16 model.d_model=1024 model.n_heads=16 model.expert_ffn_dim=512
+           model.preset=olmoe model.n_layers=16 model.d_model=768 model.n_heads=12 model.expert_ffn_dim=384
            data.seq_len=2048 run.precision=bf16 parallel.ds_config=ds_configs/zero3_gpu.json)
-  limits=(120 150 240)  # default run, parity, throughput: 8.5 minutes if every step ran to its limit
+  limits=(100 120 260)  # default run, parity, throughput: 8 minutes if every step ran to its limit
 fi
 steps_file="$work/steps.jsonl"
 
