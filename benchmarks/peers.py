@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -234,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         result = collect_json(["benchmarks.peers", "--worker", "--steps", str(args.steps), "--repeats",
                                str(args.repeats), *args.overrides], 2, False, tmp)
