@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,11 +26,25 @@ import torch
 
 from trainer import engine as eng
 from trainer.config import REPO_ROOT, TrainConfig, load_config
-from trainer.launch import report_from_cpu_ranks
+from trainer.launch import collect_from_cpu_ranks, report_from_cpu_ranks, torchrun_command
 from trainer.metrics import peak_flops
 from trainer.session import Session, describe, open_session, train_step
 
 DEFAULT_OVERRIDES = ["data.source=random", "run.log_every=1000000"]
+
+
+def collect_json(module_args: list[str], world: int, gpu: bool, out_dir: str) -> Any:
+    """Run a `--worker` module on `world` ranks and read the JSON it writes to `--json-raw`.
+
+    CPU: gloo ranks (`trainer.launch.collect_from_cpu_ranks`); gpu: one rank per GPU through torchrun,
+    output streamed (a GPU job is watched live). Returns the parsed JSON or the failing exit code.
+    """
+    if not gpu:
+        return collect_from_cpu_ranks(module_args, world)
+    raw = Path(out_dir) / "raw.json"
+    cmd, env = torchrun_command(world, ["-m", *module_args, "--json-raw", str(raw)], dict(os.environ))
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
+    return json.loads(raw.read_text()) if proc.returncode == 0 and raw.is_file() else (proc.returncode or 1)
 
 
 def timed_steps(s: Session, steps: int) -> float:
@@ -81,7 +96,7 @@ def run_pair(overrides: list[str], steps: int, repeats: int, warmup: int = 3) ->
             out[name].update(gathers_per_step(s))
         s.close()
     out["throughput_ratio_tied_over_untied"] = out["tied"]["tokens_per_s"] / out["untied"]["tokens_per_s"]
-    if "expert_gather_elements" in out["tied"]:
+    if out["untied"].get("expert_gather_elements"):  # 0: banks below the persistence threshold stay gathered
         out["expert_gather_ratio_tied_over_untied"] = (out["tied"]["expert_gather_elements"]
                                                        / out["untied"]["expert_gather_elements"])
     out["expert_memory_ratio_tied_over_untied"] = (out["tied"]["expert_elements_per_rank"][0]
@@ -128,6 +143,9 @@ def render(result: dict[str, Any]) -> str:
     if "expert_gather_ratio_tied_over_untied" in result:
         lines.append(f"expert all-gather ratio           {result['expert_gather_ratio_tied_over_untied']:.3f}  "
                      f"(goal {result['goal_banks_over_layers']:.3f})")
+    elif "expert_gather_elements" in result["untied"]:
+        lines.append("expert all-gather ratio           -  (expert tensors are below stage3_param_persistence_threshold: "
+                     "gathered once, never released; parallel.ds_config=ds_configs/zero3_strict.json counts them)")
     return "\n".join(lines)
 
 

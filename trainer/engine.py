@@ -51,6 +51,7 @@ def init_distributed() -> None:
         # The shm comm op is JIT-compiled on first use (35-70 s) and only speeds up large CPU
         # all-reduces; gloo is enough for CPU runs.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        set_cpu_local_size()
     if "RANK" not in os.environ:  # single process without a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
@@ -60,6 +61,19 @@ def init_distributed() -> None:
 
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def set_cpu_local_size() -> None:
+    """Tell DeepSpeed's CPU accelerator how many ranks share this node, so it stops forking `numactl`.
+
+    Why: `CPU_Accelerator.device_count()` reads the `LOCAL_SIZE` environment variable (DeepSpeed's own
+    launcher sets it) and otherwise runs `numactl --hardware` in a subprocess to count NUMA nodes.
+    ZeRO-3 calls it in every gradient reduce-scatter (`stage3.__avg_scatter_grads`), about 13 forks
+    per step; the count only decides whether the quantized two-level all-to-all (`zero_quantized_gradients`,
+    off here) spans several nodes, so results do not change. torchrun and our launcher set
+    `LOCAL_WORLD_SIZE`; an explicit `LOCAL_SIZE` wins.
+    """
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
@@ -220,6 +234,18 @@ def initialize(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate | None 
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory(model, cfg, gate or UpdateGate()),
                                                config=ds_config)
     return engine, ds_config
+
+
+def plain_initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
+    """DeepSpeed as a user without tiedmoe would call it (no tying seam): the peer in benchmarks/peers.py.
+
+    AutoEP in `ds_config` then replaces every MoE block with its own clone of the experts, so a model
+    tied before this call trains untied: exactly what the peer is there to show.
+    """
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
 
 
 def comm_device() -> torch.device:

@@ -1,6 +1,7 @@
 """Check the DeepSpeed engine against the plain-PyTorch reference, cell by cell.
 
     python -m trainer.parity [--cells quick|all|muon] [--steps N] [--json OUT]
+    python -m trainer.parity --cells gpu1 --world 1 [--gpu] [--json OUT]   # the cells one GPU holds
 
 Starts 2 CPU ranks (gloo) that train every cell of ZeRO {0,1,2,3} x expert-parallel {1,2} x
 {tied g=2, untied} (and the tied-router / tied-attention / widening ablations, and Muon at ZeRO-0,
@@ -9,7 +10,9 @@ then replays each in one process with `trainer.reference` and prints the largest
 the largest relative difference of the global gradient norm (before clipping, each tied tensor once).
 It also checks, with SGD, that a tied bank's gradient is the sum of its layers' gradients, and that
 Muon orthogonalising a bank as one flattened matrix would differ by far more than the tolerance.
-Exit code 1 when any cell differs by more than --tol.
+Exit code 1 when any cell differs by more than --tol. `--cells gpu1 --world 1` runs the cells that fit
+one device (ZeRO 0 and 3, EP 1, tied and untied, fp32 and bf16) on one rank, on the GPU with `--gpu`
+(benchmarks/gpu_check.sh); the gather count, SGD check and controls need 2 ranks and are left out.
 """
 
 from __future__ import annotations
@@ -26,10 +29,9 @@ import torch
 
 from models.transformer import build_model
 from trainer import engine as eng
-from trainer.bench import run_pair
+from trainer.bench import collect_json, run_pair
 from trainer.config import TrainConfig, load_config
 from trainer.data import make_source
-from trainer.launch import collect_from_cpu_ranks
 from trainer.losses import RouterTap, training_loss
 from trainer.optim import expert_bank_uses, expert_owner_of
 from trainer.reference import reference_run, untied_copy
@@ -45,6 +47,8 @@ BASE = ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=4", "ba
 
 def cells(which: str) -> dict[str, list[str]]:
     """Cell name -> overrides."""
+    if which == "gpu1":
+        return one_device_cells()
     out = {}
     zeros = [0, 1, 2, 3]
     for zero, ep, g in itertools.product(zeros, [1, 2], [2, 1]):
@@ -83,6 +87,16 @@ def muon_cells() -> dict[str, list[str]]:
 MUON = ["parallel.ds_config=ds_configs/zero0.json", "optim.name=muon", "optim.lr=2e-2"]
 
 
+def one_device_cells() -> dict[str, list[str]]:
+    """ZeRO {0, 3} x EP 1 x {tied, untied} x {fp32, bf16}: what one rank (one GPU) can check."""
+    out = {}
+    for zero, g, precision in itertools.product([0, 3], [2, 1], ["fp32", "bf16"]):
+        name = f"zero{zero}-ep1-{'tied' if g > 1 else 'untied'}" + ("-bf16" if precision == "bf16" else "")
+        out[name] = [f"parallel.ds_config=ds_configs/zero{zero}.json", "parallel.expert_parallel_size=1",
+                     f"model.tie_group_size={g}", f"run.precision={precision}"]
+    return out
+
+
 def cell_tolerance(name: str, tol: float) -> float:
     """bf16 cells are compared with the fp32 reference, so only loosely (rounding, not exactness)."""
     return 5e-2 if name.endswith("bf16") else tol
@@ -95,10 +109,10 @@ def grad_norm_tolerance(name: str) -> float:
     return 1e-2 if name.endswith("bf16") else 1e-5
 
 
-def per_use_grad_norm(cfg: TrainConfig) -> float:
+def per_use_grad_norm(cfg: TrainConfig, world: int) -> float:
     """The reference's first-step gradient norm with each tied bank counted at every layer using it:
     what a norm that did not de-duplicate tied tensors would report (the negative control)."""
-    model = reference_run(cfg, WORLD, steps=1).model  # gradients of step 1 are still on the parameters
+    model = reference_run(cfg, world, steps=1).model  # gradients of step 1 are still on the parameters
     uses = expert_bank_uses(model.config)
     total = 0.0
     for name, param in model.named_parameters():
@@ -130,13 +144,24 @@ def worker(args: argparse.Namespace) -> None:
         result = train(cell_config(overrides + [f"run.name={name}"], args.steps, args.out_dir))
         results[name] = {"losses": result.losses, "grad_norms": result.grad_norms, "summary": result.summary}
 
-    if args.cells == "muon":
-        if eng.rank() == 0:
-            Path(args.json_raw).write_text(json.dumps(results))
-        eng.shutdown()
-    # ZeRO-3 expert all-gather traffic per step, tied vs untied (goal: banks / MoE layers).
+    if args.cells not in ("gpu1", "muon"):
+        results.update(two_rank_checks(args))
+    if eng.rank() == 0:
+        Path(args.json_raw).write_text(json.dumps(results))
+    eng.shutdown()
+
+
+STRICT_ZERO3 = "ds_configs/zero3_strict.json"  # what gather counts are measured under (see two_rank_checks)
+
+
+def two_rank_checks(args: argparse.Namespace) -> dict[str, Any]:
+    """Gather traffic (tied vs untied) and the SGD tied-bank gradient: both need 2 ranks and EP 2."""
+    results: dict[str, Any] = {}
+    # ZeRO-3 expert all-gather traffic per step, tied vs untied (goal: banks / MoE layers). Strict
+    # settings (no persistence, no prefetch): every parameter is fetched on use, so the count sees each
+    # bank's gathers; with the shipped persistence threshold the tiny banks would never be re-gathered.
     for ep in (1, 2):
-        pair = run_pair(BASE + ["parallel.ds_config=ds_configs/zero3.json", f"parallel.expert_parallel_size={ep}",
+        pair = run_pair(BASE + [f"parallel.ds_config={STRICT_ZERO3}", f"parallel.expert_parallel_size={ep}",
                                 "model.tie_group_size=2"], steps=1, repeats=1, warmup=1)
         results[f"comm_ep{ep}"] = {k: pair[k] for k in ("expert_gather_ratio_tied_over_untied", "goal_banks_over_layers")}
         results[f"comm_ep{ep}"]["tied_expert_gathers"] = pair["tied"]["expert_gathers"]
@@ -150,9 +175,7 @@ def worker(args: argparse.Namespace) -> None:
     after = _bank(s.engine, leader)
     grads = {k: ((before[k] - after[k]) / s.cfg.optim.lr).tolist() for k in before}
     results["sgd"] = {"leader": leader, "grad": grads}
-    if eng.rank() == 0:
-        Path(args.json_raw).write_text(json.dumps(results))
-    eng.shutdown()
+    return results
 
 
 def sgd_expected(cfg: TrainConfig, leader: int) -> dict[str, torch.Tensor]:
@@ -172,15 +195,15 @@ def sgd_expected(cfg: TrainConfig, leader: int) -> dict[str, torch.Tensor]:
             for k in ("gate_up_proj", "down_proj")}
 
 
-def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[str, Any]:
+def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str, world: int = WORLD) -> dict[str, Any]:
     """Replay every cell with the reference; returns a report (also the JSON written by --json)."""
-    report: dict[str, Any] = {"cells": {}, "world_size": WORLD, "steps": steps}
+    report: dict[str, Any] = {"cells": {}, "world_size": world, "steps": steps}
     cache: dict[str, Any] = {}
     for name, overrides in cells(which).items():
         cfg = cell_config(overrides, steps, out_dir)
         key = json.dumps([cfg.model.__dict__, cfg.optim.__dict__], sort_keys=True, default=str)
         if key not in cache:
-            cache[key] = reference_run(cfg, WORLD)
+            cache[key] = reference_run(cfg, world)
         ref = cache[key]
         got = raw[name]["losses"]
         summary = raw[name]["summary"]
@@ -195,6 +218,8 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[s
                                  "expert_elements_per_rank_if_untied": summary["expert_elements_per_rank_if_untied"],
                                  "expert_banks": summary["expert_banks"], "moe_layers": summary["moe_layers"],
                                  "followers_share_leader_bank": summary["followers_share_leader_bank"]}
+    if which == "gpu1":
+        return report
     muon_cfg = cell_config(muon_cells()["zero0-ep2-tied-muon"], steps, out_dir)
     # What Muon orthogonalising each bank as one flattened matrix would show: far above the tolerance.
     report["control_muon_flat_bank_loss_diff"] = max(abs(a - b) for a, b in zip(
@@ -208,7 +233,7 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[s
     report["control_untied_copy_loss_diff"] = max(abs(a - b) for a, b in zip(control, tied_ref))
     # What a gradient norm counting a tied bank at every use would show: far above the tolerance.
     first = report["cells"]["zero3-ep2-tied"]["grad_norms"][0]
-    report["control_per_use_grad_norm_rel_diff"] = abs(per_use_grad_norm(control_cfg) - first) / first
+    report["control_per_use_grad_norm_rel_diff"] = abs(per_use_grad_norm(control_cfg, world) - first) / first
     for ep in (1, 2):
         report[f"comm_ep{ep}"] = raw[f"comm_ep{ep}"]
     sgd = raw["sgd"]
@@ -221,6 +246,8 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str) -> dict[s
 
 def controls_ok(report: dict[str, Any], tol: float) -> bool:
     """Print the SGD check, the ZeRO-3 traffic and the negative controls the report holds; False if one fails."""
+    if "control_muon_flat_bank_loss_diff" not in report:  # --cells gpu1
+        return True
     flat = report["control_muon_flat_bank_loss_diff"]
     print(f"control: Muon orthogonalising each expert bank as one flattened matrix would differ by {flat:.2e}")
     ok = flat > 3 * tol
@@ -242,10 +269,12 @@ def controls_ok(report: dict[str, Any], tol: float) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", choices=["quick", "all", "muon"], default="all")
+    parser.add_argument("--cells", choices=["quick", "all", "muon", "gpu1"], default="all")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--world", type=int, default=WORLD, help="ranks (gpu1 cells: 1)")
+    parser.add_argument("--gpu", action="store_true", help="ranks on GPUs (torchrun) instead of CPU ranks")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -253,12 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.cells != "gpu1" and args.world != WORLD:
+        parser.error(f"--cells {args.cells} needs --world {WORLD} (the EP 2 cells); use --cells gpu1 for one rank")
     with tempfile.TemporaryDirectory() as tmp:
-        raw = collect_from_cpu_ranks(["trainer.parity", "--worker", "--cells", args.cells, "--steps", str(args.steps),
-                                      "--out-dir", tmp], WORLD)
+        module_args = ["trainer.parity", "--worker", "--cells", args.cells, "--steps", str(args.steps), "--out-dir", tmp]
+        raw = collect_json(module_args, args.world, args.gpu, tmp)
         if isinstance(raw, int):
             return raw
-        report = compare(raw, args.cells, args.steps, tmp)
+        report = compare(raw, args.cells, args.steps, tmp, args.world)
+    report["device"] = "gpu" if args.gpu else "cpu"
     worst = max(max(c["max_abs_loss_diff"] / cell_tolerance(name, args.tol),
                     c["first_rel_grad_norm_diff"] / grad_norm_tolerance(name)) for name, c in report["cells"].items())
     print(f"{'cell':<30} {'max |loss - ref|':>17} {'grad norm rel diff (step 1 / max)':>34} {'expert elems/rank':>18} "

@@ -1,0 +1,254 @@
+"""tiedmoe against the peers a user would otherwise pick, same model, same batches, side by side.
+
+    python benchmarks/peers.py [--steps N] [--repeats R] [--json OUT] [key=value ...]
+
+Three trainers of ONE model (the config's, default: tiny tied OLMoE-style, g=2) in the same 2 CPU ranks:
+  tiedmoe   the trainer's own session and step (`trainer.session.train_step`): ZeRO-3 (ds_configs as
+            configured) + AutoEP expert parallel, tied banks kept tied
+  hf_ddp    the paper's recipe: the model as Hugging Face `OlmoeForCausalLM` (grouped_mm experts)
+            with each follower layer's experts aliased to its leader's (one tensor), plain
+            `DistributedDataParallel`, torch AdamW
+  hf_ds     the same HF model on plain DeepSpeed (the same ZeRO settings + AutoEP, no tying seam):
+            AutoEP clones the experts per layer, so this one trains UNTIED; it is what DeepSpeed
+            alone gives
+Before timing, the script checks that all three compute the same logits on the same batch (max |diff|
+printed, must be < 1e-4). Then each is timed in alternating blocks (noise hits all alike) and the
+table gives tokens/s, the ratio to tiedmoe, MFU (tying-aware FLOPs from models.accounting, peak as in
+trainer.metrics), and peak RSS per rank during its own blocks (VmHWM reset before each block; every
+engine lives in the same process, so the shared baseline is included: compare the growth column).
+The loss differs only in the router terms: tiedmoe adds load-balancing and z-loss from its router
+logits, the HF peers train on cross-entropy alone (HF's aux loss is lost under AutoEP). Writes
+benchmarks/results/peers_cpu*.json and .md. On CPU only ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models.hf_convert import to_hf_model  # noqa: E402
+from models.transformer import build_model  # noqa: E402
+from trainer import engine as eng  # noqa: E402
+from trainer.bench import DEFAULT_OVERRIDES, _device, collect_json, timed_steps  # noqa: E402
+from trainer.config import TrainConfig, load_config  # noqa: E402
+from trainer.data import make_source  # noqa: E402
+from trainer.metrics import peak_flops  # noqa: E402
+from trainer.session import Session, open_session  # noqa: E402
+
+GIB = 1024 ** 3
+LOGIT_TOL = 1e-4
+
+
+def hf_twin(cfg: TrainConfig, alias_tied: bool) -> nn.Module:
+    """The config's model (same seed, same weights) as HF OlmoeForCausalLM with grouped_mm experts.
+
+    alias_tied: each follower layer runs its leader's experts module (one tensor, as the paper's code
+    ties them); otherwise every layer holds its own copy (what HF export does).
+    """
+    ours = build_model(cfg.model_config(), seed=cfg.run.seed)
+    hf = to_hf_model(ours, attn_implementation="sdpa").train()
+    hf.config._experts_implementation = "grouped_mm"
+    if alias_tied:
+        for index, layer in enumerate(ours.model.layers):
+            owner = layer.plan.expert_owner
+            if owner is not None and owner != index:
+                hf.model.layers[index].mlp.experts = hf.model.layers[owner].mlp.experts
+    return hf
+
+
+def hf_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+
+
+class Peer:
+    """An HF model behind DDP or plain DeepSpeed, fed the same batches as tiedmoe."""
+
+    def __init__(self, name: str, cfg: TrainConfig, rank: int, world: int, build: Callable[[], Any]) -> None:
+        self.name, self.cfg = name, cfg
+        self.source = make_source(cfg, "train", rank, world)
+        self.tokens_per_step = cfg.tokens_per_step(world)
+        self.model, self.optimizer, self.is_ds = build()
+
+    def step(self) -> None:
+        batch = self.source.next_batch()
+        loss = hf_loss(self.model, batch)
+        if self.is_ds:
+            self.model.backward(loss)
+            self.model.step()
+            return
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                             weight_decay=cfg.optim.weight_decay)
+
+
+def build_ddp(cfg: TrainConfig) -> Callable[[], Any]:
+    def build() -> Any:
+        model = torch.nn.parallel.DistributedDataParallel(hf_twin(cfg, alias_tied=True))
+        return model, adamw(model, cfg), False
+
+    return build
+
+
+def build_hf_ds(s: Session) -> Callable[[], Any]:
+    """Plain DeepSpeed with the trainer's own ds_config (ZeRO knobs + AutoEP), no tying seam."""
+
+    def build() -> Any:
+        model = hf_twin(s.cfg, alias_tied=False)
+        return eng.plain_initialize(model, adamw(model, s.cfg), dict(s.ds_config)), None, True
+
+    return build
+
+
+@torch.no_grad()
+def logit_gaps(s: Session, peers: dict[str, Peer]) -> dict[str, float]:
+    """max |logits - tiedmoe's| per peer on one fresh batch (weights as built: before any step)."""
+    batch = make_source(s.cfg, "train", s.rank, s.world).next_batch()
+    s.engine.eval()
+    ours = s.engine(batch["input_ids"]).float()
+    s.tap.take()
+    s.engine.train()
+    gaps = {}
+    for name, peer in peers.items():
+        peer.model.eval()
+        theirs = peer.model(input_ids=batch["input_ids"]).logits.float()
+        peer.model.train()
+        gaps[name] = eng.max_over_ranks([(theirs - ours).abs().max().item()])[0]
+    return gaps
+
+
+def rss_now() -> float:
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> float:
+    return _status_kib("VmHWM") * 1024
+
+
+def _status_kib(key: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return float(line.split()[1])
+
+
+def timed_block(run: Callable[[int], float], steps: int, memory: dict[str, float]) -> float:
+    """Seconds for one block; tracks this rank's peak RSS and its growth over the block's start."""
+    before = rss_now()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    seconds = run(steps)
+    memory["peak"] = max(memory.get("peak", 0.0), peak_rss())
+    memory["growth"] = max(memory.get("growth", 0.0), peak_rss() - before)
+    return seconds
+
+
+def peer_runner(peer: Peer) -> Callable[[int], float]:
+    def run(steps: int) -> float:
+        eng.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            peer.step()
+        eng.barrier()
+        return time.perf_counter() - start
+
+    return run
+
+
+def worker(args: argparse.Namespace) -> None:
+    eng.init_distributed()
+    cfg = load_config(None, DEFAULT_OVERRIDES + args.overrides)
+    s = open_session(cfg)
+    peers = {"hf_ddp": Peer("hf_ddp", s.cfg, s.rank, s.world, build_ddp(s.cfg)),
+             "hf_ds": Peer("hf_ds", s.cfg, s.rank, s.world, build_hf_ds(s))}
+    gaps = logit_gaps(s, peers)
+    runs: dict[str, Callable[[int], float]] = {"tiedmoe": lambda n: timed_steps(s, n)}
+    runs.update({name: peer_runner(peer) for name, peer in peers.items()})
+    seconds, memory = dict.fromkeys(runs, 0.0), {name: {} for name in runs}
+    for run in runs.values():
+        run(2)  # warm-up
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            seconds[name] += timed_block(run, args.steps, memory[name])
+    peak, source = peak_flops(cfg)
+    flops = s.accounting.train_flops_per_token
+    result: dict[str, Any] = {"overrides": args.overrides, "steps": args.steps, "repeats": args.repeats,
+                              "world_size": s.world, "device": _device(), "torch": torch.__version__,
+                              "ds_config": s.ds_config.get("zero_optimization"), "logit_max_abs_diff": gaps,
+                              "logits_identical": all(g < LOGIT_TOL for g in gaps.values()),
+                              "model_flops_per_token": flops, "peak_flops_per_rank": peak,
+                              "peak_flops_source": source, "peers": {}}
+    for name in runs:
+        tok_s = s.tokens_per_step * args.steps * args.repeats / seconds[name]
+        mem = eng.max_over_ranks([memory[name]["peak"], memory[name]["growth"]])
+        result["peers"][name] = {"tokens_per_s": tok_s, "mfu": flops * tok_s / s.world / peak,
+                                 "peak_rss_gib_per_rank": mem[0] / GIB, "rss_growth_gib_per_rank": mem[1] / GIB}
+    for r in result["peers"].values():
+        r["vs_tiedmoe"] = r["tokens_per_s"] / result["peers"]["tiedmoe"]["tokens_per_s"]
+    if eng.rank() == 0:
+        Path(args.json_raw).write_text(json.dumps(result, indent=1))
+    eng.shutdown()
+
+
+def render(result: dict[str, Any]) -> str:
+    gaps = ", ".join(f"{k} {v:.1e}" for k, v in result["logit_max_abs_diff"].items())
+    lines = [f"peers on {result['world_size']} ranks, {result['device']}; overrides: "
+             f"{' '.join(result['overrides']) or '(default config)'}",
+             f"logits vs tiedmoe, max |diff|: {gaps} ({'identical' if result['logits_identical'] else 'DIFFERENT'}"
+             f" within {LOGIT_TOL:g})", "",
+             "| trainer | tokens/s | vs tiedmoe | MFU | peak RSS GiB/rank | RSS growth in its blocks GiB/rank |",
+             "|---|---|---|---|---|---|"]
+    for name, r in result["peers"].items():
+        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['vs_tiedmoe']:.3f} | {100 * r['mfu']:.2f}% | "
+                     f"{r['peak_rss_gib_per_rank']:.3f} | {r['rss_growth_gib_per_rank']:.3f} |")
+    lines.append(f"\nMFU peak: {result['peak_flops_per_rank']:.3g} FLOP/s per rank ({result['peak_flops_source']}); "
+                 f"{result['model_flops_per_token']:.3g} training FLOPs per token (tied layers counted at every use)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed block")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating blocks per trainer")
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "peers_cpu.json"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json-raw", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides (the model and batch of every trainer)")
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
+    with tempfile.TemporaryDirectory() as tmp:
+        result = collect_json(["benchmarks.peers", "--worker", "--steps", str(args.steps), "--repeats",
+                               str(args.repeats), *args.overrides], 2, False, tmp)
+    if isinstance(result, int):
+        return result
+    table = render(result)
+    print(table)
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(table + "\n")
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0 if result["logits_identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

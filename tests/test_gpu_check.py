@@ -1,0 +1,33 @@
+"""benchmarks/gpu_check.sh --dry-run: the GPU check's own steps on CPU at tiny size, so the script that
+only ever runs on a lent GPU cannot rot between loans."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.distributed
+def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=420)
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-3000:] + log[-6000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry_run"] and report["failed_steps"] == [] and report["parity_pass"]
+    assert [s["step"] for s in report["steps"]] == ["default_run", "parity", "throughput"]
+    assert len(report["parity"]["cells"]) == 8  # ZeRO {0,3} x EP 1 x {tied, untied} x {fp32, bf16}
+    variants = report["throughput"]["variants"]
+    assert set(variants) == {"untied", "g2", "g4"}
+    for name in ("g2", "g4"):
+        # at tiny size on CPU the largest micro-batch within the budget may be the common one, or none
+        assert variants[name]["ratio_equal_batch"] > 0 and "micro_batch_equal_memory" in variants[name]
+    assert report["default_run"]["steps"] == 3
+    assert "# GPU check (dry run" in (out / "summary.md").read_text()
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT

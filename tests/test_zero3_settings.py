@@ -1,0 +1,58 @@
+"""The ZeRO-3 settings and the per-step overhead removed in trainer.engine, checked without starting ranks.
+
+The shipped ds_configs/zero3.json is tuned for speed (README "ZeRO-3 settings"); the gather counts in
+trainer.parity are measured under ds_configs/zero3_strict.json, where every parameter is fetched on
+use, so a test that counts all-gathers can never read 0 because a bank became persistent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from trainer import engine as eng
+from trainer import parity
+from trainer.config import REPO_ROOT, load_config
+
+
+def _zero(path: str) -> dict:
+    return json.loads((REPO_ROOT / path).read_text())["zero_optimization"]
+
+
+def test_gather_counts_are_measured_under_strict_settings() -> None:
+    strict = _zero(parity.STRICT_ZERO3)
+    assert strict["stage"] == 3
+    assert strict["stage3_param_persistence_threshold"] == 0 and strict["stage3_prefetch_bucket_size"] == 0
+
+
+@pytest.mark.parametrize("path", ["ds_configs/zero3.json", "ds_configs/zero3_strict.json"])
+def test_trainer_keeps_the_tie_aware_reuse_distance(path: str) -> None:
+    cfg = load_config(None, ["data.source=random", f"parallel.ds_config={path}"])
+    settings = eng.deepspeed_config(cfg, cfg.model_config(), world_size=2)
+    assert settings["zero_optimization"]["stage3_max_reuse_distance"] == eng.tie_aware_reuse_distance(cfg.model_config())
+
+
+def test_local_size_comes_from_the_launcher_and_an_explicit_one_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    eng.set_cpu_local_size()
+    assert os.environ["LOCAL_SIZE"] == "2"
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    eng.set_cpu_local_size()
+    assert os.environ["LOCAL_SIZE"] == "4"
+
+
+def test_cpu_accelerator_device_count_forks_nothing_with_local_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed's CPU accelerator must read LOCAL_SIZE instead of running `numactl` (it did: 13 forks a step)."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    def no_fork(*args, **kwargs):
+        raise AssertionError(f"subprocess started: {args}")
+
+    monkeypatch.setattr(subprocess, "check_output", no_fork)
+    monkeypatch.setattr(subprocess, "Popen", no_fork)
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert CPU_Accelerator().device_count() == 2
