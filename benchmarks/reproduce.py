@@ -114,7 +114,9 @@ def table(results: dict[str, list[dict[str, Any]]], scale: str, seeds: list[int]
     base_ce = statistics.mean(r["val_ce"] for r in base) if base else None
     lines = [f"# Reproduction ({scale} scale, seeds {', '.join(map(str, seeds))})", "",
              "Validation cross-entropy after the last step (mean +- half the range over seeds); every variant "
-             "trained by `python benchmarks/reproduce.py` with the same data, steps and batch.", "",
+             "trained by `python benchmarks/reproduce.py` with the same data, steps and batch. tokens/s come from "
+             "separate runs and compare only on an otherwise idle machine; `python -m trainer.bench` measures "
+             "throughput ratios side by side.", "",
              "| variant | unique params | active params/token | val CE | vs untied | tokens/s | model states/rank (MiB) "
              "| tie agreement |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
