@@ -163,3 +163,19 @@ def test_refused_resume_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
     errors = _errors(refused.stderr)
     assert len(errors) == 1 and "model.tie_group_size" in errors[0], refused.stderr[-3000:]
     assert _digest(tmp_path / "r") == before
+
+
+def test_resume_never_sets_the_previous_run_aside(tmp_path: Path) -> None:
+    """Starting over must not leave the replaced run's `latest` for a later run.resume=auto to pick up."""
+    first = _run([f"run.out_dir={tmp_path}", "run.name=again", "run.steps=4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _run([f"run.out_dir={tmp_path}", "run.name=again", "run.steps=4", "run.resume=never",
+                  "run.stop_at_step=2"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = tmp_path / "again"
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step")) == ["step00000002"]
+    aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "latest").read_text() == "step00000004"
+    resumed = _run([f"run.out_dir={tmp_path}", "run.name=again", "run.steps=4"])
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stdout[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,12 +131,29 @@ def _resume(s: Session, run_dir: Path) -> int:
     if point.tag is None:
         if s.rank == 0:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if s.cfg.run.resume == "never":
+                _set_aside_previous(run_dir)
+        eng.barrier()
         return 0
     state = checkpoint.load(s.engine, ckpt_dir, point.tag, verify=False)
     s.source.load_state_dict(state["data"])
     if s.rank == 0:
         print(f"resumed from {ckpt_dir / point.tag} at step {state['step']}", flush=True)
     return state["step"]
+
+
+def _set_aside_previous(run_dir: Path) -> None:
+    """run.resume=never starts over: an earlier run's checkpoints and TensorBoard events are moved into
+    `replaced-<time>/` (not deleted), so a later `run.resume=auto` cannot resume the run that was replaced
+    and the new curves do not mix with the old ones."""
+    old = [run_dir / name for name in ("checkpoints", "tb") if (run_dir / name).exists()]
+    if not old:
+        return
+    aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in old:
+        path.rename(aside / path.name)
+    print(f"run.resume=never: the previous run's {' and '.join(p.name for p in old)} moved to {aside}", flush=True)
 
 
 def _check_finite(s: Session, step: int, out: StepResult, skips_in_a_row: int) -> None:
