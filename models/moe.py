@@ -82,6 +82,23 @@ class Experts(nn.Module):
         return x_TD.new_zeros(n_tokens, x_TD.shape[-1]).index_add_(0, token_of_N, y_ND)
 
 
+class BankSlot(nn.Module):
+    """Where a tied follower's own expert bank would be: the bank's shapes, no parameters.
+
+    Why: a follower runs its leader's bank (`apply_tying`), so a bank of its own would be built only
+    to be thrown away, which at paper scale under ZeRO-3 means materialised and partitioned for
+    nothing. The slot keeps the bank's place in the init order: its random draws still happen
+    (into a scratch tensor), so every other tensor gets the values it had when followers built
+    their own banks, and a seed gives the same model as before.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.num_experts = n_experts
+        # Registration order of `Experts`: gate_up_proj, then down_proj.
+        self.shapes = (torch.Size((n_experts, 2 * ffn_dim, d_model)), torch.Size((n_experts, d_model, ffn_dim)))
+
+
 class MoEBlock(nn.Module):
     """Router (`gate`) + routed experts (+ optional always-on `shared_expert`). Never drops a token.
 
@@ -90,12 +107,13 @@ class MoEBlock(nn.Module):
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, ffn_dim: int, norm_topk_prob: bool,
-                 shared_ffn_dim: int = 0) -> None:
+                 shared_ffn_dim: int = 0, own_experts: bool = True) -> None:
         super().__init__()
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.gate = nn.Linear(d_model, n_experts, bias=False)
-        self.experts = Experts(n_experts, d_model, ffn_dim)
+        # A tied follower gets a slot, replaced by its leader's bank when the model is tied.
+        self.experts: nn.Module = (Experts if own_experts else BankSlot)(n_experts, d_model, ffn_dim)
         if shared_ffn_dim:
             self.shared_expert = SwiGLU(d_model, shared_ffn_dim)
 

@@ -9,14 +9,17 @@ Shape legend: B batch, S sequence, D d_model, H query heads, G kv heads, Dh head
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.config import LayerPlan, ModelConfig, layer_plan
-from models.moe import MoEBlock, SwiGLU, borrow
+from models.moe import BankSlot, MoEBlock, SwiGLU, borrow
 
 
 class RMSNorm(nn.Module):
@@ -101,7 +104,8 @@ class DecoderLayer(nn.Module):
             self.mlp: nn.Module = SwiGLU(cfg.d_model, cfg.dense_ffn_dim)
         else:
             self.mlp = MoEBlock(cfg.d_model, plan.n_experts, cfg.top_k, cfg.expert_ffn_dim, cfg.norm_topk_prob,
-                                shared_ffn_dim=cfg.n_shared_experts * cfg.shared_expert_ffn_dim)
+                                shared_ffn_dim=cfg.n_shared_experts * cfg.shared_expert_ffn_dim,
+                                own_experts=not plan.is_tied_follower)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin)
@@ -116,10 +120,30 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
-class MoETransformer(nn.Module):
-    """Causal LM. `forward(input_ids) -> logits`; losses live in the trainer."""
+Init = Callable[[torch.Tensor], object]
+Writer = Callable[[nn.Parameter, Init], None]  # (parameter, init) -> the parameter holds init's draws
 
-    def __init__(self, cfg: ModelConfig) -> None:
+
+def write_whole(param: nn.Parameter, init: Init) -> None:
+    """Run `init` on the parameter, on the CPU generator wherever the parameter lives, so a seed gives
+    the same values on every device."""
+    with torch.no_grad():
+        if param.device.type == "cpu":
+            init(param.data)
+            return
+        scratch = torch.empty(param.shape, dtype=param.dtype)
+        init(scratch)
+        param.data.copy_(scratch)
+
+
+class MoETransformer(nn.Module):
+    """Causal LM. `forward(input_ids) -> logits`; losses live in the trainer.
+
+    `defer_init=True` builds the modules only (followers still holding `BankSlot`s); the builder
+    then calls `reset_parameters` and `apply_tying` itself (ZeRO-3 construction, `build_model`).
+    """
+
+    def __init__(self, cfg: ModelConfig, defer_init: bool = False) -> None:
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
@@ -127,23 +151,18 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.activation_checkpointing = False
-        self.reset_parameters()
-        apply_tying(self)
+        if not defer_init:
+            self.reset_parameters()
+            apply_tying(self)
 
-    def reset_parameters(self) -> None:
-        if self.config.init == "paper":
-            depth_scaled_xavier(self, self.config.n_layers)
-            return
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            for name in ("gate_up_proj", "down_proj"):
-                param = module._parameters.get(name)
-                if param is not None:
-                    nn.init.normal_(param, mean=0.0, std=std)
+    def reset_parameters(self, write: Writer = write_whole) -> None:
+        """The seed-determined init. `write` puts each parameter's draws where the parameter lives
+        (the engine's writer keeps only this rank's ZeRO-3 partition of them)."""
+        for target, init in init_plan(self):
+            if isinstance(target, torch.Size):  # a follower's bank slot: the draws only
+                init(torch.empty(target))
+            else:
+                write(target, init)
 
     def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         x_BSD = self.model.embed_tokens(input_ids_BS)
@@ -157,7 +176,46 @@ class MoETransformer(nn.Module):
         return self.lm_head(self.model.norm(x_BSD))
 
 
-def depth_scaled_xavier(model: nn.Module, n_layers: int) -> None:
+InitTarget = nn.Parameter | torch.Size  # a parameter, or the shape of a follower's bank slot
+
+
+def init_plan(model: MoETransformer) -> Iterator[tuple[InitTarget, Init]]:
+    """Every init draw in order: the order is the random stream, so it must never change.
+
+    `model.init=normal`: N(0, init_std) on each Linear / Embedding weight (an embedding shared with
+    the head is drawn twice, as it always was) and expert bank, ones for norms.
+    `model.init=paper`: `depth_scaled_xavier` on each distinct parameter.
+    """
+    cfg = model.config
+    if cfg.init == "paper":
+        init = depth_scaled_xavier(cfg.n_layers)
+        seen: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, BankSlot):
+                yield from ((shape, init) for shape in module.shapes)
+            for param in module._parameters.values():  # the order of model.parameters()
+                if param is not None and id(param) not in seen:
+                    seen.add(id(param))
+                    yield param, init
+        return
+
+    def normal(t: torch.Tensor) -> object:
+        return nn.init.normal_(t, mean=0.0, std=cfg.init_std)
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            yield module.weight, normal
+        elif isinstance(module, RMSNorm):
+            yield module.weight, nn.init.ones_
+        elif isinstance(module, BankSlot):
+            yield from ((shape, normal) for shape in module.shapes)
+        for name in ("gate_up_proj", "down_proj"):
+            param = module._parameters.get(name)
+            if param is not None:
+                yield param, normal
+
+
+def depth_scaled_xavier(n_layers: int) -> Callable[[torch.Tensor], None]:
     """The paper's init: xavier_uniform with gain 1/sqrt(3 n_layers) on every matrix (embeddings, head and
     routers included), each expert [out, in] of a bank on its own so fan-in/out are one expert's; norms 1.
 
@@ -165,14 +223,17 @@ def depth_scaled_xavier(model: nn.Module, n_layers: int) -> None:
     models keep its variance from growing with depth (as in epfml/looped-moe `moe_train.py`).
     """
     gain = 1.0 / math.sqrt(3 * n_layers)
-    for param in model.parameters():  # each tied tensor once
-        if param.ndim == 2:
-            nn.init.xavier_uniform_(param, gain=gain)
-        elif param.ndim == 3:
-            for expert in param.data:
+
+    def init(t: torch.Tensor) -> None:
+        if t.ndim == 2:
+            nn.init.xavier_uniform_(t, gain=gain)
+        elif t.ndim == 3:
+            for expert in t:
                 nn.init.xavier_uniform_(expert, gain=gain)
         else:
-            nn.init.ones_(param)
+            nn.init.ones_(t)
+
+    return init
 
 
 def apply_tying(model: MoETransformer) -> None:
@@ -198,8 +259,18 @@ def apply_tying(model: MoETransformer) -> None:
             borrow(layer, "self_attn", layers[plan.attention_owner].self_attn)
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
-    """Deterministic construction: the same config and seed give the same weights on every rank."""
+def build_model(cfg: ModelConfig, seed: int = 0, construct: Callable[[], AbstractContextManager[object]] | None = None,
+                write: Writer = write_whole) -> MoETransformer:
+    """Deterministic construction: the same config and seed give the same weights on every rank.
+
+    `construct` wraps building the modules (the engine passes `deepspeed.zero.Init` at ZeRO-3, which
+    partitions each module's parameters as soon as it is built) and `write` stores each parameter's
+    init draws (the engine's keeps this rank's partition); the weights are the same either way.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MoETransformer(cfg)
+        with construct() if construct is not None else contextlib.nullcontext():
+            model = MoETransformer(cfg, defer_init=True)
+        model.reset_parameters(write)
+        apply_tying(model)
+        return model

@@ -19,6 +19,8 @@ module imports deepspeed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import importlib
 import logging
 import os
@@ -31,7 +33,8 @@ from torch import nn
 
 from models.accounting import layer_parts
 from models.config import ModelConfig, layer_plan
-from models.transformer import MoETransformer, apply_tying
+from models.moe import borrow
+from models.transformer import MoETransformer, apply_tying, build_model
 from trainer.config import TrainConfig, load_engine_settings
 from trainer.optim import build_optimizer, joint_row_blocks, param_groups
 
@@ -128,16 +131,40 @@ def autoep_settings(model_cfg: ModelConfig, ep_size: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def tied_expert_parallel() -> Iterator[None]:
-    """THE SEAM: re-tie experts right after AutoEP builds its layers (see module docstring)."""
+    """THE SEAM: re-tie experts right after AutoEP builds its layers (see module docstring).
+
+    With a model built partitioned (ZeRO-3, `build`), DeepSpeed partitions each new EP block's
+    experts as soon as the block replaces ours; a follower's block then takes its leader's (already
+    replaced) bank instead, before its own copy is partitioned, so no rank ever holds a bank per
+    layer.
+    """
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     original = DeepSpeedEngine._configure_expert_parallel
+    partition = DeepSpeedEngine._partition_autoep_zero3_experts
+    partition_descriptor = vars(DeepSpeedEngine)["_partition_autoep_zero3_experts"]
 
     def configure_then_tie(self: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, model, *args, **kwargs)
-        if isinstance(model, MoETransformer):
-            apply_tying(model)
-            _present_followers_as_plain_modules(model)
+        if not isinstance(model, MoETransformer):
+            return original(self, model, *args, **kwargs)
+
+        def partition_or_borrow(replacement: nn.Module, convert: Callable[..., Any]) -> None:
+            layers = model.model.layers
+            layer = next(layer for layer in layers if layer.mlp is replacement)
+            if not layer.plan.is_tied_follower:
+                partition(replacement, convert)
+                release_freed_memory()  # the source bank and the unpartitioned EP copy
+                return
+            borrow(replacement, "experts", layers[layer.plan.expert_owner].mlp.experts)
+            release_freed_memory()  # the follower's unpartitioned copy, now unreferenced
+
+        DeepSpeedEngine._partition_autoep_zero3_experts = staticmethod(partition_or_borrow)
+        try:
+            result = original(self, model, *args, **kwargs)
+        finally:
+            DeepSpeedEngine._partition_autoep_zero3_experts = partition_descriptor
+        apply_tying(model)
+        _present_followers_as_plain_modules(model)
         return result
 
     DeepSpeedEngine._configure_expert_parallel = configure_then_tie
@@ -145,6 +172,83 @@ def tied_expert_parallel() -> Iterator[None]:
         yield
     finally:
         DeepSpeedEngine._configure_expert_parallel = original
+
+
+def build(model_cfg: ModelConfig, cfg: TrainConfig) -> MoETransformer:
+    """The seed-determined model for this rank, built partitioned when the engine runs ZeRO-3.
+
+    Why: a plain build materialises every parameter on every rank before ZeRO-3 partitions it
+    (an OLMoE-1B-7B rank would need 28 GB of host memory first). Under `deepspeed.zero.Init` each
+    module is partitioned as soon as it is built, followers build no bank at all (`BankSlot`), each
+    parameter's init is drawn whole once, one parameter at a time, keeping only this rank's slice,
+    and the tying seam hands a follower's EP block its leader's bank before its own copy is
+    partitioned. Tensors are created on the CPU as in a plain build (no device/dtype override) and
+    drawn from the CPU generator, so the weights are bit-identical to
+    `models.transformer.build_model` with the same seed (tests/test_construction.py).
+    Measured host peaks: benchmarks/construction_memory.py.
+    """
+    ds_config = deepspeed_config(cfg, model_cfg, world_size())
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return build_model(model_cfg, seed=cfg.run.seed)
+    import deepspeed
+
+    def construct() -> contextlib.AbstractContextManager[object]:
+        return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32, tensor_overrides=[])
+
+    model = build_model(model_cfg, seed=cfg.run.seed, construct=construct, write=_write_partition)
+    if cfg.run.precision == "bf16":
+        _cast_partitions(model, torch.bfloat16)
+    release_freed_memory()
+    return model
+
+
+def release_freed_memory(collect: bool = True) -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc `malloc_trim`).
+
+    Why: building frees many whole tensors of 1-32 MB (below glibc's mmap threshold, so they live on the
+    heap); glibc keeps those pages resident, and the host peak would count them again on top of the
+    next layer's transients. Elsewhere than glibc this only collects garbage.
+    """
+    if collect:
+        gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _write_partition(param: nn.Parameter, init: Callable[[torch.Tensor], object]) -> None:
+    """Draw the whole parameter on the CPU (fp32, as a plain build does) and keep this rank's ZeRO-3 slice.
+
+    Why not `GatheredParameters`: every rank draws the same values anyway, and gathering, modifying and
+    re-partitioning holds the whole tensor twice per rank (the peak while building) and talks to every
+    rank per parameter. The slice is DeepSpeed's layout (`_partition_param`): the flattened tensor cut
+    into `ds_tensor.ds_numel`-element pieces, rank r of the parameter's group holding piece r.
+    """
+    import deepspeed.comm as dist
+
+    whole = torch.empty(param.ds_shape, dtype=torch.float32)
+    with torch.no_grad():
+        init(whole)
+        part = param.ds_tensor
+        start = part.ds_numel * dist.get_rank(group=param.ds_process_group)
+        count = max(0, min(part.ds_numel, param.ds_numel - start))
+        part.data[:count].copy_(whole.view(-1)[start:start + count])
+    del whole
+    release_freed_memory(collect=False)
+
+
+def _cast_partitions(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round each rank's fp32 partitions to `dtype`, as the engine casts a plain-built model.
+
+    Why here: DeepSpeed leaves a model built under zero.Init in the dtype it was built in, and building
+    in bf16 (zero.Init's dtype override) would draw `normal_` into bf16 tensors, which consumes the
+    random stream differently from fp32 and so changes every later weight. Rounding element by element
+    gives the same bf16 values (and fp32 masters made from them) as casting whole parameters.
+    """
+    for param in model.parameters():
+        param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+        param.data = param.data.to(dtype)
 
 
 _FOLLOWER_CLASS: type | None = None
@@ -191,7 +295,8 @@ class UpdateGate:
         return optimizer
 
 
-def optimizer_factory(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate) -> Callable[[Any], torch.optim.Optimizer]:
+def optimizer_factory(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate,
+                      on_built: Callable[[], None] | None = None) -> Callable[[Any], torch.optim.Optimizer]:
     """A callable DeepSpeed invokes after AutoEP replacement and tying, so groups see the live tensors.
 
     ZeRO-1/2 need expert parameters in their own 'moe' groups (reduced over the expert-data-parallel group).
@@ -201,6 +306,9 @@ def optimizer_factory(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate)
 
     def build(_params: Any) -> torch.optim.Optimizer:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        if on_built is not None:  # AutoEP blocks in place and tied; no optimizer state exists yet
+            on_built()
 
         groups = param_groups(model, cfg.optim, model.config)
         return gate.wrap(build_optimizer(split_params_into_different_moe_groups_for_optimizer(groups), cfg.optim,
@@ -217,10 +325,13 @@ class _NoHFRecorderWarning(logging.Filter):
         return "output-capture registry" not in record.getMessage()
 
 
-def initialize(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate | None = None) -> tuple[Any, dict[str, Any]]:
+def initialize(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate | None = None,
+               on_built: Callable[[], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """A DeepSpeed engine with tied expert parallelism, and the DeepSpeed config it got.
 
     The process group must exist and `cfg` be resolved for its world size (`TrainConfig.for_world`).
+    `on_built` runs once the model is complete (EP blocks in place, tied) and before any optimizer
+    state exists: where memory benchmarks read the cost of building the model.
     """
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -231,7 +342,7 @@ def initialize(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate | None 
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     ds_config = deepspeed_config(cfg, model.config, world_size())
     with tied_expert_parallel():
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory(model, cfg, gate or UpdateGate()),
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory(model, cfg, gate or UpdateGate(), on_built),
                                                config=ds_config)
     return engine, ds_config
 

@@ -171,7 +171,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(run_dir / "config.yaml")
     cfg = cfg.for_world(world)
     model_cfg = cfg.model_config()
-    engine, _ = eng.initialize(build_model(model_cfg, seed=cfg.run.seed), cfg)
+    engine, _ = eng.initialize(eng.build(model_cfg, cfg), cfg)
     load_path, _ = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=args.tag, load_optimizer_states=False,
                                           load_lr_scheduler_states=False)
     if load_path is None:

@@ -72,10 +72,16 @@ def expert_owner_of(name: str, uses: dict[int, int]) -> int | None:
     return None
 
 
+def full_ndim(param: nn.Parameter) -> int:
+    """Dimensions of the whole tensor: a ZeRO-3 partitioned parameter is a flat slice that keeps its
+    full shape in `ds_shape` (the model is built partitioned at ZeRO-3, so groups see slices)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def uses_muon(name: str, param: nn.Parameter) -> bool:
     """The paper's split: Muon for hidden matrices and expert banks; AdamW for embeddings, the LM head,
     routers (ours: `mlp.gate`, AutoEP: `mlp.router.gate`) and 1-D tensors."""
-    if param.ndim < 2 or name in ("model.embed_tokens.weight", "lm_head.weight"):
+    if full_ndim(param) < 2 or name in ("model.embed_tokens.weight", "lm_head.weight"):
         return False
     return _mlp_part(name) not in ("gate", "router")
 
@@ -92,7 +98,7 @@ def param_groups(model: nn.Module, optim: OptimSection, model_cfg: ModelConfig) 
             continue
         owner = expert_owner_of(name, uses)
         scale = tied_lr_multiplier(optim.tied_lr_scale, uses[owner]) if owner is not None else 1.0
-        kind = uses_muon(name, param) if optim.name == "muon" else param.ndim >= 2
+        kind = uses_muon(name, param) if optim.name == "muon" else full_ndim(param) >= 2
         key = (kind, scale)
         if key not in groups:
             groups[key] = _new_group(kind, scale, optim)

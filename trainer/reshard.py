@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from models.transformer import build_model
 from trainer import checkpoint
 from trainer import engine as eng
 from trainer.config import TrainConfig, load_config, zero_stage
@@ -80,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     eng.init_distributed()
     world = eng.world_size()
     cfg = load_config(run_dir / "config.yaml").for_world(world)
-    engine, _ = eng.initialize(build_model(cfg.model_config(), seed=cfg.run.seed), cfg)
+    engine, _ = eng.initialize(eng.build(cfg.model_config(), cfg), cfg)
     ckpt_dir = run_dir / "checkpoints"
     state = checkpoint.load(engine, ckpt_dir, args.tag, verify=False)
     training = eng.gather_training_state(engine)

@@ -16,7 +16,6 @@ import torch
 
 from models.accounting import Accounting, account, layer_parts
 from models.config import LayerPlan, ModelConfig, layer_plan
-from models.transformer import build_model
 from trainer import engine as eng
 from trainer.config import TrainConfig
 from trainer.data import BatchSource, make_source
@@ -59,7 +58,7 @@ def open_session(cfg: TrainConfig) -> Session:
     cfg = cfg.for_world(world)
     model_cfg = cfg.model_config()
     gate = eng.UpdateGate()
-    engine, ds_config = eng.initialize(build_model(model_cfg, seed=cfg.run.seed), cfg, gate)
+    engine, ds_config = eng.initialize(eng.build(model_cfg, cfg), cfg, gate)
     torch.manual_seed(cfg.run.seed + rank)
     return Session(cfg=cfg, model_cfg=model_cfg, plan=layer_plan(model_cfg),
                    accounting=account(model_cfg, cfg.data.seq_len), ds_config=ds_config, rank=rank, world=world,
