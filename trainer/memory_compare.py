@@ -2,8 +2,9 @@
 
 Reads each run's `memory_report.json` (written by `trainer.memory.write_run_report`), prints a markdown
 table by category with each run's figure and its ratio to the first run, and writes the table
-(`memory_compare.md`) and a bar chart (`memory_compare.png`) into `--out` (default: the current
-directory). Figures are the largest over a run's ranks: the busiest rank is the one that must fit.
+(`memory_compare.md`) and a bar chart (`memory_compare.png`) into `--out` (default: the first run's
+directory, beside the reports it reads rather than wherever the command was started). Figures are the
+largest over a run's ranks: the busiest rank is the one that must fit.
 """
 
 from __future__ import annotations
@@ -99,11 +100,13 @@ def plot(reports: list[dict[str, Any]], names: list[str], path: Path) -> None:
 def compare_main(argv: list[str]) -> int:
     parser = OneLineParser(prog="python -m trainer.memory compare", description=__doc__)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--out", default=".", help="where memory_compare.md and memory_compare.png go (default: .)")
+    parser.add_argument("--out", help="where memory_compare.md and memory_compare.png go (default: the first RUN_DIR)")
     args = parser.parse_args(argv)
     reports = [load_report(d) for d in args.run_dirs]
     names = column_names(args.run_dirs)
-    out = Path(args.out)
+    out = Path(args.out if args.out is not None else args.run_dirs[0])
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out={args.out}: not a directory")
     out.mkdir(parents=True, exist_ok=True)
     table = render_table(reports, names)
     print(table, end="")
