@@ -156,7 +156,7 @@ def model_and_layout(args: argparse.Namespace) -> tuple[str, ModelConfig, Layout
     return Path(target).stem if target not in PRESETS else target, cfg, layout
 
 
-def plan_main(argv: list[str]) -> int:
+def plan_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m trainer.memory plan", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", metavar="PRESET_OR_CONFIG")
@@ -175,11 +175,20 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--reserve-gib", type=float, default=1.0,
                         help="per-GPU memory set aside for CUDA context, NCCL and fragmentation (default 1)")
     parser.add_argument("--json", help="also write the rows as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_plan(argv: list[str]) -> tuple[argparse.Namespace, str, Layout, list[dict[str, Any]]]:
+    """Parse a `plan` command line and size its tied variants: (arguments, name, layout, rows)."""
+    args = plan_parser().parse_args(argv)
     if args.reserve_gib < 0:
         raise ValueError(f"--reserve-gib={args.reserve_gib:g}: expected a non-negative number")
     name, cfg, layout = model_and_layout(args)
-    rows = plan(cfg, layout)
+    return args, name, layout, plan(cfg, layout)
+
+
+def plan_main(argv: list[str]) -> int:
+    args, name, layout, rows = run_plan(argv)
     print(render(name, layout, rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"target": name, "layout": dataclasses.asdict(layout), "rows": rows},
