@@ -3,6 +3,7 @@
     python -m trainer.memory [measure] [--json OUT] [key=value ...]   tied vs untied on 2 CPU ranks
     python -m trainer.memory compare RUN_DIR [RUN_DIR ...] [--out DIR]  runs' memory reports side by side
     python -m trainer.memory plan PRESET_OR_CONFIG --gpus N --gpu-mem-gib M [...]  which g fits (no model built)
+    python -m trainer.memory docs [--out docs/memory.md] [...]        regenerate the memory docs page
 
 `measure` builds the configured (tied) model and its untied twin on 2 CPU ranks, takes one optimizer
 step so optimizer state exists, then sums per rank the bytes of: parameters as held (the ZeRO-3
@@ -319,7 +320,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command, rest = (argv[0], argv[1:]) if argv and argv[0] in ("measure", "compare", "plan") else ("measure", argv)
+    commands = ("measure", "compare", "plan", "docs")
+    command, rest = (argv[0], argv[1:]) if argv and argv[0] in commands else ("measure", argv)
     try:
         if command == "compare":
             from trainer.memory_compare import compare_main
@@ -329,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.memory_plan import plan_main
 
             return plan_main(rest)
+        if command == "docs":
+            from trainer.memory_docs import docs_main
+
+            return docs_main(rest)
         return measure_main(rest)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
