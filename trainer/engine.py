@@ -160,7 +160,8 @@ def tied_expert_parallel() -> Iterator[None]:
 
         DeepSpeedEngine._partition_autoep_zero3_experts = staticmethod(partition_or_borrow)
         try:
-            result = original(self, model, *args, **kwargs)
+            with whole_tensors_unmapped_on_free():
+                result = original(self, model, *args, **kwargs)
         finally:
             DeepSpeedEngine._partition_autoep_zero3_experts = partition_descriptor
         apply_tying(model)
@@ -195,11 +196,37 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig) -> MoETransformer:
     def construct() -> contextlib.AbstractContextManager[object]:
         return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32, tensor_overrides=[])
 
-    model = build_model(model_cfg, seed=cfg.run.seed, construct=construct, write=_write_partition)
-    if cfg.run.precision == "bf16":
-        _cast_partitions(model, torch.bfloat16)
-    release_freed_memory()
+    with whole_tensors_unmapped_on_free():
+        model = build_model(model_cfg, seed=cfg.run.seed, construct=construct, write=_write_partition)
+        if cfg.run.precision == "bf16":
+            _cast_partitions(model, torch.bfloat16)
+        release_freed_memory()
     return model
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@contextlib.contextmanager
+def whole_tensors_unmapped_on_free() -> Iterator[None]:
+    """While building, let glibc serve every allocation of 1 MiB or more with its own mapping.
+
+    Why: building allocates and frees one whole tensor after another (1-300 MB); glibc's default
+    threshold rises to 32 MiB after the first large free, so the mid-sized ones come from the heap and
+    stay resident around the partitions that outlive them, inflating the host peak by a few hundred
+    MiB. Afterwards the threshold is set to 32 MiB, where glibc's own adaptation ends up anyway.
+    Elsewhere than glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
 
 
 def release_freed_memory(collect: bool = True) -> None:
