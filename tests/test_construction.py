@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,29 @@ def test_partitioned_build_trains_exactly_like_the_plain_build(cells: dict, name
     assert cell["same_keys"]
     assert cell["max_weight_diff"] == 0.0
     assert cell["losses_partitioned"] == cell["losses_plain"]
+
+
+@pytest.mark.distributed
+def test_construction_memory_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
+    """benchmarks/construction_memory.py at a tiny size (the committed results are ~1-2B parameters)."""
+    out = tmp_path / "construction.json"
+    tiny = ["model.d_model=64", "model.n_layers=4", "model.vocab_size=512", "model.n_heads=4", "model.n_kv_heads=4",
+            "model.expert_ffn_dim=32"]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "construction_memory.py"), "--json", str(out), *tiny],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    for path in ("partitioned", "plain"):
+        peaks = report["paths"][path]
+        assert len(peaks["peak_built_gib"]) == 2
+        assert all(b <= r for b, r in zip(peaks["peak_built_gib"], peaks["peak_engine_ready_gib"]))
+    assert "| partitioned | 0 |" in proc.stdout
+
+
+@pytest.mark.parametrize("args,field", [(["--paths", "bogus"], "--paths"), (["model.n_experts=7"], "expert_parallel_size")])
+def test_construction_memory_benchmark_refuses_bad_input_in_one_line(args: list[str], field: str) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "construction_memory.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and field in lines[0]
