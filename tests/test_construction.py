@@ -59,6 +59,8 @@ def test_the_twin_check_fails_when_slots_skip_their_draws(monkeypatch: pytest.Mo
 
 CELLS = {
     "z3-ep2-g2": "parallel.ds_config=ds_configs/zero3.json,parallel.expert_parallel_size=2,model.tie_group_size=2",
+    "z3-ep2-g2-widen2": "parallel.ds_config=ds_configs/zero3.json,parallel.expert_parallel_size=2,model.tie_group_size=2,"
+                        "model.widen_factor=2",
     "z3-ep2-g2-bf16": "parallel.ds_config=ds_configs/zero3.json,parallel.expert_parallel_size=2,model.tie_group_size=2,"
                       "run.precision=bf16",
     "z3-ep1-paper-tied-router-attention": "parallel.ds_config=ds_configs/zero3.json,parallel.expert_parallel_size=1,"
@@ -91,6 +93,7 @@ def test_partitioned_build_trains_exactly_like_the_plain_build(cells: dict, name
     assert cell["same_keys"]
     assert cell["max_weight_diff"] == 0.0
     assert cell["losses_partitioned"] == cell["losses_plain"]
+    assert cell["loaded_plain_checkpoint_logit_diff"] == 0.0
 
 
 @pytest.mark.distributed

@@ -192,9 +192,17 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig) -> MoETransformer:
     if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
         return build_model(model_cfg, seed=cfg.run.seed)
     import deepspeed
+    from deepspeed.utils import groups
+
+    # The group object the engine will partition over (its `seq_data_parallel_group`), not zero.Init's
+    # default world group: ZeRO-3 buckets parameters by group object, and the engine places the
+    # parameters it converts itself (AutoEP's routers) over this one, so with two objects the flat
+    # optimizer partitions, and with them the checkpoint layout, would differ from a plain build's.
+    partition_group = groups._get_sequence_data_parallel_group()
 
     def construct() -> contextlib.AbstractContextManager[object]:
-        return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32, tensor_overrides=[])
+        return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32, tensor_overrides=[],
+                                   data_parallel_group=partition_group)
 
     with whole_tensors_unmapped_on_free():
         model = build_model(model_cfg, seed=cfg.run.seed, construct=construct, write=_write_partition)
