@@ -42,7 +42,7 @@ from torch import nn  # noqa: E402
 from models.hf_convert import to_hf_model  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
-from trainer.bench import DEFAULT_OVERRIDES, _device, collect_json, timed_steps  # noqa: E402
+from trainer.bench import DEFAULT_OVERRIDES, _device, collect_json, timed_steps, timing_parser  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
 from trainer.metrics import peak_flops  # noqa: E402
@@ -223,14 +223,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating blocks per trainer")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "peers_cpu.json"))
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--json-raw", help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="config overrides (the model and batch of every trainer)")
-    args = parser.parse_args(argv)
+    args = timing_parser(__doc__, 5, 3, "peers_cpu.json", "trainer").parse_args(argv)
     if args.worker:
         worker(args)
         return 0

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from trainer import engine as eng  # noqa: E402
-from trainer.bench import DEFAULT_OVERRIDES, gathers_per_step, timed_steps  # noqa: E402
+from trainer.bench import DEFAULT_OVERRIDES, gathers_per_step, timed_steps, timing_parser  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.launch import report_from_cpu_ranks  # noqa: E402
 from trainer.session import open_session  # noqa: E402
@@ -119,14 +119,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed block")
-    parser.add_argument("--repeats", type=int, default=4, help="alternating blocks per variant")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "zero3_settings_cpu.json"))
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--json-raw", help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="config overrides applied to every variant")
-    args = parser.parse_args(argv)
+    args = timing_parser(__doc__, 5, 4, "zero3_settings_cpu.json", "variant").parse_args(argv)
     if args.worker:
         worker(args)
         return 0

@@ -149,15 +149,22 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating blocks per variant")
-    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / "tying_cpu.json"))
+def timing_parser(doc: str | None, steps: int, repeats: int, result: str, what: str) -> argparse.ArgumentParser:
+    """The command line every side-by-side timing benchmark shares: blocks of `--steps` optimizer steps
+    alternated `--repeats` times per `what`, JSON to `--json` (default benchmarks/results/`result`),
+    trailing key=value config overrides; `--worker` / `--json-raw` are the ranks' internal flags."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per timed block")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"alternating blocks per {what}")
+    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / result))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="config overrides applied to both variants")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help=f"config overrides applied to every {what}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = timing_parser(__doc__, 10, 3, "tying_cpu.json", "variant").parse_args(argv)
     load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
     if args.worker or "RANK" in os.environ:
         if not args.json_raw:
