@@ -389,10 +389,14 @@ def downstream_section(summaries: dict[str, dict[str, Any] | None]) -> str:
              f"Guessing scores {chance:.3f} on this average. At this many documents the binomial standard error "
              f"of one run's accuracy near chance is {min(se_task.values()):.3f}-{max(se_task.values()):.3f} per task "
              f"and {binomial_se(docs):.3f} on the macro average, so differences of a few hundredths between rows are "
-             f"noise. **These models are tiny and briefly trained: their downstream scores are at or near chance**, "
+             f"noise. **These models are tiny and briefly trained: their downstream scores are at chance or close to it** "
+             f"(a score below chance means the model prefers some wrong answers systematically, not that it learnt), "
              f"and the column says little about the claims; it is there because it is the honest measure the "
              f"paper reports.", ""]
     if scored:
+        macros = [d["macro_average"] for d in scored.values()]
+        lines[0] += (f" Here the variants' macro averages lie between {min(macros):.3f} and {max(macros):.3f} "
+                     f"(chance {chance:.3f}).")
         tasks = list(next(iter(scored.values()))["tasks"])
         lines += ["| variant | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
         lines += [f"| {name} | " + " | ".join(_pm(d["tasks"][t]["mean"], d["tasks"][t]["half_range"]) for t in tasks)
@@ -479,7 +483,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     if finals:
         curves.set_ylim(min(finals) - 0.2, min(finals) + 1.5)
     curves.legend(fontsize=7)
-    scored = {name: summarize(runs)["downstream"] for name, runs in ran.items() if summarize(runs).get("downstream")}
+    scored = {name: down for name, runs in ran.items() if (down := summarize(runs).get("downstream"))}
     if scored:
         bars.bar(list(scored), [d["macro_average"] for d in scored.values()],
                  yerr=[d["macro_half_range"] or 0 for d in scored.values()], capsize=4)
