@@ -248,6 +248,7 @@ def binomial_se(docs: dict[str, int]) -> float:
 
 
 HOLDS, FAILS, NOISE, NOT_RUN = "holds", "does not hold", "cannot be told from seed noise", "not run yet"
+AT_CHANCE = "cannot be told: neither row is above chance"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,9 +320,22 @@ def assess(claim: Claim, summaries: dict[str, dict[str, Any] | None]) -> dict[st
         se = binomial_se(da["docs"]) * math.sqrt(1 / da["runs"] + 1 / db["runs"])
         noise = None if None in spreads else max(sum(spreads), se)
         cost = db["macro_average"] - da["macro_average"]
-        out.update(downstream_verdict=verdict(claim.kind, cost, noise, claim.accuracy_tolerance),
+        result = verdict(claim.kind, cost, noise, claim.accuracy_tolerance)
+        out.update(downstream_verdict=result if above_chance(da) or above_chance(db) else AT_CHANCE,
                    downstream_gain=-cost, downstream_noise=noise)
     return out
+
+
+def above_chance(down: dict[str, Any]) -> bool:
+    """A variant's mean macro accuracy more than two binomial standard errors (of that mean) above guessing.
+    Below that, differences between variants are differences in how they fail (e.g. which answer lengths a
+    barely trained model prefers), not in what they learnt."""
+    chance = statistics.mean(CHANCE[t] for t in down["docs"])
+    return down["macro_average"] - chance > 2 * binomial_se(down["docs"]) / math.sqrt(down["runs"])
+
+
+def _signed(x: float) -> str:
+    return f"{round(x, 3) + 0.0:+.3f}"  # no "-0.000"
 
 
 def _noise(noise: float | None) -> str:
@@ -334,9 +348,9 @@ def claim_line(result: dict[str, Any]) -> str:
     if result["verdict"] == NOT_RUN:
         return head + f"{NOT_RUN} ({', '.join(result['missing'])})."
     text = (f"{result['verdict']} on validation CE ({result['variant']} minus {result['reference']}: "
-            f"{result['val_ce_cost']:+.3f}, seed noise {_noise(result['val_ce_noise'])})")
+            f"{_signed(result['val_ce_cost'])}, seed noise {_noise(result['val_ce_noise'])})")
     if "downstream_verdict" in result:
-        text += (f"; downstream macro accuracy {result['downstream_gain']:+.3f} (noise "
+        text += (f"; downstream macro accuracy {_signed(result['downstream_gain'])} (noise "
                  f"{_noise(result['downstream_noise'])}): {result['downstream_verdict']}")
     else:
         text += "; no downstream scores for both yet"
@@ -363,7 +377,7 @@ def table(results: dict[str, list[dict[str, Any]]], params: dict[str, tuple[int,
         if s is None:
             lines.append(f"| {name} | 0 of {len(seeds)} | {unique:,} | {active:,} | {NOT_RUN} | - | - | - | - | - |")
             continue
-        delta = f"{s['val_ce'] - base['val_ce']:+.3f}" if base else "-"
+        delta = _signed(s["val_ce"] - base["val_ce"]) if base else "-"
         down = s.get("downstream")
         down_text = "-" if not down else _pm(down["macro_average"], down["macro_half_range"]) + (
             f" ({down['runs']} of {s['seeds']})" if down["runs"] < s["seeds"] else "")
@@ -455,8 +469,9 @@ def document(results: dict[str, list[dict[str, Any]]], params: dict[str, tuple[i
         "Each claim compares two rows. A difference counts only when it exceeds its noise: the sum of the two "
         "rows' seed half-ranges (for the downstream average at least the binomial standard error of the "
         "difference). With two seeds this is roughly a one-standard-deviation rule, so \"holds\" means "
-        "\"points that way beyond the seed spread seen here\", not statistical significance. Regenerated with "
-        "the table, these lines stay true when runs are added.", "",
+        "\"points that way beyond the seed spread seen here\", not statistical significance. A downstream "
+        "comparison gets no verdict while neither row is more than two standard errors above chance. "
+        "Regenerated with the table, these lines stay true when runs are added.", "",
         *[claim_line(v) for v in verdicts], "",
         "## Context", "",
         context(results, summaries, scale),
