@@ -499,14 +499,19 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         curves.set_ylim(min(finals) - 0.2, min(finals) + 1.5)
     curves.legend(fontsize=7)
     scored = {name: down for name, runs in ran.items() if (down := summarize(runs).get("downstream"))}
-    if scored:
-        bars.bar(list(scored), [d["macro_average"] for d in scored.values()],
-                 yerr=[d["macro_half_range"] or 0 for d in scored.values()], capsize=4)
-        bars.axhline(statistics.mean(CHANCE[t] for t in DOWNSTREAM_TASKS), color="gray", linestyle="--",
-                     label="chance")
-        bars.legend()
-        low = min(d["macro_average"] for d in scored.values())
-        bars.set_ylim(min(low, 0.35) - 0.03, max(d["macro_average"] for d in scored.values()) + 0.03)
+    if scored:  # points, not bars: the axis does not start at zero
+        names = list(scored)
+        bars.errorbar(range(len(names)), [d["macro_average"] for d in scored.values()],
+                      yerr=[d["macro_half_range"] or 0 for d in scored.values()], fmt="o", capsize=4,
+                      label="mean +- half-range over seeds")
+        bars.set_xticks(range(len(names)), names)
+        docs = next(iter(scored.values()))["docs"]
+        chance, se = statistics.mean(CHANCE[t] for t in docs), binomial_se(docs)
+        bars.axhline(chance, color="gray", linestyle="--", label="chance")
+        bars.axhspan(chance - 2 * se, chance + 2 * se, color="gray", alpha=0.2, label="chance +- 2 SE (one run)")
+        bars.legend(fontsize=8)
+        values = [d["macro_average"] for d in scored.values()] + [chance - 2 * se, chance + 2 * se]
+        bars.set_ylim(min(values) - 0.02, max(values) + 0.02)
     else:
         bars.text(0.5, 0.5, "no downstream scores yet", ha="center", transform=bars.transAxes)
     bars.set_ylabel(f"downstream macro accuracy ({len(DOWNSTREAM_TASKS)} tasks, {DOWNSTREAM_FEWSHOT}-shot)")
