@@ -233,6 +233,7 @@ def initialize(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate | None 
     with tied_expert_parallel():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory(model, cfg, gate or UpdateGate()),
                                                config=ds_config)
+    attach_muon_layouts(engine)
     return engine, ds_config
 
 
@@ -722,3 +723,98 @@ def scatter_training_state(engine: Any, state: dict[str, Any]) -> None:
     for st in basic.state.values():
         if "step" in st:
             st["step"] = torch.tensor(float(state["optimizer_step"]), dtype=st["step"].dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Muon under ZeRO 1-3 and bf16: what DeepSpeed's flat partitions are made of (read-only)
+# --------------------------------------------------------------------------------------------------
+
+def attach_muon_layouts(engine: Any) -> None:
+    """Let `MuonWithAdamW` orthogonalise whole tensors although DeepSpeed hands it flat partitions.
+
+    Why: ZeRO 1-3 and the bf16 optimizers step the client optimizer on flat fp32 tensors (this rank's
+    partition of a parameter group, or of a ZeRO-3 sub-group). Momentum, decay and AdamW are
+    elementwise and run on them as they are; Newton-Schulz needs each expert's whole matrix, so the
+    optimizer asks `layout_of(flat)` which parameters the flat holds which elements of. This reads
+    DeepSpeed's bookkeeping only (changes nothing): ZeRO-1/2 and BF16_Optimizer link each parameter to
+    its fragment of the partition (`_hp_mapping`); ZeRO-3 concatenates each parameter's partition
+    (`ds_tensor`, rank r holds elements [r*n, (r+1)*n)) in sub-group order; the bf16 ZeRO-0 optimizer
+    (FP16_Optimizer) concatenates whole parameters. No-op for other optimizers and for ZeRO-0 fp32
+    (whole tensors). Layouts are rebuilt if DeepSpeed ever swaps a flat tensor for a new one.
+    """
+    from trainer.optim import MuonWithAdamW
+
+    basic = _basic_optimizer(engine)
+    if not isinstance(basic, MuonWithAdamW) or basic is engine.optimizer:
+        return
+    wrapper = engine.optimizer
+    cache: dict[int, tuple[torch.Tensor, Any]] = {}
+
+    def layout_of(flat: torch.Tensor) -> Any:
+        hit = cache.get(id(flat))
+        if hit is None or hit[0] is not flat:
+            cache.clear()
+            cache.update({id(f): (f, layout) for f, layout in _flat_layouts(wrapper)})
+            hit = cache.get(id(flat))
+        if hit is None or hit[0] is not flat:
+            raise RuntimeError(f"optim.name=muon: a flat tensor of {flat.numel()} elements that "
+                               f"{type(wrapper).__name__} does not list; its layout is unknown")
+        return hit[1]
+
+    basic.layout_of = layout_of
+
+
+def _flat_layouts(wrapper: Any) -> list[tuple[torch.Tensor, Any]]:
+    """(flat fp32 tensor, FlatLayout) for every flat the DeepSpeed optimizer `wrapper` steps."""
+    from trainer.optim import FlatLayout, FlatPiece
+
+    out = []
+    if getattr(wrapper, "fp32_partitioned_groups_flat", None) is not None:  # ZeRO-3
+        import deepspeed.comm as dist
+
+        for i, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
+            group = wrapper.sub_group_process_groups[i]
+            rank = dist.get_rank(group=group)
+            pieces, at = [], 0
+            for p in wrapper.fp16_groups[i]:
+                size = p.partition_numel()
+                start = rank * size
+                pieces.append(FlatPiece(p, p.ds_shape, start, max(0, min(size, p.ds_numel - start)), at))
+                at += size
+            out.append((flat, FlatLayout(pieces, _summer(group))))
+        return out
+    flats = (getattr(wrapper, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+             or getattr(wrapper, "fp32_groups_flat_partition", None))  # BF16_Optimizer (bf16 ZeRO-1)
+    if flats:
+        lp_groups = getattr(wrapper, "bit16_groups", None) or wrapper.bf16_groups
+        for i, flat in enumerate(flats):
+            pieces = []
+            for p in lp_groups[i]:
+                frag = getattr(p, "_hp_mapping", None)
+                if frag is None:  # no element of p in this rank's partition
+                    pieces.append(FlatPiece(p, p.shape, 0, 0, 0))
+                else:
+                    pieces.append(FlatPiece(p, p.shape, frag.lp_fragment_address.start, frag.lp_fragment_address.numel,
+                                            frag.hp_fragment_address.start))
+            out.append((flat, FlatLayout(pieces, _summer(wrapper.real_dp_process_group[i]))))
+        return out
+    if getattr(wrapper, "fp32_groups_flat", None):  # FP16_Optimizer in bf16 mode (bf16 ZeRO-0): whole tensors
+        for i, flat in enumerate(wrapper.fp32_groups_flat):
+            pieces, at = [], 0
+            for p in wrapper.fp16_groups[i]:
+                pieces.append(FlatPiece(p, p.shape, 0, p.numel(), at))
+                at += p.numel()
+            out.append((flat, FlatLayout(pieces, lambda t: None)))
+        return out
+    raise RuntimeError(f"optim.name=muon: no flat-partition layout known for {type(wrapper).__name__}")
+
+
+def _summer(group: Any) -> Callable[[torch.Tensor], None]:
+    """In-place sum over a process group (nothing to do for a group of one)."""
+    import deepspeed.comm as dist
+
+    def sum_over_ranks(t: torch.Tensor) -> None:
+        if dist.get_world_size(group=group) > 1:
+            dist.all_reduce(t, group=group)
+
+    return sum_over_ranks

@@ -13,13 +13,22 @@ a bank's gate and up projections as two tensors (w1, w3 [E_local, F, D]) where t
 `gate_up_proj` [E, 2F, D]; `joint_row_blocks` pairs them so each expert's [2F, D] matrix is
 orthogonalised as a whole, exactly as the unreplaced model (and the paper's per-expert proxies) do.
 
+Under DeepSpeed ZeRO 1-3 and its bf16 optimizers the optimizer is handed flat fp32 tensors (a rank's
+partition of many parameters) instead of the parameters. Everything but Newton-Schulz is elementwise,
+so momentum, decay and the AdamW half run on the flat partition as they are; for Newton-Schulz a
+`FlatLayout` (built by `trainer.engine`, the one module that reads DeepSpeed's layout) says which
+whole tensors the partition holds pieces of and sums those pieces over the ranks sharing them, so
+each expert is still orthogonalised whole and on its own. The momentum buffer stays partitioned (it
+lives in the optimizer state DeepSpeed checkpoints).
+
 Shape legend: E experts (local to the rank under expert parallelism), R rows, C columns.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -128,6 +137,24 @@ def joint_row_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
     return [[bank["w1"], bank["w3"]] for bank in banks.values() if len(bank) == 2]
 
 
+@dataclass
+class FlatPiece:
+    """The part of one whole tensor that a rank's flat partition holds (numel 0: none of it)."""
+    param: nn.Parameter  # the model's parameter (its identity pairs row blocks)
+    shape: torch.Size  # of the whole tensor (ZeRO-3 leaves the parameter itself empty)
+    start: int  # first element held, in the whole tensor flattened
+    numel: int
+    flat_start: int  # where those elements sit in the flat partition
+
+
+@dataclass
+class FlatLayout:
+    """What a flat partition is made of: every tensor of its group, in the same order on every rank
+    that shares the group, and how to sum a buffer of those whole tensors over those ranks (in place)."""
+    pieces: list[FlatPiece]
+    sum_over_ranks: Callable[[torch.Tensor], None]
+
+
 def build_optimizer(groups: list[dict[str, Any]], optim: OptimSection,
                     row_blocks: Sequence[Sequence[nn.Parameter]] = (), per_expert: bool = True) -> torch.optim.Optimizer:
     """row_blocks, per_expert: Muon only (see `MuonWithAdamW`)."""
@@ -183,14 +210,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
     One optimizer object, because DeepSpeed steps, checkpoints and schedules exactly one. Muon follows
     torch.optim.Muon (momentum buffer lerp, Nesterov blend, decay lr x wd, step lr x sqrt(max(1, R/C)))
     with two differences: a 3-D tensor is a batch of per-expert matrices, and the tensors of one row
-    block (`row_blocks`, AutoEP's w1 + w3) are orthogonalised stacked. It needs whole tensors: DeepSpeed
-    ZeRO 1-3 and its bf16 optimizer hand it flat partitions instead, which it refuses.
+    block (`row_blocks`, AutoEP's w1 + w3) are orthogonalised stacked. A flat partition (DeepSpeed ZeRO
+    1-3, bf16) in a Muon group needs `layout_of` to return its `FlatLayout`; without one it is refused.
     """
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, row_blocks: Sequence[Sequence[nn.Parameter]] = (),
                  per_expert: bool = True) -> None:
         super().__init__(groups, {"lr": lr})
         self.per_expert = per_expert
+        self.layout_of: Callable[[torch.Tensor], FlatLayout | None] = lambda flat: None
         self._block_of: dict[int, tuple[nn.Parameter, ...]] = {}
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         for block in row_blocks:
@@ -215,6 +243,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
+            layout = self.layout_of(p) if p.ndim == 1 else None
+            if layout is not None:
+                self._flat_muon_step(p, layout, group)
+                continue
             block = self._block_of.get(id(p), (p,))
             if p is not block[0] or p.grad is None:
                 continue  # a later member of a row block is stepped with its first member
@@ -227,11 +259,50 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 q.mul_(1 - group["lr"] * group["weight_decay"])
                 q.add_(piece, alpha=-step_lr)
 
-    def _momentum_update(self, p: nn.Parameter, group: dict[str, Any]) -> torch.Tensor:
-        """Momentum buffer step and the (Nesterov) update to orthogonalise."""
-        if p.ndim < 2:
-            raise ValueError(f"optim.name=muon: got a {p.ndim}-D tensor of {p.numel()} elements in a Muon group; "
-                             "whole matrices are needed (ZeRO 1-3 and the bf16 optimizer pass flat partitions)")
+    def _flat_muon_step(self, flat: torch.Tensor, layout: FlatLayout, group: dict[str, Any]) -> None:
+        """Muon on a flat partition: momentum here, Newton-Schulz on the whole tensors its pieces belong to.
+
+        Collective (`layout.sum_over_ranks`): every rank sharing the partition's group takes this step.
+        Each rank orthogonalises only the blocks it holds a piece of and applies its own pieces.
+        """
+        update_flat = self._momentum_update(flat, group, allow_flat=True)
+        offsets = [0]
+        for piece in layout.pieces:
+            offsets.append(offsets[-1] + piece.shape.numel())
+        whole = update_flat.new_zeros(offsets[-1])
+        for piece, at in zip(layout.pieces, offsets):
+            whole[at + piece.start:at + piece.start + piece.numel] = update_flat[piece.flat_start:piece.flat_start + piece.numel]
+        layout.sum_over_ranks(whole)  # each element comes from exactly one rank, the others add zeros
+        index = {id(piece.param): i for i, piece in enumerate(layout.pieces)}
+        step = torch.zeros_like(flat)
+        done: set[int] = set()
+        for i, piece in enumerate(layout.pieces):
+            block = self._block_of.get(id(piece.param), (piece.param,))
+            if id(block[0]) in done:
+                continue
+            done.add(id(block[0]))
+            members = [index.get(id(q)) for q in block]
+            if None in members:
+                raise ValueError("optim.name=muon: the gate and up tensors of one expert bank landed in different "
+                                 "ZeRO sub-groups; raise zero_optimization.sub_group_size")
+            if not any(layout.pieces[m].numel for m in members):
+                continue  # nothing of this block is held here
+            mats = [whole[offsets[m]:offsets[m + 1]].view(layout.pieces[m].shape) for m in members]
+            joined = mats[0] if len(mats) == 1 else torch.cat(mats, dim=-2)
+            ortho = orthogonalize(joined, group["ns_steps"], self.per_expert)
+            rows, cols = joined.shape[-2:]
+            step_lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
+            for m, part in zip(members, ortho.split([t.shape[-2] for t in mats], dim=-2)):
+                pc = layout.pieces[m]
+                step[pc.flat_start:pc.flat_start + pc.numel] = part.reshape(-1)[pc.start:pc.start + pc.numel] * step_lr
+        flat.mul_(1 - group["lr"] * group["weight_decay"])
+        flat.sub_(step)
+
+    def _momentum_update(self, p: nn.Parameter, group: dict[str, Any], allow_flat: bool = False) -> torch.Tensor:
+        """Momentum buffer step and the (Nesterov) update to orthogonalise (elementwise: fine on a partition)."""
+        if p.ndim < 2 and not allow_flat:
+            raise ValueError(f"optim.name=muon: got a {p.ndim}-D tensor of {p.numel()} elements in a Muon group "
+                             "and no layout of the whole tensors it is a partition of (trainer.engine attaches one)")
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
