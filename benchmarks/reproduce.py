@@ -38,7 +38,8 @@ SCALES: dict[str, list[str]] = {
     "gpu": ["trainer/configs/olmoe.yaml", "model.d_model=1024", "model.n_layers=16", "model.expert_ffn_dim=512",
             "run.steps=5000", "run.eval_every=500", "run.eval_batches=64", "run.save_every=1000"],
 }
-# The paper's optimizer: Muon (lr 2e-2, AdamW at 0.1x for the rest); it needs ZeRO-0 (see trainer/optim.py).
+# The paper's optimizer: Muon (lr 2e-2, AdamW at 0.1x for the rest), at ZeRO-0 as the committed runs were
+# trained (Muon also runs at ZeRO 1-3 and in bf16 now, see trainer/optim.py).
 MUON = ["optim.name=muon", "optim.lr=2e-2", "parallel.ds_config=ds_configs/zero0.json"]
 # The paper's ablations, each as overrides on top of the scale (AdamW unless the name says Muon).
 VARIANTS: dict[str, list[str]] = {

@@ -180,9 +180,12 @@ def _partitioned_steps(wholes, grads, ranks, row_blocks=(), per_expert=True):
     return [t.view(w.shape) for t, w in zip(out.split(sizes), wholes)]
 
 
-def test_flat_partitions_step_like_whole_tensors():
+@pytest.mark.parametrize("sum_elements", [1 << 26, 300])
+def test_flat_partitions_step_like_whole_tensors(monkeypatch, sum_elements):
     """Muon on ZeRO-style partitions (momentum partitioned, Newton-Schulz on the whole tensors) equals Muon
-    on whole tensors: each expert of a bank and the gate/up pair orthogonalised whole, partition cuts anywhere."""
+    on whole tensors: each expert of a bank and the gate/up pair orthogonalised whole, partition cuts
+    anywhere, whole tensors summed in one batch or (300) several."""
+    monkeypatch.setattr("trainer.optim.FLAT_SUM_ELEMENTS", sum_elements)
     gen = torch.Generator().manual_seed(4)
     gate, up = (torch.nn.Parameter(torch.randn(4, 8, 8, generator=gen)) for _ in range(2))
     down = torch.nn.Parameter(torch.randn(4, 8, 8, generator=gen))

@@ -40,6 +40,9 @@ from trainer.config import OptimSection
 # Newton-Schulz quintic coefficients of Keller Jordan's Muon (also torch.optim.Muon's defaults).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
+# Flat partitions (ZeRO 1-3, bf16): whole tensors are summed over ranks in batches of at most this many
+# elements (fp32: 256 MiB), which bounds the step's extra memory on large models.
+FLAT_SUM_ELEMENTS = 1 << 26
 
 
 def tied_lr_multiplier(setting: str | float, group_size: int) -> float:
@@ -262,41 +265,58 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def _flat_muon_step(self, flat: torch.Tensor, layout: FlatLayout, group: dict[str, Any]) -> None:
         """Muon on a flat partition: momentum here, Newton-Schulz on the whole tensors its pieces belong to.
 
-        Collective (`layout.sum_over_ranks`): every rank sharing the partition's group takes this step.
-        Each rank orthogonalises only the blocks it holds a piece of and applies its own pieces.
+        Collective (`layout.sum_over_ranks`, once per batch of at most FLAT_SUM_ELEMENTS): every rank
+        sharing the partition's group takes this step. A rank orthogonalises only the blocks it holds a
+        piece of and applies only its own pieces.
         """
-        update_flat = self._momentum_update(flat, group, allow_flat=True)
-        offsets = [0]
-        for piece in layout.pieces:
-            offsets.append(offsets[-1] + piece.shape.numel())
-        whole = update_flat.new_zeros(offsets[-1])
-        for piece, at in zip(layout.pieces, offsets):
-            whole[at + piece.start:at + piece.start + piece.numel] = update_flat[piece.flat_start:piece.flat_start + piece.numel]
-        layout.sum_over_ranks(whole)  # each element comes from exactly one rank, the others add zeros
-        index = {id(piece.param): i for i, piece in enumerate(layout.pieces)}
+        update = self._momentum_update(flat, group, allow_flat=True)
         step = torch.zeros_like(flat)
-        done: set[int] = set()
-        for i, piece in enumerate(layout.pieces):
-            block = self._block_of.get(id(piece.param), (piece.param,))
-            if id(block[0]) in done:
-                continue
-            done.add(id(block[0]))
-            members = [index.get(id(q)) for q in block]
-            if None in members:
-                raise ValueError("optim.name=muon: the gate and up tensors of one expert bank landed in different "
-                                 "ZeRO sub-groups; raise zero_optimization.sub_group_size")
-            if not any(layout.pieces[m].numel for m in members):
-                continue  # nothing of this block is held here
-            mats = [whole[offsets[m]:offsets[m + 1]].view(layout.pieces[m].shape) for m in members]
-            joined = mats[0] if len(mats) == 1 else torch.cat(mats, dim=-2)
-            ortho = orthogonalize(joined, group["ns_steps"], self.per_expert)
-            rows, cols = joined.shape[-2:]
-            step_lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
-            for m, part in zip(members, ortho.split([t.shape[-2] for t in mats], dim=-2)):
+        for batch in self._block_batches(layout):
+            members = [m for block in batch for m in block]
+            sizes = [layout.pieces[m].shape.numel() for m in members]
+            buffer = update.new_zeros(sum(sizes))
+            whole = dict(zip(members, buffer.split(sizes)))  # views of `buffer`, one whole tensor each
+            for m in members:
                 pc = layout.pieces[m]
-                step[pc.flat_start:pc.flat_start + pc.numel] = part.reshape(-1)[pc.start:pc.start + pc.numel] * step_lr
+                whole[m][pc.start:pc.start + pc.numel] = update[pc.flat_start:pc.flat_start + pc.numel]
+            layout.sum_over_ranks(buffer)  # each element comes from exactly one rank, the others add zeros
+            for block in batch:
+                if not any(layout.pieces[m].numel for m in block):
+                    continue  # nothing of this block is held here
+                mats = [whole[m].view(layout.pieces[m].shape) for m in block]
+                joined = mats[0] if len(mats) == 1 else torch.cat(mats, dim=-2)
+                ortho = orthogonalize(joined, group["ns_steps"], self.per_expert)
+                step_lr = group["lr"] * math.sqrt(max(1.0, joined.shape[-2] / joined.shape[-1]))
+                for m, part in zip(block, ortho.split([t.shape[-2] for t in mats], dim=-2)):
+                    pc = layout.pieces[m]
+                    step[pc.flat_start:pc.flat_start + pc.numel] = part.reshape(-1)[pc.start:pc.start + pc.numel] * step_lr
         flat.mul_(1 - group["lr"] * group["weight_decay"])
         flat.sub_(step)
+
+    def _block_batches(self, layout: FlatLayout) -> list[list[list[int]]]:
+        """The layout's pieces as row blocks (indices; a block is one tensor or AutoEP's gate + up pair),
+        in piece order (the same on every rank), batched up to FLAT_SUM_ELEMENTS whole-tensor elements."""
+        index = {id(piece.param): i for i, piece in enumerate(layout.pieces)}
+        blocks, seen = [], set()
+        for piece in layout.pieces:
+            block = self._block_of.get(id(piece.param), (piece.param,))
+            if id(block[0]) in seen:
+                continue
+            seen.add(id(block[0]))
+            if any(id(q) not in index for q in block):
+                raise ValueError("optim.name=muon: the gate and up tensors of one expert bank landed in different "
+                                 "ZeRO sub-groups; raise zero_optimization.sub_group_size")
+            blocks.append([index[id(q)] for q in block])
+        batches: list[list[list[int]]] = [[]]
+        size = 0
+        for block in blocks:
+            numel = sum(layout.pieces[m].shape.numel() for m in block)
+            if batches[-1] and size + numel > FLAT_SUM_ELEMENTS:
+                batches.append([])
+                size = 0
+            batches[-1].append(block)
+            size += numel
+        return [b for b in batches if b]
 
     def _momentum_update(self, p: nn.Parameter, group: dict[str, Any], allow_flat: bool = False) -> torch.Tensor:
         """Momentum buffer step and the (Nesterov) update to orthogonalise (elementwise: fine on a partition)."""
