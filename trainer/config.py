@@ -48,7 +48,7 @@ class DataSection:
 @dataclass
 class OptimSection:
     # muon: the paper's split (trainer/optim.py), Muon on hidden matrices and per expert, AdamW for the rest;
-    # ZeRO stage 0 and fp32 only (ZeRO 1-3 and DeepSpeed's bf16 optimizer pass flat partitions)
+    # any ZeRO stage (0-3, no offload), fp32 or bf16
     name: Literal["adamw", "sgd", "muon"] = "adamw"
     lr: float = 3e-3  # muon: the Muon lr (paper 2e-2); its AdamW half runs at lr x adam_lr_ratio
     betas: tuple[float, float] = (0.9, 0.95)  # adamw, and muon's AdamW half

@@ -231,6 +231,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
             for p in block:
                 self._block_of[id(p)] = tuple(block)
 
+    def rebind(self, copy_of: dict[int, torch.Tensor]) -> None:
+        """The optimizer now steps copies of the parameters (DeepSpeed's bf16 ZeRO-0 optimizer keeps fp32
+        copies of whole tensors): pair the copies as their originals were paired (`row_blocks`)."""
+        blocks = {tuple(id(q) for q in block): block for block in self._block_of.values()}
+        self._block_of = {}
+        for block in blocks.values():
+            copies = tuple(copy_of[id(q)] for q in block)
+            for q in copies:
+                self._block_of[id(q)] = copies
+
+    def row_block_of(self, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors stepped together with `p` (itself alone unless it is in a row block)."""
+        return self._block_of.get(id(p), (p,))
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = None
