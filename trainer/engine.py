@@ -805,8 +805,6 @@ def _flat_layouts(wrapper: Any) -> list[tuple[torch.Tensor, Any]]:
                                             frag.hp_fragment_address.start))
             out.append((flat, FlatLayout(pieces, _summer(wrapper.real_dp_process_group[i]))))
         return out
-    if _is_unfused(wrapper):
-        return out
     raise RuntimeError(f"optim.name=muon: no flat-partition layout known for {type(wrapper).__name__}")
 
 
