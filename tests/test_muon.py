@@ -9,7 +9,8 @@ import torch
 
 from models.transformer import build_model
 from trainer.config import load_config
-from trainer.optim import FlatLayout, FlatPiece, MuonWithAdamW, orthogonalize, param_groups, tied_lr_multiplier, uses_muon
+from trainer.optim import (FlatLayout, FlatPiece, MuonWithAdamW, orthogonalize, param_groups, tied_lr_multiplier,
+                           uses_muon)
 
 MUON = ["data.source=random", "optim.name=muon", "parallel.ds_config=ds_configs/zero0.json"]
 

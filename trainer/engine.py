@@ -840,7 +840,8 @@ def check_muon_layouts(engine: Any) -> dict[str, Any]:
         for p in engine.module.parameters():
             worst = max(worst, (copy_of[id(p)].detach().to(p.dtype).float() - p.detach().float()).abs().max().item())
         for block in joint_row_blocks(engine.module):
-            coverage_ok &= [id(q) for q in basic.row_block_of(copy_of[id(block[0])])] == [id(copy_of[id(q)]) for q in block]
+            paired = [id(q) for q in basic.row_block_of(copy_of[id(block[0])])]
+            coverage_ok &= paired == [id(copy_of[id(q)]) for q in block]
         return {"max_abs_diff": worst, "coverage_ok": coverage_ok, "flats": len(wrapper.fp32_groups)}
     for flat, layout in _flat_layouts(wrapper):
         flats += 1

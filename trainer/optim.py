@@ -303,7 +303,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 step_lr = group["lr"] * math.sqrt(max(1.0, joined.shape[-2] / joined.shape[-1]))
                 for m, part in zip(block, ortho.split([t.shape[-2] for t in mats], dim=-2)):
                     pc = layout.pieces[m]
-                    step[pc.flat_start:pc.flat_start + pc.numel] = part.reshape(-1)[pc.start:pc.start + pc.numel] * step_lr
+                    mine = part.reshape(-1)[pc.start:pc.start + pc.numel]
+                    step[pc.flat_start:pc.flat_start + pc.numel] = mine * step_lr
         flat.mul_(1 - group["lr"] * group["weight_decay"])
         flat.sub_(step)
 

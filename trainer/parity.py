@@ -85,9 +85,9 @@ def muon_cells(full: bool = True) -> dict[str, list[str]]:
         out[f"zero{zero}-ep2-tied-muon-bf16"] = MUON + [f"parallel.ds_config=ds_configs/zero{zero}.json",
                                                         "parallel.expert_parallel_size=2", "model.tie_group_size=2",
                                                         "run.precision=bf16"]
-    out["zero3-ep2-tied-g3-deepseek-muon"] = MUON + ["parallel.ds_config=ds_configs/zero3.json",
-                                                     "parallel.expert_parallel_size=2", "model.preset=deepseek_moe_tiny",
-                                                     "model.tie_group_size=3"]
+    out["zero3-ep2-tied-g3-deepseek-muon"] = MUON + [
+        "parallel.ds_config=ds_configs/zero3.json", "parallel.expert_parallel_size=2",
+        "model.preset=deepseek_moe_tiny", "model.tie_group_size=3"]
     if not full:
         out = {k: v for k, v in out.items() if k in MUON_CI_CELLS}
     return out
