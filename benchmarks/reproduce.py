@@ -51,9 +51,9 @@ SCALES: dict[str, list[str]] = {
     "gpu": ["trainer/configs/olmoe.yaml", "model.d_model=1024", "model.n_layers=16", "model.expert_ffn_dim=512",
             "run.steps=5000", "run.eval_every=500", "run.eval_batches=64", "run.save_every=1000"],
 }
-# The paper's optimizer: Muon (lr 2e-2, AdamW at 0.1x for the rest). It needs ZeRO-0 and fp32 (see
-# trainer/optim.py); the CPU scale is fp32 anyway, at the GPU scale (bf16) the Muon rows differ in precision too.
-MUON = ["optim.name=muon", "optim.lr=2e-2", "parallel.ds_config=ds_configs/zero0.json", "run.precision=fp32"]
+# The paper's optimizer: Muon (lr 2e-2, AdamW at 0.1x for the rest), at ZeRO-0 as the committed runs were
+# trained (Muon also runs at ZeRO 1-3 and in bf16 now, see trainer/optim.py).
+MUON = ["optim.name=muon", "optim.lr=2e-2", "parallel.ds_config=ds_configs/zero0.json"]
 # The paper's ablations, each as overrides on top of the scale (AdamW unless the name says Muon).
 VARIANTS: dict[str, list[str]] = {
     "untied": ["model.tie_group_size=1"],

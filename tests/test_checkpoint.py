@@ -13,20 +13,28 @@ from trainer import checkpoint
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def resumed(tmp_path_factory) -> tuple[dict, Path]:
-    tmp = tmp_path_factory.mktemp("resume")
+def _resume_worker(tmp: Path, *extra: str) -> tuple[dict, Path]:
     out = tmp / "result.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29677", str(REPO / "tests" / "workers" / "resume_worker.py"), str(tmp / "runs"), str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "29677", str(REPO / "tests" / "workers" / "resume_worker.py"), str(tmp / "runs"), str(out),
+                           *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text()), tmp / "runs"
 
 
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> tuple[dict, Path]:
+    return _resume_worker(tmp_path_factory.mktemp("resume"))
+
+
+@pytest.fixture(scope="module")
+def resumed_muon(tmp_path_factory) -> tuple[dict, Path]:
+    return _resume_worker(tmp_path_factory.mktemp("resume_muon"), "muon")
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("cell", ["zero3-ep2", "zero2-ep1", "zero0-ep2-muon"])
+@pytest.mark.parametrize("cell", ["zero3-ep2", "zero2-ep1", "zero3-ep2-muon"])
 def test_resume_is_bit_identical(resumed, cell: str) -> None:
     r = resumed[0][cell]
     assert len(r["first"]) == 3 and len(r["second"]) == 3
@@ -35,12 +43,23 @@ def test_resume_is_bit_identical(resumed, cell: str) -> None:
     assert r["again"] == []  # a finished run resumes to nothing
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("cell", ["zero1-ep2-muon", "zero2-ep1-muon", "zero0-ep2-muon-bf16", "zero1-ep1-muon-bf16",
+                                  "zero3-ep2-muon-bf16"])
+def test_muon_resume_is_bit_identical_under_every_wrapper(resumed_muon, cell: str) -> None:
+    """ZeRO-1/2 (DeepSpeedZeroOptimizer), bf16 ZeRO-0 (FP16_Optimizer), bf16 ZeRO-1 (BF16_Optimizer), bf16 ZeRO-3."""
+    r = resumed_muon[0][cell]
+    assert r["first"] + r["second"] == r["straight"] and r["val_split"] == r["val_straight"]
+
+
 @pytest.mark.distributed
 def test_muon_momentum_is_in_the_checkpoint(resumed) -> None:
-    """Resuming without the momentum buffers would not be bit-identical; check they are saved at all."""
+    """Resuming without the momentum buffers would not be bit-identical; check they are saved at all (at
+    ZeRO-3 as this rank's flat partition of each group's momentum)."""
     import torch
 
-    ckpt = resumed[1] / "zero0-ep2-muon-split" / "checkpoints" / "step00000006"
+    ckpt = resumed[1] / "zero3-ep2-muon-split" / "checkpoints" / "step00000006"
     states = [torch.load(f, map_location="cpu", weights_only=False) for f in ckpt.rglob("*optim_states.pt")]
     buffers = [s for st in states for s in _optimizer_states(st) if "momentum_buffer" in s]
     assert buffers and all(torch.count_nonzero(s["momentum_buffer"]) > 0 for s in buffers)

@@ -13,13 +13,22 @@ a bank's gate and up projections as two tensors (w1, w3 [E_local, F, D]) where t
 `gate_up_proj` [E, 2F, D]; `joint_row_blocks` pairs them so each expert's [2F, D] matrix is
 orthogonalised as a whole, exactly as the unreplaced model (and the paper's per-expert proxies) do.
 
+Under DeepSpeed ZeRO 1-3 and its bf16 optimizers the optimizer is handed flat fp32 tensors (a rank's
+partition of many parameters) instead of the parameters. Everything but Newton-Schulz is elementwise,
+so momentum, decay and the AdamW half run on the flat partition as they are; for Newton-Schulz a
+`FlatLayout` (built by `trainer.engine`, the one module that reads DeepSpeed's layout) says which
+whole tensors the partition holds pieces of and sums those pieces over the ranks sharing them, so
+each expert is still orthogonalised whole and on its own. The momentum buffer stays partitioned (it
+lives in the optimizer state DeepSpeed checkpoints).
+
 Shape legend: E experts (local to the rank under expert parallelism), R rows, C columns.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +40,9 @@ from trainer.config import OptimSection
 # Newton-Schulz quintic coefficients of Keller Jordan's Muon (also torch.optim.Muon's defaults).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
+# Flat partitions (ZeRO 1-3, bf16): whole tensors are summed over ranks in batches of at most this many
+# elements (fp32: 256 MiB), which bounds the step's extra memory on large models.
+FLAT_SUM_ELEMENTS = 1 << 26
 
 
 def tied_lr_multiplier(setting: str | float, group_size: int) -> float:
@@ -134,6 +146,24 @@ def joint_row_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
     return [[bank["w1"], bank["w3"]] for bank in banks.values() if len(bank) == 2]
 
 
+@dataclass
+class FlatPiece:
+    """The part of one whole tensor that a rank's flat partition holds (numel 0: none of it)."""
+    param: nn.Parameter  # the model's parameter (its identity pairs row blocks)
+    shape: torch.Size  # of the whole tensor (ZeRO-3 leaves the parameter itself empty)
+    start: int  # first element held, in the whole tensor flattened
+    numel: int
+    flat_start: int  # where those elements sit in the flat partition
+
+
+@dataclass
+class FlatLayout:
+    """What a flat partition is made of: every tensor of its group, in the same order on every rank
+    that shares the group, and how to sum a buffer of those whole tensors over those ranks (in place)."""
+    pieces: list[FlatPiece]
+    sum_over_ranks: Callable[[torch.Tensor], None]
+
+
 def build_optimizer(groups: list[dict[str, Any]], optim: OptimSection,
                     row_blocks: Sequence[Sequence[nn.Parameter]] = (), per_expert: bool = True) -> torch.optim.Optimizer:
     """row_blocks, per_expert: Muon only (see `MuonWithAdamW`)."""
@@ -189,14 +219,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
     One optimizer object, because DeepSpeed steps, checkpoints and schedules exactly one. Muon follows
     torch.optim.Muon (momentum buffer lerp, Nesterov blend, decay lr x wd, step lr x sqrt(max(1, R/C)))
     with two differences: a 3-D tensor is a batch of per-expert matrices, and the tensors of one row
-    block (`row_blocks`, AutoEP's w1 + w3) are orthogonalised stacked. It needs whole tensors: DeepSpeed
-    ZeRO 1-3 and its bf16 optimizer hand it flat partitions instead, which it refuses.
+    block (`row_blocks`, AutoEP's w1 + w3) are orthogonalised stacked. A flat partition (DeepSpeed ZeRO
+    1-3, bf16) in a Muon group needs `layout_of` to return its `FlatLayout`; without one it is refused.
     """
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, row_blocks: Sequence[Sequence[nn.Parameter]] = (),
                  per_expert: bool = True) -> None:
         super().__init__(groups, {"lr": lr})
         self.per_expert = per_expert
+        self.layout_of: Callable[[torch.Tensor], FlatLayout | None] = lambda flat: None
         self._block_of: dict[int, tuple[nn.Parameter, ...]] = {}
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         for block in row_blocks:
@@ -205,6 +236,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
                                  "parameter groups; they must share lr and decay")
             for p in block:
                 self._block_of[id(p)] = tuple(block)
+
+    def rebind(self, copy_of: dict[int, torch.Tensor]) -> None:
+        """The optimizer now steps copies of the parameters (DeepSpeed's bf16 ZeRO-0 optimizer keeps fp32
+        copies of whole tensors): pair the copies as their originals were paired (`row_blocks`)."""
+        blocks = {tuple(id(q) for q in block): block for block in self._block_of.values()}
+        self._block_of = {}
+        for block in blocks.values():
+            copies = tuple(copy_of[id(q)] for q in block)
+            for q in copies:
+                self._block_of[id(q)] = copies
+
+    def row_block_of(self, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors stepped together with `p` (itself alone unless it is in a row block)."""
+        return self._block_of.get(id(p), (p,))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -221,6 +266,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
+            layout = self.layout_of(p) if p.ndim == 1 else None
+            if layout is not None:
+                self._flat_muon_step(p, layout, group)
+                continue
             block = self._block_of.get(id(p), (p,))
             if p is not block[0] or p.grad is None:
                 continue  # a later member of a row block is stepped with its first member
@@ -233,11 +282,68 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 q.mul_(1 - group["lr"] * group["weight_decay"])
                 q.add_(piece, alpha=-step_lr)
 
-    def _momentum_update(self, p: nn.Parameter, group: dict[str, Any]) -> torch.Tensor:
-        """Momentum buffer step and the (Nesterov) update to orthogonalise."""
-        if p.ndim < 2:
-            raise ValueError(f"optim.name=muon: got a {p.ndim}-D tensor of {p.numel()} elements in a Muon group; "
-                             "whole matrices are needed (ZeRO 1-3 and the bf16 optimizer pass flat partitions)")
+    def _flat_muon_step(self, flat: torch.Tensor, layout: FlatLayout, group: dict[str, Any]) -> None:
+        """Muon on a flat partition: momentum here, Newton-Schulz on the whole tensors its pieces belong to.
+
+        Collective (`layout.sum_over_ranks`, once per batch of at most FLAT_SUM_ELEMENTS): every rank
+        sharing the partition's group takes this step. A rank orthogonalises only the blocks it holds a
+        piece of and applies only its own pieces.
+        """
+        update = self._momentum_update(flat, group, allow_flat=True)
+        step = torch.zeros_like(flat)
+        for batch in self._block_batches(layout):
+            members = [m for block in batch for m in block]
+            sizes = [layout.pieces[m].shape.numel() for m in members]
+            buffer = update.new_zeros(sum(sizes))
+            whole = dict(zip(members, buffer.split(sizes)))  # views of `buffer`, one whole tensor each
+            for m in members:
+                pc = layout.pieces[m]
+                whole[m][pc.start:pc.start + pc.numel] = update[pc.flat_start:pc.flat_start + pc.numel]
+            layout.sum_over_ranks(buffer)  # each element comes from exactly one rank, the others add zeros
+            for block in batch:
+                if not any(layout.pieces[m].numel for m in block):
+                    continue  # nothing of this block is held here
+                mats = [whole[m].view(layout.pieces[m].shape) for m in block]
+                joined = mats[0] if len(mats) == 1 else torch.cat(mats, dim=-2)
+                ortho = orthogonalize(joined, group["ns_steps"], self.per_expert)
+                step_lr = group["lr"] * math.sqrt(max(1.0, joined.shape[-2] / joined.shape[-1]))
+                for m, part in zip(block, ortho.split([t.shape[-2] for t in mats], dim=-2)):
+                    pc = layout.pieces[m]
+                    mine = part.reshape(-1)[pc.start:pc.start + pc.numel]
+                    step[pc.flat_start:pc.flat_start + pc.numel] = mine * step_lr
+        flat.mul_(1 - group["lr"] * group["weight_decay"])
+        flat.sub_(step)
+
+    def _block_batches(self, layout: FlatLayout) -> list[list[list[int]]]:
+        """The layout's pieces as row blocks (indices; a block is one tensor or AutoEP's gate + up pair),
+        in piece order (the same on every rank), batched up to FLAT_SUM_ELEMENTS whole-tensor elements."""
+        index = {id(piece.param): i for i, piece in enumerate(layout.pieces)}
+        blocks, seen = [], set()
+        for piece in layout.pieces:
+            block = self._block_of.get(id(piece.param), (piece.param,))
+            if id(block[0]) in seen:
+                continue
+            seen.add(id(block[0]))
+            if any(id(q) not in index for q in block):
+                raise ValueError("optim.name=muon: the gate and up tensors of one expert bank landed in different "
+                                 "ZeRO sub-groups; raise zero_optimization.sub_group_size")
+            blocks.append([index[id(q)] for q in block])
+        batches: list[list[list[int]]] = [[]]
+        size = 0
+        for block in blocks:
+            numel = sum(layout.pieces[m].shape.numel() for m in block)
+            if batches[-1] and size + numel > FLAT_SUM_ELEMENTS:
+                batches.append([])
+                size = 0
+            batches[-1].append(block)
+            size += numel
+        return [b for b in batches if b]
+
+    def _momentum_update(self, p: nn.Parameter, group: dict[str, Any], allow_flat: bool = False) -> torch.Tensor:
+        """Momentum buffer step and the (Nesterov) update to orthogonalise (elementwise: fine on a partition)."""
+        if p.ndim < 2 and not allow_flat:
+            raise ValueError(f"optim.name=muon: got a {p.ndim}-D tensor of {p.numel()} elements in a Muon group "
+                             "and no layout of the whole tensors it is a partition of (trainer.engine attaches one)")
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)

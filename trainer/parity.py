@@ -1,11 +1,12 @@
 """Check the DeepSpeed engine against the plain-PyTorch reference, cell by cell.
 
     python -m trainer.parity [--cells quick|all|muon] [--steps N] [--json OUT]
+    python -m trainer.parity --cells muon --only zero3   # the Muon cells whose name contains "zero3"
     python -m trainer.parity --cells gpu1 --world 1 [--gpu] [--json OUT]   # the cells one GPU holds
 
 Starts 2 CPU ranks (gloo) that train every cell of ZeRO {0,1,2,3} x expert-parallel {1,2} x
-{tied g=2, untied} (and the tied-router / tied-attention / widening ablations, and Muon at ZeRO-0,
-the stage it supports; `--cells muon` runs only those) with `trainer.train`,
+{tied g=2, untied} (and the tied-router / tied-attention / widening ablations, and a subset of the Muon
+cells; `--cells muon` runs every Muon cell, ZeRO 0-3 x EP 1/2 x tied/untied, fp32 and bf16) with `trainer.train`,
 then replays each in one process with `trainer.reference` and prints the largest loss difference and
 the largest relative difference of the global gradient norm (before clipping, each tied tensor once).
 It also checks, with SGD, that a tied bank's gradient is the sum of its layers' gradients, and that
@@ -68,23 +69,35 @@ def cells(which: str) -> dict[str, list[str]]:
                                             "run.precision=bf16"]
     out["zero3-ep2-tied-g3-deepseek"] = ["parallel.ds_config=ds_configs/zero3.json", "parallel.expert_parallel_size=2",
                                          "model.preset=deepseek_moe_tiny", "model.tie_group_size=3"]
-    return (out if which != "muon" else {}) | muon_cells()
+    return (out if which != "muon" else {}) | muon_cells(full=which == "muon")
 
 
-def muon_cells() -> dict[str, list[str]]:
-    """optim.name=muon at the stage it supports (ZeRO-0; 1-3 are refused) x EP {1,2} x {tied, untied}, and
-    DeepSeek-style (dense layer, shared experts) with g=3."""
+def muon_cells(full: bool = True) -> dict[str, list[str]]:
+    """optim.name=muon: ZeRO {0,1,2,3} x EP {1,2} x {tied g=2, untied} in fp32, ZeRO {0,1,2,3} x EP 2 tied in
+    bf16, and DeepSeek-style (dense layer, shared experts) with g=3 at ZeRO-3. full=False: the subset
+    `--cells all` (and so CI) checks; `--cells muon` checks them all."""
     out = {}
-    for ep, g in itertools.product([1, 2], [2, 1]):
-        out[f"zero0-ep{ep}-{'tied' if g > 1 else 'untied'}-muon"] = MUON + [
-            f"parallel.expert_parallel_size={ep}", f"model.tie_group_size={g}"]
-    out["zero0-ep2-tied-g3-deepseek-muon"] = MUON + ["parallel.expert_parallel_size=2", "model.preset=deepseek_moe_tiny",
-                                                     "model.tie_group_size=3"]
+    for zero, ep, g in itertools.product([0, 1, 2, 3], [1, 2], [2, 1]):
+        out[f"zero{zero}-ep{ep}-{'tied' if g > 1 else 'untied'}-muon"] = MUON + [
+            f"parallel.ds_config=ds_configs/zero{zero}.json", f"parallel.expert_parallel_size={ep}",
+            f"model.tie_group_size={g}"]
+    for zero in [0, 1, 2, 3]:
+        out[f"zero{zero}-ep2-tied-muon-bf16"] = MUON + [f"parallel.ds_config=ds_configs/zero{zero}.json",
+                                                        "parallel.expert_parallel_size=2", "model.tie_group_size=2",
+                                                        "run.precision=bf16"]
+    out["zero3-ep2-tied-g3-deepseek-muon"] = MUON + [
+        "parallel.ds_config=ds_configs/zero3.json", "parallel.expert_parallel_size=2",
+        "model.preset=deepseek_moe_tiny", "model.tie_group_size=3"]
+    if not full:
+        out = {k: v for k, v in out.items() if k in MUON_CI_CELLS}
     return out
 
 
 # The paper's Muon lr; tied banks at 1/sqrt(g), the AdamW half at 0.1x.
-MUON = ["parallel.ds_config=ds_configs/zero0.json", "optim.name=muon", "optim.lr=2e-2"]
+MUON = ["optim.name=muon", "optim.lr=2e-2"]
+# One cell per ZeRO stage, both EP sizes, tied and untied, one bf16 and the DeepSeek layout (see muon_cells).
+MUON_CI_CELLS = ("zero0-ep1-untied-muon", "zero1-ep2-tied-muon", "zero2-ep1-untied-muon", "zero3-ep2-tied-muon",
+                 "zero3-ep2-tied-muon-bf16", "zero3-ep2-tied-g3-deepseek-muon")
 
 
 def one_device_cells() -> dict[str, list[str]]:
@@ -141,6 +154,8 @@ def worker(args: argparse.Namespace) -> None:
     """Runs on each rank under torch.distributed.run."""
     results: dict[str, Any] = {}
     for name, overrides in cells(args.cells).items():
+        if args.only and args.only not in name:
+            continue
         result = train(cell_config(overrides + [f"run.name={name}"], args.steps, args.out_dir))
         results[name] = {"losses": result.losses, "grad_norms": result.grad_norms, "summary": result.summary}
 
@@ -200,6 +215,8 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str, world: in
     report: dict[str, Any] = {"cells": {}, "world_size": world, "steps": steps}
     cache: dict[str, Any] = {}
     for name, overrides in cells(which).items():
+        if name not in raw:  # left out by --only
+            continue
         cfg = cell_config(overrides, steps, out_dir)
         key = json.dumps([cfg.model.__dict__, cfg.optim.__dict__], sort_keys=True, default=str)
         if key not in cache:
@@ -220,7 +237,7 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str, world: in
                                  "followers_share_leader_bank": summary["followers_share_leader_bank"]}
     if which == "gpu1":
         return report
-    muon_cfg = cell_config(muon_cells()["zero0-ep2-tied-muon"], steps, out_dir)
+    muon_cfg = cell_config(muon_cells()["zero3-ep2-tied-muon"], steps, out_dir)
     # What Muon orthogonalising each bank as one flattened matrix would show: far above the tolerance.
     report["control_muon_flat_bank_loss_diff"] = max(abs(a - b) for a, b in zip(
         reference_run(muon_cfg, WORLD, flat_banks=True).losses, reference_run(muon_cfg, WORLD).losses))
@@ -273,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--only", default="", help="--cells muon: only the cells whose name contains this")
     parser.add_argument("--world", type=int, default=WORLD, help="ranks (gpu1 cells: 1)")
     parser.add_argument("--gpu", action="store_true", help="ranks on GPUs (torchrun) instead of CPU ranks")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -282,10 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.only and args.cells != "muon":
+        parser.error("--only needs --cells muon (the other sets' controls need their full cells)")
     if args.cells != "gpu1" and args.world != WORLD:
         parser.error(f"--cells {args.cells} needs --world {WORLD} (the EP 2 cells); use --cells gpu1 for one rank")
     with tempfile.TemporaryDirectory() as tmp:
-        module_args = ["trainer.parity", "--worker", "--cells", args.cells, "--steps", str(args.steps), "--out-dir", tmp]
+        module_args = ["trainer.parity", "--worker", "--cells", args.cells, "--steps", str(args.steps), "--out-dir", tmp,
+                       "--only", args.only]
         raw = collect_json(module_args, args.world, args.gpu, tmp)
         if isinstance(raw, int):
             return raw

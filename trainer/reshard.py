@@ -101,8 +101,8 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
         raise ValueError(f"run directory {run_dir}: no config.yaml (is it a run directory?)")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.optim.name != "adamw":
-        raise ValueError(f"optim.name={cfg.optim.name!r}: resharding carries AdamW state only (Muon runs at ZeRO-0: "
-                         f"resume them on the world size and EP size that wrote them)")
+        raise ValueError(f"optim.name={cfg.optim.name!r}: resharding carries AdamW state only (Muon's "
+                         f"momentum is not carried): resume the run on the layout that wrote it")
     ckpt_dir = run_dir / "checkpoints"
     tag = tag or checkpoint.latest_tag(ckpt_dir)
     if tag is None:

@@ -11,21 +11,26 @@ from trainer.config import load_config  # noqa: E402
 from trainer.train import train  # noqa: E402
 
 out_dir, result_path = sys.argv[1], sys.argv[2]
+MUON = ["optim.name=muon", "optim.lr=2e-2"]
+# (ZeRO stage, expert-parallel size, extra overrides): Muon resumes its momentum, partitioned at ZeRO-3.
+CELLS = ((3, 2, []), (2, 1, []), (3, 2, MUON))
+if sys.argv[3:] == ["muon"]:  # the slow set: Muon under every other DeepSpeed optimizer wrapper
+    CELLS = ((1, 2, MUON), (2, 1, MUON), (0, 2, MUON + ["run.precision=bf16"]), (1, 1, MUON + ["run.precision=bf16"]),
+             (3, 2, MUON + ["run.precision=bf16"]))
 results = {}
-# (ZeRO stage, expert-parallel size, extra overrides): Muon resumes its momentum (ZeRO-0, the stage it supports).
-for zero, ep, extra in ((3, 2, []), (2, 1, []), (0, 2, ["optim.name=muon", "optim.lr=2e-2"])):
+for zero, ep, extra in CELLS:
     base = extra + ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=4", "batch.grad_accum=2",
             "run.log_every=1000", f"parallel.ds_config=ds_configs/zero{zero}.json",
             f"parallel.expert_parallel_size={ep}", "run.steps=6", f"run.out_dir={out_dir}", "run.eval_batches=1",
             "schedule.warmup_steps=2", "run.save_every=2", "run.keep_checkpoints=2"]
-    name = f"zero{zero}-ep{ep}" + ("-muon" if extra else "")
+    name = f"zero{zero}-ep{ep}" + ("-muon" if extra else "") + ("-bf16" if "run.precision=bf16" in extra else "")
     straight = train(load_config(None, base + [f"run.name={name}-straight"]))
     first = train(load_config(None, base + [f"run.name={name}-split", "run.stop_at_step=3"]))
     second = train(load_config(None, base + [f"run.name={name}-split"]))
     again = train(load_config(None, base + [f"run.name={name}-split"]))  # already complete: no steps
     results[name] = {"straight": straight.losses, "first": first.losses, "second": second.losses,
                      "again": again.losses, "val_straight": straight.val_loss, "val_split": second.val_loss}
-    if zero == 3:
+    if zero == 3 and not extra:
         # A crash after DeepSpeed wrote step 4's shards but before `latest` moved: resume from step 3.
         from deepspeed.runtime.engine import DeepSpeedEngine
 
