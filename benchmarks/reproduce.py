@@ -438,7 +438,8 @@ def context(results: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[
                      f"(top-k / n_experts would be chance).")
     if scale == "cpu":
         parts.append("Every run: 300 steps on the default corpus (about 5M tokens), 2 CPU ranks, ZeRO-3, expert "
-                     "parallel 2, AdamW, except the Muon rows (ZeRO-0, which Muon needs). This is early training of "
+                     "parallel 2, AdamW, except the Muon rows (ZeRO-0, Muon ran only there when these runs were "
+                     "trained; it runs at every stage now). This is early training of "
                      "a 5M-parameter model; the paper's claims are about much longer runs of far larger ones, so a "
                      "claim that does not hold here is not refuted, and one that holds is not confirmed beyond this "
                      "scale.")

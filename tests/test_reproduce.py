@@ -43,8 +43,8 @@ def test_every_run_config_builds_at_both_scales(scale) -> None:
             cfg = load_config(*reproduce.overrides_for(scale, variant, seed, None))
             names.add(cfg.run.name)
             assert cfg.run.seed == seed and cfg.run.out_dir == f"runs/repro-{scale}"
-            if "Muon" in variant:  # what Muon needs (trainer.config refuses anything else)
-                assert cfg.optim.name == "muon" and zero_stage(cfg) == 0 and cfg.run.precision == "fp32"
+            if "Muon" in variant:  # at ZeRO-0, as the committed CPU runs were trained
+                assert cfg.optim.name == "muon" and zero_stage(cfg) == 0
             else:
                 assert cfg.optim.name == "adamw"
             if scale == "cpu":  # the floor for the CPU scale
