@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from models.config import ModelConfig
+from trainer import engine as eng
 from trainer.config import zero_stage
 
 LATEST = "latest"
@@ -286,9 +287,7 @@ def identity(cfg: Any) -> dict[str, Any]:
 def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], keep: int,
          ident: dict[str, Any] | None = None) -> str:
     """Collective: every rank calls it. Returns the tag written."""
-    import deepspeed.comm as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = eng.rank(), eng.world_size()
     tag = tag_for(step)
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     if rank == 0:  # a tag rewritten (after a fallback) is incomplete again until its new manifest
@@ -299,16 +298,16 @@ def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], kee
     torch.save(state, tmp)
     os.replace(tmp, ckpt_dir / tag / f"trainer_state_rank{rank}.pt")
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    dist.barrier()  # every rank's files are on disk
+    eng.barrier()  # every rank's files are on disk
     hash_share(ckpt_dir / tag, rank, world)
-    dist.barrier()  # ... and hashed, before the manifest is written and `latest` moves
+    eng.barrier()  # ... and hashed, before the manifest is written and `latest` moves
     if rank == 0:
         write_manifest(ckpt_dir / tag, step, world)
         tmp_latest = ckpt_dir / f".{LATEST}.tmp"
         tmp_latest.write_text(tag)
         os.replace(tmp_latest, ckpt_dir / LATEST)
         _prune(ckpt_dir, keep, current=tag)
-    dist.barrier()
+    eng.barrier()
     return tag
 
 
@@ -353,9 +352,7 @@ def load(engine: Any, ckpt_dir: Path, tag: str, verify: bool = True) -> dict[str
     `verify` checks the tag first (`verify_tag`, every rank reads it all); pass False when `resume_tag`
     already verified it in this process.
     """
-    import deepspeed.comm as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = eng.rank(), eng.world_size()
     if verify:
         verify_tag(ckpt_dir, tag, world)
     state_path = ckpt_dir / tag / f"trainer_state_rank{rank}.pt"

@@ -164,9 +164,7 @@ def worker(args: argparse.Namespace) -> None:
     from trainer.config import load_config
 
     eng.init_distributed()
-    import deepspeed.comm as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = eng.rank(), eng.world_size()
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.yaml")
     cfg = cfg.for_world(world)
