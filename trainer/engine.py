@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import importlib
 import logging
@@ -152,12 +153,11 @@ def tied_expert_parallel() -> Iterator[None]:
         def partition_or_borrow(replacement: nn.Module, convert: Callable[..., Any]) -> None:
             layers = model.model.layers
             layer = next(layer for layer in layers if layer.mlp is replacement)
-            if not layer.plan.is_tied_follower:
+            if layer.plan.is_tied_follower:
+                borrow(replacement, "experts", layers[layer.plan.expert_owner].mlp.experts)
+            else:
                 partition(replacement, convert)
-                release_freed_memory()  # the source bank and the unpartitioned EP copy
-                return
-            borrow(replacement, "experts", layers[layer.plan.expert_owner].mlp.experts)
-            release_freed_memory()  # the follower's unpartitioned copy, now unreferenced
+            release_freed_memory()  # the source bank, or the follower's copy: whole tensors now unreferenced
 
         DeepSpeedEngine._partition_autoep_zero3_experts = staticmethod(partition_or_borrow)
         try:
@@ -216,6 +216,16 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig) -> MoETransformer:
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
+@functools.cache
+def _glibc() -> Any | None:
+    """glibc's allocator controls (`mallopt`, `malloc_trim`), or None where libc is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def whole_tensors_unmapped_on_free() -> Iterator[None]:
     """While building, let glibc serve every allocation of 1 MiB or more with its own mapping.
@@ -226,11 +236,9 @@ def whole_tensors_unmapped_on_free() -> Iterator[None]:
     MiB. Afterwards the threshold is set to 32 MiB, where glibc's own adaptation ends up anyway.
     Elsewhere than glibc this does nothing.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        libc = None
     try:
         yield
     finally:
@@ -247,10 +255,9 @@ def release_freed_memory(collect: bool = True) -> None:
     """
     if collect:
         gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _write_partition(param: nn.Parameter, init: Callable[[torch.Tensor], object]) -> None:
@@ -258,20 +265,26 @@ def _write_partition(param: nn.Parameter, init: Callable[[torch.Tensor], object]
 
     Why not `GatheredParameters`: every rank draws the same values anyway, and gathering, modifying and
     re-partitioning holds the whole tensor twice per rank (the peak while building) and talks to every
-    rank per parameter. The slice is DeepSpeed's layout (`_partition_param`): the flattened tensor cut
-    into `ds_tensor.ds_numel`-element pieces, rank r of the parameter's group holding piece r.
+    rank per parameter.
     """
-    import deepspeed.comm as dist
-
     whole = torch.empty(param.ds_shape, dtype=torch.float32)
     with torch.no_grad():
         init(whole)
-        part = param.ds_tensor
-        start = part.ds_numel * dist.get_rank(group=param.ds_process_group)
-        count = max(0, min(part.ds_numel, param.ds_numel - start))
-        part.data[:count].copy_(whole.view(-1)[start:start + count])
+        start, count = _held_range(param)
+        param.ds_tensor.data[:count].copy_(whole.view(-1)[start:start + count])
     del whole
     release_freed_memory(collect=False)
+
+
+def _held_range(param: nn.Parameter) -> tuple[int, int]:
+    """(first element, element count) of the whole flattened ZeRO-3 parameter that this rank's partition
+    holds: DeepSpeed cuts it into `partition_numel()`-element pieces (the last one padded), rank r of
+    the parameter's partition group holding piece r."""
+    import deepspeed.comm as dist
+
+    size = param.partition_numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    return start, max(0, min(size, param.ds_numel - start))
 
 
 def _cast_partitions(model: nn.Module, dtype: torch.dtype) -> None:
@@ -923,18 +936,13 @@ def _flat_layouts(wrapper: Any) -> list[tuple[torch.Tensor, Any]]:
 
     out = []
     if getattr(wrapper, "fp32_partitioned_groups_flat", None) is not None:  # ZeRO-3
-        import deepspeed.comm as dist
-
         for i, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
-            group = wrapper.sub_group_process_groups[i]
-            rank = dist.get_rank(group=group)
             pieces, at = [], 0
-            for p in wrapper.fp16_groups[i]:
-                size = p.partition_numel()
-                start = rank * size
-                pieces.append(FlatPiece(p, p.ds_shape, start, max(0, min(size, p.ds_numel - start)), at))
-                at += size
-            out.append((flat, FlatLayout(pieces, _summer(group))))
+            for p in wrapper.fp16_groups[i]:  # one partition group per sub-group (stage3 asserts it)
+                start, count = _held_range(p)
+                pieces.append(FlatPiece(p, p.ds_shape, start, count, at))
+                at += p.partition_numel()
+            out.append((flat, FlatLayout(pieces, _summer(wrapper.sub_group_process_groups[i]))))
         return out
     flats = (getattr(wrapper, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
              or getattr(wrapper, "fp32_groups_flat_partition", None))  # BF16_Optimizer (bf16 ZeRO-1)
