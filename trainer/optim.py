@@ -273,14 +273,18 @@ class MuonWithAdamW(torch.optim.Optimizer):
             block = self._block_of.get(id(p), (p,))
             if p is not block[0] or p.grad is None:
                 continue  # a later member of a row block is stepped with its first member
-            updates = [self._momentum_update(q, group) for q in block]
-            joined = updates[0] if len(updates) == 1 else torch.cat(updates, dim=-2)
-            ortho = orthogonalize(joined, group["ns_steps"], self.per_expert)
-            rows, cols = joined.shape[-2:]
-            step_lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
-            for q, piece in zip(block, ortho.split([u.shape[-2] for u in updates], dim=-2)):
+            pieces, step_lr = self._orthogonalized([self._momentum_update(q, group) for q in block], group)
+            for q, piece in zip(block, pieces):
                 q.mul_(1 - group["lr"] * group["weight_decay"])
                 q.add_(piece, alpha=-step_lr)
+
+    def _orthogonalized(self, mats: list[torch.Tensor], group: dict[str, Any]) -> tuple[list[torch.Tensor], float]:
+        """One row block's updates stacked along rows, orthogonalised (per expert), split back, and
+        Muon's step size for the stacked shape (lr x sqrt(max(1, R/C)))."""
+        joined = mats[0] if len(mats) == 1 else torch.cat(mats, dim=-2)
+        ortho = orthogonalize(joined, group["ns_steps"], self.per_expert)
+        rows, cols = joined.shape[-2:]
+        return list(ortho.split([m.shape[-2] for m in mats], dim=-2)), group["lr"] * math.sqrt(max(1.0, rows / cols))
 
     def _flat_muon_step(self, flat: torch.Tensor, layout: FlatLayout, group: dict[str, Any]) -> None:
         """Muon on a flat partition: momentum here, Newton-Schulz on the whole tensors its pieces belong to.
@@ -303,11 +307,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             for block in batch:
                 if not any(layout.pieces[m].numel for m in block):
                     continue  # nothing of this block is held here
-                mats = [whole[m].view(layout.pieces[m].shape) for m in block]
-                joined = mats[0] if len(mats) == 1 else torch.cat(mats, dim=-2)
-                ortho = orthogonalize(joined, group["ns_steps"], self.per_expert)
-                step_lr = group["lr"] * math.sqrt(max(1.0, joined.shape[-2] / joined.shape[-1]))
-                for m, part in zip(block, ortho.split([t.shape[-2] for t in mats], dim=-2)):
+                parts, step_lr = self._orthogonalized([whole[m].view(layout.pieces[m].shape) for m in block], group)
+                for m, part in zip(block, parts):
                     pc = layout.pieces[m]
                     mine = part.reshape(-1)[pc.start:pc.start + pc.numel]
                     step[pc.flat_start:pc.flat_start + pc.numel] = mine * step_lr
