@@ -34,7 +34,7 @@ from models.accounting import account  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.launch import collect_from_cpu_ranks  # noqa: E402
+from trainer.launch import collect_from_cpu_ranks, write_report  # noqa: E402
 from trainer.metrics import memory_gib, strict  # noqa: E402
 
 DEFAULT_OVERRIDES = ["model.preset=olmoe", "model.n_experts=12", "model.top_k=2", "model.tie_group_size=2",
@@ -134,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
               "tie_group_size": model_cfg.tie_group_size, "expert_parallel_size": cfg.parallel.expert_parallel_size,
               "goal_peak_over_full": GOAL, "until": args.until,
               "paths": {p: measure(p, args.until, args.overrides) for p in paths}}
-    print(render(report))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.json}")
-    return 0
+    return write_report(report, render, args.json)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from trainer import engine as eng  # noqa: E402
 from trainer.bench import DEFAULT_OVERRIDES, _device, collect_json, timed_steps  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
+from trainer.launch import write_report  # noqa: E402
 from trainer.metrics import peak_flops  # noqa: E402
 from trainer.session import Session, open_session, train_step  # noqa: E402
 
@@ -245,12 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for v in args.variants.split(","):
         variant_config(v, args.overrides)  # fail fast on bad variants or overrides
-    result = measure(args)
-    print(render(result))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
-    return 0
+    return write_report(measure(args), render, args.json)
 
 
 if __name__ == "__main__":

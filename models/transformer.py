@@ -259,7 +259,8 @@ def apply_tying(model: MoETransformer) -> None:
             borrow(layer, "self_attn", layers[plan.attention_owner].self_attn)
 
 
-def build_model(cfg: ModelConfig, seed: int = 0, construct: Callable[[], AbstractContextManager[object]] | None = None,
+def build_model(cfg: ModelConfig, seed: int = 0,
+                construct: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
                 write: Writer = write_whole) -> MoETransformer:
     """Deterministic construction: the same config and seed give the same weights on every rank.
 
@@ -269,7 +270,7 @@ def build_model(cfg: ModelConfig, seed: int = 0, construct: Callable[[], Abstrac
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with construct() if construct is not None else contextlib.nullcontext():
+        with construct():
             model = MoETransformer(cfg, defer_init=True)
         model.reset_parameters(write)
         apply_tying(model)

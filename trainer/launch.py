@@ -78,6 +78,11 @@ def report_from_cpu_ranks(module_args: list[str], render: Callable[[Any], str], 
     result = collect_from_cpu_ranks(module_args)
     if isinstance(result, int):
         return result
+    return write_report(result, render, path)
+
+
+def write_report(result: Any, render: Callable[[Any], str], path: str) -> int:
+    """Print a benchmark's table and write its JSON to `path` (folders made); returns exit code 0."""
     print(render(result))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=1))
