@@ -7,8 +7,8 @@ tied in pairs (g=2): 1.23B unique parameters, 4.6 GiB in fp32. ZeRO-3, expert pa
 overrides change it (e.g. `model.n_layers=8` for a quick look).
 
 Each path runs in fresh ranks, so each rank's resident-set high-water mark (VmHWM) belongs to that path alone:
-- `partitioned`: `trainer.engine.build` (deepspeed.zero.Init; followers build no bank; the tying seam hands a
-  follower its leader's EP bank before anything else is partitioned), what `./run.sh` does at ZeRO-3;
+- `partitioned`: `trainer.engine.build` (deepspeed.zero.Init; followers build no bank; AutoEP's blocks are
+  built from the partitions and a follower's gets its leader's bank), what `./run.sh` does at ZeRO-3;
 - `plain`: `models.transformer.build_model` (the whole model on every rank, partitioned by the engine).
 
 Per rank: the resident set before building (imports and process group), its peak when the model is complete

@@ -72,17 +72,37 @@ CELLS = {
 }
 
 
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory: pytest.TempPathFactory) -> dict:
+# On 4 ranks a rank's EP experts span other ranks' partitions at EP 2 and EP 1 (read by broadcast from
+# their holders) and are its own partition at EP 4.
+CELLS_4_RANKS = {
+    "z3-ep2-g2": CELLS["z3-ep2-g2"],
+    "z3-ep4-g2-bf16": "parallel.ds_config=ds_configs/zero3.json,parallel.expert_parallel_size=4,model.tie_group_size=2,"
+                      "run.precision=bf16",
+    "z3-ep1-deepseek-g3": "parallel.ds_config=ds_configs/zero3.json,parallel.expert_parallel_size=1,"
+                          "model.preset=deepseek_moe_tiny,model.tie_group_size=3",
+}
+
+
+def _run_cells(tmp_path_factory: pytest.TempPathFactory, ranks: int, cells: dict[str, str]) -> dict:
     from trainer.launch import torchrun_command
 
     out = tmp_path_factory.mktemp("construction") / "report.json"
-    cmd, env = torchrun_command(2, [str(REPO / "tests" / "workers" / "construction_worker.py"), str(out),
-                                    *[f"{name}:{args}" for name, args in CELLS.items()]],
+    cmd, env = torchrun_command(ranks, [str(REPO / "tests" / "workers" / "construction_worker.py"), str(out),
+                                        *[f"{name}:{args}" for name, args in cells.items()]],
                                 {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _run_cells(tmp_path_factory, 2, CELLS)
+
+
+@pytest.fixture(scope="module")
+def cells_4_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _run_cells(tmp_path_factory, 4, CELLS_4_RANKS)
 
 
 @pytest.mark.distributed
@@ -91,6 +111,17 @@ def test_partitioned_build_trains_exactly_like_the_plain_build(cells: dict, name
     cell = cells[name]
     assert cell["built_partitioned"] == name.startswith("z3")  # ZeRO-3 only: other stages keep whole weights
     assert cell["same_keys"]
+    assert cell["max_weight_diff"] == 0.0
+    assert cell["losses_partitioned"] == cell["losses_plain"]
+    assert cell["loaded_plain_checkpoint_logit_diff"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(CELLS_4_RANKS))
+def test_partitioned_build_trains_exactly_like_the_plain_build_on_4_ranks(cells_4_ranks: dict, name: str) -> None:
+    cell = cells_4_ranks[name]
+    assert cell["built_partitioned"] and cell["same_keys"]
     assert cell["max_weight_diff"] == 0.0
     assert cell["losses_partitioned"] == cell["losses_plain"]
     assert cell["loaded_plain_checkpoint_logit_diff"] == 0.0

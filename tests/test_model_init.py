@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.config import ModelConfig, from_preset
-from models.transformer import build_model
+from models.transformer import PIECE, Normal, _pieces_draw_like_whole, build_model, draw_in_pieces
 
 
 def test_default_init_is_normal_and_unchanged():
@@ -47,3 +47,31 @@ def test_paper_init_is_depth_scaled_xavier_per_matrix_and_per_expert():
 def test_unknown_init_is_refused():
     with pytest.raises(ValueError, match=r"model.init='xavier': expected one of 'normal', 'paper'"):
         from_preset("olmoe_tiny", init="xavier")
+
+
+@pytest.mark.parametrize("fill", [Normal(0.02), torch.Tensor.uniform_, torch.Tensor.normal_], ids=["Normal", "uniform_",
+                                                                                                    "normal_"])
+@pytest.mark.parametrize("numel,n_pieces", [(5, 1), (17, 1), (2 * PIECE, 2), (2 * PIECE + 7, 2), (2 * PIECE + 20, 3)])
+def test_a_piecewise_draw_equals_the_whole_draw_and_leaves_the_stream_where_it_did(fill, numel: int,
+                                                                                   n_pieces: int) -> None:
+    # The partitioned build draws large tensors piece by piece (tail pieces shorter than 16 merged, where
+    # normal_ switches algorithm); the weights and every later draw must be those of the whole draw.
+    torch.manual_seed(7)
+    whole = torch.empty(numel)
+    fill(whole)
+    after_whole = torch.rand(3)
+    torch.manual_seed(7)
+    pieces = list(draw_in_pieces(numel, fill))
+    after_pieces = torch.rand(3)
+    assert len(pieces) == n_pieces and [at for at, _ in pieces][0] == 0
+    assert torch.equal(torch.cat([p for _, p in pieces]), whole)
+    assert torch.equal(after_pieces, after_whole)
+
+
+def test_the_piecewise_check_catches_a_fill_whose_pieces_differ() -> None:
+    # Negative control for the run-time check: a fill that depends on its tensor's length is drawn whole.
+    def length_dependent(t: torch.Tensor) -> None:
+        t.normal_(0.0, 1.0 / t.numel())
+
+    assert not _pieces_draw_like_whole(length_dependent)
+    assert len(list(draw_in_pieces(2 * PIECE + 20, length_dependent))) == 1
