@@ -1,0 +1,60 @@
+"""The DeepSpeed config of a run: engine settings from `ds_configs/*.json`, everything else from the YAML."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+from models.accounting import layer_parts
+from models.config import ModelConfig, layer_plan
+from trainer.config import TrainConfig, load_engine_settings
+
+
+def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
+    """Engine settings from the ds_config file plus what the trainer config (resolved for the world) owns."""
+    settings = load_engine_settings(cfg)
+    settings.update({
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
+        "gradient_accumulation_steps": cfg.batch.grad_accum,
+        "train_batch_size": cfg.batch.micro_batch_size * cfg.batch.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.run.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # our torch optimizers (AdamW, SGD) are exact under ZeRO
+        "expert_parallel": autoep_settings(model_cfg, cfg.parallel.expert_parallel_size),
+    })
+    zero = settings.setdefault("zero_optimization", {})
+    if cfg.run.precision == "bf16" and zero.get("stage", 0) > 0:
+        # fp32 gradient accumulation (DeepSpeed supports it with ZeRO only; ZeRO-0 bf16 accumulates in bf16)
+        settings["data_types"] = {"grad_accum_dtype": "fp32"}
+    if zero.get("stage") == 3 and "stage3_max_reuse_distance" not in zero:
+        zero["stage3_max_reuse_distance"] = tie_aware_reuse_distance(model_cfg)
+    return settings
+
+
+def tie_aware_reuse_distance(model_cfg: ModelConfig) -> int:
+    """ZeRO-3 reuse distance (elements) that keeps a tied bank gathered across its group, and no longer.
+
+    DeepSpeed keeps a fetched parameter if it is used again within this many parameter elements of
+    the module trace. Between two consecutive uses of a tied bank lies one layer (norms, attention,
+    router, shared expert), so one layer's parameters (bank included) is enough: the bank is then
+    gathered once per group in forward and once in backward instead of at every layer, while
+    nothing else is held longer than with a small distance.
+    """
+    return max(sum(layer_parts(model_cfg, p).values()) for p in layer_plan(model_cfg)) + 1
+
+
+def autoep_settings(model_cfg: ModelConfig, ep_size: int) -> dict[str, Any]:
+    """AutoEP layout for our blocks (HF Qwen3-MoE layout + an optional ungated `shared_expert`).
+
+    Routing is stated explicitly instead of read from `model.config`, whose field names differ.
+    """
+    return {
+        "enabled": True,
+        "autoep_size": ep_size,
+        "preset_model": "qwen3_moe",
+        "top_k": model_cfg.top_k,
+        "route_norm": model_cfg.norm_topk_prob,
+        "score_func": "softmax",
+        "use_grouped_mm": True,
+        "load_balance_coeff": None,
+    }
