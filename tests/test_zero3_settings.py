@@ -1,4 +1,5 @@
-"""The ZeRO-3 settings and the per-step overhead removed in trainer.engine, checked without starting ranks.
+"""The ZeRO-3 settings and the per-step overhead removed in trainer.engine: the settings without starting
+ranks, the coalesced post-step gather on 2 CPU ranks (tests/workers/zero3_overhead_worker.py).
 
 The shipped ds_configs/zero3.json is tuned for speed (README "ZeRO-3 settings"); the gather counts in
 trainer.parity are measured under ds_configs/zero3_strict.json, where every parameter is fetched on
