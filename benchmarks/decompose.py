@@ -37,9 +37,8 @@ import torch.distributed as tdist  # noqa: E402
 
 from benchmarks.peers import Peer, build_ddp, peer_runner  # noqa: E402
 from trainer import engine as eng  # noqa: E402
-from trainer.bench import DEFAULT_OVERRIDES, timed_steps, timing_parser  # noqa: E402
+from trainer.bench import DEFAULT_OVERRIDES, mfu, mfu_basis, mfu_note, timed_steps, timing_main  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.launch import report_from_cpu_ranks  # noqa: E402
 from trainer.session import Session, open_session, train_step  # noqa: E402
 
 CELLS: dict[str, list[str]] = {
@@ -104,12 +103,16 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         for name, run in runs.items():
             blocks[name].append(run(args.steps))
-    result: dict[str, Any] = {"overrides": args.overrides, "steps": args.steps, "repeats": args.repeats, "cells": {}}
+    basis = mfu_basis(any_session)
+    result: dict[str, Any] = {"overrides": args.overrides, "steps": args.steps, "repeats": args.repeats, **basis,
+                              "cells": {}}
     tokens = any_session.tokens_per_step * args.steps * args.repeats
     for name, run in runs.items():
         with counter.counting() as counts:
             run(1)
-        cell = {"tokens_per_s": tokens / sum(blocks[name]), "block_seconds": blocks[name],
+        tokens_per_s = tokens / sum(blocks[name])
+        cell = {"tokens_per_s": tokens_per_s, "mfu": mfu(basis, tokens_per_s, any_session.world),
+                "block_seconds": blocks[name],
                 "vs_hf_ddp": sum(blocks["hf_ddp"]) / sum(blocks[name]),
                 "vs_hf_ddp_median": statistics.median(d / b for d, b in zip(blocks["hf_ddp"], blocks[name])),
                 "collectives_per_step": dict(counts), "collectives_total": sum(counts.values())}
@@ -123,25 +126,20 @@ def worker(args: argparse.Namespace) -> None:
 
 def render(result: dict[str, Any]) -> str:
     lines = [f"tiedmoe cells vs hf_ddp, 2 CPU ranks; overrides: {' '.join(result['overrides']) or '(default config)'}",
-             "", "| cell | tokens/s | vs hf_ddp | median/round | collectives/step (across ranks) | loss after timing |",
-             "|---|---|---|---|---|---|"]
+             "", "| cell | tokens/s | MFU | vs hf_ddp | median/round | collectives/step (across ranks) | loss after timing |",
+             "|---|---|---|---|---|---|---|"]
     for name, c in result["cells"].items():
         kinds = ", ".join(f"{k.replace('_single', '').replace('_into_tensor', '')} {v}"
                           for k, v in sorted(c["collectives_per_step"].items()))
         loss = f"{c['loss_after_timing']:.9f}" if "loss_after_timing" in c else "-"
-        lines.append(f"| {name} | {c['tokens_per_s']:,.0f} | {c['vs_hf_ddp']:.3f} | {c['vs_hf_ddp_median']:.3f} | "
+        lines.append(f"| {name} | {c['tokens_per_s']:,.0f} | {100 * c['mfu']:.2f}% | {c['vs_hf_ddp']:.3f} | {c['vs_hf_ddp_median']:.3f} | "
                      f"{c['collectives_total']} ({kinds}) | {loss} |")
+    lines.append("\n" + mfu_note(result))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = timing_parser(__doc__, 2, 10, "decompose_cpu.json", "cell").parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
-    return report_from_cpu_ranks(["benchmarks.decompose", "--worker", "--steps", str(args.steps), "--repeats",
-                                  str(args.repeats), *args.overrides], render, args.json)
+    return timing_main(argv, __doc__, "benchmarks.decompose", worker, render, (2, 10, "decompose_cpu.json", "cell"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,10 +41,9 @@ from torch import nn  # noqa: E402
 from models.hf_convert import to_hf_model  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
-from trainer.bench import DEFAULT_OVERRIDES, _device, collect_json, timed_steps, timing_parser  # noqa: E402
+from trainer.bench import DEFAULT_OVERRIDES, _device, mfu, mfu_basis, mfu_note, timed_steps, timing_main  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
-from trainer.metrics import peak_flops  # noqa: E402
 from trainer.session import Session, open_session  # noqa: E402
 
 GIB = 1024 ** 3
@@ -186,18 +184,15 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         for name, run in runs.items():
             seconds[name] += timed_block(run, args.steps, memory[name])
-    peak, source = peak_flops(cfg)
-    flops = s.accounting.train_flops_per_token
+    basis = mfu_basis(s)
     result: dict[str, Any] = {"overrides": args.overrides, "steps": args.steps, "repeats": args.repeats,
                               "world_size": s.world, "device": _device(), "torch": torch.__version__,
                               "ds_config": s.ds_config.get("zero_optimization"), "logit_max_abs_diff": gaps,
-                              "logits_identical": all(g < LOGIT_TOL for g in gaps.values()),
-                              "model_flops_per_token": flops, "peak_flops_per_rank": peak,
-                              "peak_flops_source": source, "peers": {}}
+                              "logits_identical": all(g < LOGIT_TOL for g in gaps.values()), **basis, "peers": {}}
     for name in runs:
         tok_s = s.tokens_per_step * args.steps * args.repeats / seconds[name]
         mem = eng.max_over_ranks([memory[name]["peak"], memory[name]["growth"]])
-        result["peers"][name] = {"tokens_per_s": tok_s, "mfu": flops * tok_s / s.world / peak,
+        result["peers"][name] = {"tokens_per_s": tok_s, "mfu": mfu(basis, tok_s, s.world),
                                  "peak_rss_gib_per_rank": mem[0] / GIB, "rss_growth_gib_per_rank": mem[1] / GIB}
     for r in result["peers"].values():
         r["vs_tiedmoe"] = r["tokens_per_s"] / result["peers"]["tiedmoe"]["tokens_per_s"]
@@ -217,30 +212,13 @@ def render(result: dict[str, Any]) -> str:
     for name, r in result["peers"].items():
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['vs_tiedmoe']:.3f} | {100 * r['mfu']:.2f}% | "
                      f"{r['peak_rss_gib_per_rank']:.3f} | {r['rss_growth_gib_per_rank']:.3f} |")
-    lines.append(f"\nMFU peak: {result['peak_flops_per_rank']:.3g} FLOP/s per rank ({result['peak_flops_source']}); "
-                 f"{result['model_flops_per_token']:.3g} training FLOPs per token (tied layers counted at every use)")
+    lines.append("\n" + mfu_note(result))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = timing_parser(__doc__, 5, 3, "peers_cpu.json", "trainer").parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
-    with tempfile.TemporaryDirectory() as tmp:
-        result = collect_json(["benchmarks.peers", "--worker", "--steps", str(args.steps), "--repeats",
-                               str(args.repeats), *args.overrides], 2, False, tmp)
-    if isinstance(result, int):
-        return result
-    table = render(result)
-    print(table)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    path.with_suffix(".md").write_text(table + "\n")
-    print(f"wrote {path} and {path.with_suffix('.md')}")
-    return 0 if result["logits_identical"] else 1
+    return timing_main(argv, __doc__, "benchmarks.peers", worker, render, (5, 3, "peers_cpu.json", "trainer"),
+                       markdown=True)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from trainer import engine as eng  # noqa: E402
-from trainer.bench import DEFAULT_OVERRIDES, gathers_per_step, timed_steps, timing_parser  # noqa: E402
+from trainer.bench import DEFAULT_OVERRIDES, gathers_per_step, mfu, mfu_basis, mfu_note, timed_steps, timing_main  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.launch import report_from_cpu_ranks  # noqa: E402
 from trainer.session import open_session  # noqa: E402
 
 # name -> zero_optimization keys on top of {"stage": 3, "contiguous_gradients", "reduce_scatter"};
@@ -85,11 +84,13 @@ def worker(args: argparse.Namespace) -> None:
         for name, s in sessions.items():
             with environment_of(name):
                 blocks[name].append(timed_steps(s, args.steps))
-    result: dict[str, Any] = {"overrides": args.overrides, "steps": args.steps, "repeats": args.repeats,
+    basis = mfu_basis(sessions["strict"])
+    result: dict[str, Any] = {"overrides": args.overrides, "steps": args.steps, "repeats": args.repeats, **basis,
                               "variants": {}}
     for name, s in sessions.items():
-        tokens = s.tokens_per_step * args.steps * args.repeats
-        result["variants"][name] = {"zero_optimization": VARIANTS[name], "tokens_per_s": tokens / sum(blocks[name]),
+        tokens_per_s = s.tokens_per_step * args.steps * args.repeats / sum(blocks[name])
+        result["variants"][name] = {"zero_optimization": VARIANTS[name], "tokens_per_s": tokens_per_s,
+                                    "mfu": mfu(basis, tokens_per_s, s.world),
                                     "block_seconds": blocks[name],
                                     "speed_vs_strict_median": per_round_median(blocks["strict"], blocks[name]),
                                     **gathers_per_step(s)}
@@ -109,23 +110,20 @@ def per_round_median(reference: list[float], other: list[float]) -> float:
 
 def render(result: dict[str, Any]) -> str:
     lines = [f"ZeRO-3 settings, 2 CPU ranks; overrides: {' '.join(result['overrides']) or '(default cell)'}",
-             f"{'variant':<16} {'speed vs strict':>15} {'median/round':>12} {'expert gather elems/step':>25} "
+             f"{'variant':<16} {'speed vs strict':>15} {'median/round':>12} {'MFU':>7} {'expert gather elems/step':>25} "
              f"{'other gather elems/step':>24}"]
     for name, v in result["variants"].items():
         lines.append(f"{name:<16} {v['speed_vs_strict']:>15.3f} {v['speed_vs_strict_median']:>12.3f} "
+                     f"{100 * v['mfu']:>6.2f}% "
                      f"{v['expert_gather_elements']:>25,} "
                      f"{v['other_gather_elements']:>24,}")
+    lines.append(mfu_note(result))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = timing_parser(__doc__, 5, 4, "zero3_settings_cpu.json", "variant").parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
-    return report_from_cpu_ranks(["benchmarks.zero3_settings", "--worker", "--steps", str(args.steps), "--repeats",
-                                  str(args.repeats), *args.overrides], render, args.json)
+    return timing_main(argv, __doc__, "benchmarks.zero3_settings", worker, render,
+                       (5, 4, "zero3_settings_cpu.json", "variant"))
 
 
 if __name__ == "__main__":

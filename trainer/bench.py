@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +150,24 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (0 steps or repeats would time nothing and divide by zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def timing_parser(doc: str | None, steps: int, repeats: int, result: str, what: str) -> argparse.ArgumentParser:
     """The command line every side-by-side timing benchmark shares: blocks of `--steps` optimizer steps
     alternated `--repeats` times per `what`, JSON to `--json` (default benchmarks/results/`result`),
     trailing key=value config overrides; `--worker` / `--json-raw` are the ranks' internal flags."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per timed block")
-    parser.add_argument("--repeats", type=int, default=repeats, help=f"alternating blocks per {what}")
+    parser.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps per timed block")
+    parser.add_argument("--repeats", type=positive_int, default=repeats, help=f"alternating blocks per {what}")
     parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / result))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
@@ -163,16 +175,52 @@ def timing_parser(doc: str | None, steps: int, repeats: int, result: str, what: 
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = timing_parser(__doc__, 10, 3, "tying_cpu.json", "variant").parse_args(argv)
-    load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
-    if args.worker or "RANK" in os.environ:
-        if not args.json_raw:
-            args.json_raw = args.json
+def mfu_basis(s: Session) -> dict[str, Any]:
+    """What every benchmark's MFU is computed from: tying-aware training FLOPs per token (a tied bank
+    counted at every layer that uses it) and the per-rank peak. Collective on CPU (the peak probe)."""
+    peak, source = peak_flops(s.cfg)
+    return {"model_flops_per_token": s.accounting.train_flops_per_token, "peak_flops_per_rank": peak,
+            "peak_flops_source": source}
+
+
+def mfu(basis: dict[str, Any], tokens_per_s: float, world: int) -> float:
+    """Model FLOPs utilisation of `tokens_per_s` over `world` ranks."""
+    return basis["model_flops_per_token"] * tokens_per_s / world / basis["peak_flops_per_rank"]
+
+
+def mfu_note(basis: dict[str, Any]) -> str:
+    return (f"MFU peak: {basis['peak_flops_per_rank']:.3g} FLOP/s per rank ({basis['peak_flops_source']}); "
+            f"{basis['model_flops_per_token']:.3g} training FLOPs per token (tied layers counted at every use)")
+
+
+def timing_main(argv: list[str] | None, doc: str | None, module: str, worker: Callable[[argparse.Namespace], None],
+                render: Callable[[Any], str], defaults: tuple[int, int, str, str], markdown: bool = False,
+                launcher_ranks: bool = False) -> int:
+    """The `main` every side-by-side timing benchmark shares (`timing_parser`'s command line).
+
+    Bad overrides end in one `error:` line and exit 2 before any rank starts; otherwise 2 CPU ranks run
+    `module --worker`, and its table is printed and its JSON written (with `markdown`, the table also
+    beside it as .md). `launcher_ranks`: a process already started as a rank by a launcher (torchrun on
+    GPUs) runs the worker itself, writing to `--json`.
+    """
+    steps, repeats, result, what = defaults
+    args = timing_parser(doc, steps, repeats, result, what).parse_args(argv)
+    try:
+        load_config(None, DEFAULT_OVERRIDES + args.overrides)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.worker or (launcher_ranks and "RANK" in os.environ):
+        args.json_raw = args.json_raw or args.json
         worker(args)
         return 0
-    return report_from_cpu_ranks(["trainer.bench", "--worker", "--steps", str(args.steps), "--repeats",
-                                  str(args.repeats), *args.overrides], render, args.json)
+    return report_from_cpu_ranks([module, "--worker", "--steps", str(args.steps), "--repeats", str(args.repeats),
+                                  *args.overrides], render, args.json, markdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return timing_main(argv, __doc__, "trainer.bench", worker, render, (10, 3, "tying_cpu.json", "variant"),
+                       launcher_ranks=True)
 
 
 if __name__ == "__main__":

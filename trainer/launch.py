@@ -73,20 +73,28 @@ def collect_from_cpu_ranks(module_args: list[str], nproc: int = 2) -> Any:
         return json.loads(raw.read_text())
 
 
-def report_from_cpu_ranks(module_args: list[str], render: Callable[[Any], str], path: str) -> int:
+def report_from_cpu_ranks(module_args: list[str], render: Callable[[Any], str], path: str,
+                          markdown: bool = False) -> int:
     """Run a measuring `--worker` module on 2 CPU ranks, print its table and write its JSON to `path`."""
     result = collect_from_cpu_ranks(module_args)
     if isinstance(result, int):
         return result
-    return write_report(result, render, path)
+    return write_report(result, render, path, markdown)
 
 
-def write_report(result: Any, render: Callable[[Any], str], path: str) -> int:
-    """Print a benchmark's table and write its JSON to `path` (folders made); returns exit code 0."""
-    print(render(result))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+def write_report(result: Any, render: Callable[[Any], str], path: str, markdown: bool = False) -> int:
+    """Print a benchmark's table and write its JSON to `path` (folders made), with `markdown` the table
+    too, beside it as .md (for tables meant to be read on GitHub); returns exit code 0."""
+    table = render(result)
+    print(table)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    written = [out]
+    if markdown:
+        written.append(out.with_suffix(".md"))
+        written[-1].write_text(table + "\n")
+    print("wrote " + " and ".join(str(p) for p in written))
     return 0
 
 

@@ -1,0 +1,50 @@
+"""The side-by-side timing benchmarks as a user runs them: bad input ends in one line and exit 2 before
+any rank starts; a smoke run of each (slow) prints its table with MFU and writes its JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TIMING_BENCHMARKS = [["benchmarks/decompose.py"], ["benchmarks/zero3_settings.py"], ["benchmarks/peers.py"],
+                     ["-m", "trainer.bench"]]
+
+
+def run(args: list[str], timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command in TIMING_BENCHMARKS] + [
+    (TIMING_BENCHMARKS[0], ["optim.lr=fast"], "optim.lr"),
+    (TIMING_BENCHMARKS[1], ["--steps", "0"], "--steps"),  # the shared command line (trainer.bench.timing_parser)
+    (TIMING_BENCHMARKS[2], ["--repeats", "-2"], "--repeats"),
+    (TIMING_BENCHMARKS[3], ["--steps", "many"], "--steps")]
+
+
+@pytest.mark.parametrize("command, bad, named", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_is_one_line_and_exit_2(command: list[str], bad: list[str], named: str) -> None:
+    proc = run([*command, *bad])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and named in error[0], proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, cells", [(["benchmarks/decompose.py"], ["zero3-ep2", "hf_ddp"]),
+                                            (["benchmarks/zero3_settings.py"], ["strict", "defaults"]),
+                                            (["benchmarks/peers.py"], ["tiedmoe", "hf_ddp"])],
+                         ids=lambda c: c[-1] if isinstance(c[-1], str) and c[-1].endswith(".py") else None)
+def test_smoke_run_reports_mfu(command: list[str], cells: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    proc = run([*command, "--steps", "1", "--repeats", "1", "--json", str(out)], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "MFU" in proc.stdout and "FLOP/s per rank" in proc.stdout
+    result = json.loads(out.read_text())
+    rows = next(result[key] for key in ("cells", "variants", "peers") if key in result)
+    for cell in cells:
+        assert 0 < rows[cell]["mfu"] < 1 and rows[cell]["tokens_per_s"] > 0
+    assert result["model_flops_per_token"] > 0 and result["peak_flops_per_rank"] > 0
