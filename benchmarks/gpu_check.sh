@@ -13,9 +13,12 @@
 #      (64 experts, top-8, 16 layers, vocab 50304) cut to d_model 768 / expert FFN 384 (about 1B
 #      parameters untied) so three engines fit one GPU and build quickly: tokens/s, MFU, peak
 #      max_memory_allocated at equal micro-batch and at equal memory (budget: untied's peak)
-#   4. report: gpu_check.json + summary.md (benchmarks/gpu_check_report.py)
-# Writes at most 6 files (the device tool brings back 8): gpu_check.log, default_run.json, parity.json,
-# throughput.json, gpu_check.json, summary.md.
+#   4. activations: `benchmarks/activation_memory.py`, the memory planner's activation estimate against
+#      max_memory_allocated (the plain model, bf16, OLMoE-shaped, 4 layers, seq 2048, micro-batch 2 and
+#      4, with and without activation checkpointing)
+#   5. report: gpu_check.json + summary.md (benchmarks/gpu_check_report.py)
+# Writes at most 7 files (the device tool brings back 8): gpu_check.log, default_run.json, parity.json,
+# throughput.json, activations.json, gpu_check.json, summary.md.
 #
 # The device image has no DeepSpeed: when `import deepspeed` fails, the wheels in .whl/ (made by
 # benchmarks/fetch_gpu_wheels.sh, carried with the run) are installed into /tmp/site first.
@@ -52,7 +55,8 @@ if [ "$dry" = 1 ]; then
   parity_args=(--steps 2)
   tp_args=(--variants untied,g2,g4 --micro-batch 2 --max-micro-batch 3 --steps 1 --repeats 1
            model.preset=olmoe_tiny data.seq_len=32 run.precision=bf16 run.peak_flops=1e11)
-  limits=(120 120 180)
+  act_args=(--device cpu --micro-batch 2 model.preset=olmoe_tiny data.seq_len=32 run.precision=bf16)
+  limits=(120 120 180 60)
 else
   gpu=(--gpu)
   default_args=()
@@ -61,7 +65,9 @@ else
   tp_args=(--variants untied,g2,g4 --micro-batch 4 --max-micro-batch 8 --steps 3 --repeats 3
            model.preset=olmoe model.n_layers=16 model.d_model=768 model.n_heads=12 model.expert_ffn_dim=384
            data.seq_len=2048 run.precision=bf16 parallel.ds_config=ds_configs/zero3_gpu.json)
-  limits=(100 120 260)  # default run, parity, throughput: 8 minutes if every step ran to its limit
+  act_args=(--device cuda --micro-batch 2,4 model.preset=olmoe model.n_layers=4 model.d_model=768 model.n_heads=12
+            model.expert_ffn_dim=384 data.seq_len=2048 run.precision=bf16)
+  limits=(100 110 230 40)  # default run, parity, throughput, activations: 8 minutes if every step ran to its limit
 fi
 steps_file="$work/steps.jsonl"
 
@@ -82,6 +88,7 @@ grep '"tokens_per_s"' "$work/runs/gpu_check_default/metrics.jsonl" 2>/dev/null |
 step parity "${limits[1]}" "$py" -m trainer.parity --cells gpu1 --world 1 "${gpu[@]}" "${parity_args[@]}" --json "$out/parity.json"
 step throughput "${limits[2]}" "$py" benchmarks/equal_memory.py --world 1 "${gpu[@]}" --json "$out/throughput.json" \
   "${tp_args[@]}" parallel.expert_parallel_size=1
+step activations "${limits[3]}" "$py" benchmarks/activation_memory.py --json "$out/activations.json" "${act_args[@]}"
 "$py" benchmarks/gpu_check_report.py "$out" --steps "$steps_file" --default-metrics "$work/default_metrics.json" \
   --dry-run "$dry" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}

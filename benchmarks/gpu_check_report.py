@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check_report.py OUT_DIR --steps STEPS.jsonl [--default-metrics M.json] [--dry-run 0|1]
 
-Reads default_run.json, parity.json and throughput.json from OUT_DIR (each may be missing when its
+Reads default_run.json, parity.json, throughput.json and activations.json from OUT_DIR (each may be missing when its
 step failed: the summary then says so instead of failing), writes OUT_DIR/gpu_check.json and
 OUT_DIR/summary.md, prints the summary, and exits 1 when a step failed.
 """
@@ -75,6 +75,14 @@ def throughput_lines(tp: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def activation_lines(act: dict[str, Any] | None) -> list[str]:
+    if act is None:
+        return ["activations: no result (see gpu_check.log)"]
+    from benchmarks.activation_memory import render
+
+    return render(act).splitlines()
+
+
 def default_lines(summary: dict[str, Any] | None, metrics: dict[str, Any] | None) -> list[str]:
     if summary is None:
         return ["default run: no summary (see gpu_check.log)"]
@@ -98,17 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     metrics = read_json(args.default_metrics) if args.default_metrics else None
     parity = read_json(args.out / "parity.json")
     throughput = read_json(args.out / "throughput.json")
+    activations = read_json(args.out / "activations.json")
     plines, parity_ok = parity_lines(parity)
     failed = [s["step"] for s in steps if s["rc"] != 0]
     md = [f"# GPU check{' (dry run on CPU, tiny)' if args.dry_run else ''}", "",
           f"Device: {device_name()}. Steps: " + ", ".join(f"{s['step']} exit {s['rc']} in {s['seconds']} s" for s in steps),
           "", "## Default run (EP 1)", "", *default_lines(default, metrics),
           "", "## Parity vs the plain-PyTorch reference (one rank)", "", *plines,
-          "", "## bf16 throughput and memory, tied vs untied", "", *throughput_lines(throughput), ""]
+          "", "## bf16 throughput and memory, tied vs untied", "", *throughput_lines(throughput),
+          "", "## The memory planner's activation estimate vs the allocator", "", *activation_lines(activations), ""]
     (args.out / "summary.md").write_text("\n".join(md))
     report = {"device": device_name(), "dry_run": bool(args.dry_run), "steps": steps, "failed_steps": failed,
               "parity_pass": parity_ok, "default_run": default, "default_run_last_metrics": metrics,
-              "parity": parity, "throughput": throughput}
+              "parity": parity, "throughput": throughput,
+              "activations": activations}
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print("\n".join(md))
     return 1 if failed else 0

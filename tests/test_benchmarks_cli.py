@@ -1,4 +1,4 @@
-"""The side-by-side timing benchmarks as a user runs them: bad input ends in one line and exit 2 before
+"""The side-by-side timing benchmarks (and activation_memory.py) as a user runs them: bad input ends in one line and exit 2 before
 any rank starts; a smoke run of each (slow) prints its table with MFU and writes its JSON."""
 
 import json
@@ -21,7 +21,9 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     (TIMING_BENCHMARKS[0], ["optim.lr=fast"], "optim.lr"),
     (TIMING_BENCHMARKS[1], ["--steps", "0"], "--steps"),  # the shared command line (trainer.bench.timing_parser)
     (TIMING_BENCHMARKS[2], ["--repeats", "-2"], "--repeats"),
-    (TIMING_BENCHMARKS[3], ["--steps", "many"], "--steps")]
+    (TIMING_BENCHMARKS[3], ["--steps", "many"], "--steps"),
+    (["benchmarks/activation_memory.py"], ["model.not_a_field=1"], "model.not_a_field"),
+    (["benchmarks/activation_memory.py"], ["--micro-batch", "2,0"], "--micro-batch")]
 
 
 @pytest.mark.parametrize("command, bad, named", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)

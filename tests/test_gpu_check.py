@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + log[-6000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["dry_run"] and report["failed_steps"] == [] and report["parity_pass"]
-    assert [s["step"] for s in report["steps"]] == ["default_run", "parity", "throughput"]
+    assert [s["step"] for s in report["steps"]] == ["default_run", "parity", "throughput", "activations"]
     assert len(report["parity"]["cells"]) == 8  # ZeRO {0,3} x EP 1 x {tied, untied} x {fp32, bf16}
     variants = report["throughput"]["variants"]
     assert set(variants) == {"untied", "g2", "g4"}
@@ -29,5 +29,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
         # at tiny size on CPU the largest micro-batch within the budget may be the common one, or none
         assert variants[name]["ratio_equal_batch"] > 0 and "micro_batch_equal_memory" in variants[name]
     assert report["default_run"]["steps"] == 3
+    rows = report["activations"]["rows"]  # on CPU: saved-tensor bytes against the planner's estimate
+    assert [r["checkpointing"] for r in rows] == [False, True] and report["activations"]["saved_within_goal"]
     assert "# GPU check (dry run" in (out / "summary.md").read_text()
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT
