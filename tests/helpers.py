@@ -1,4 +1,4 @@
-"""Helpers shared by test files: 2-rank worker scripts under torchrun.
+"""Helpers shared by test files: 2-rank worker scripts under torchrun, `trainer.memory` called in-process.
 
 A module, not conftest.py: pytest puts tests/ on sys.path, so tests import these by name (`from helpers import
 ...`), while conftest.py stays for pytest's own hooks.
@@ -12,8 +12,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from trainer.config import REPO_ROOT
 from trainer.launch import torchrun_command
+from trainer.memory import main as memory_main
 
 WORKERS = REPO_ROOT / "tests" / "workers"
 
@@ -36,3 +39,13 @@ def worker_json(worker: str, args: list[str], out: Path, ranks: int = 2, timeout
     assert out.is_file(), output_tail(proc)
     return json.loads(out.read_text())
 
+
+
+def memory_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """`python -m trainer.memory <argv>` run in-process (argparse's exits become codes): code, stdout, stderr."""
+    try:
+        code = memory_main(argv)
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
