@@ -160,6 +160,14 @@ def draw_in_pieces(numel: int, fill: Callable[[torch.Tensor], object]) -> Iterat
         yield start, piece
 
 
+def advance_stream(numel: int, fill: Callable[[torch.Tensor], object]) -> None:
+    """Advance the random stream exactly as `fill` on a flat fp32 tensor of `numel` elements would, without
+    holding the values: draws that are discarded (a follower's bank slot, a default init that
+    `reset_parameters` overwrites) still shift every later draw, so they must happen, piece by piece."""
+    for _ in draw_in_pieces(numel, fill):
+        pass
+
+
 def _piece_bounds(numel: int, piece: int = PIECE) -> list[int]:
     """Cut points: whole pieces of `piece` elements (a multiple of 16), the last one absorbing a short tail."""
     bounds = list(range(0, numel, piece)) + [numel]
@@ -224,8 +232,7 @@ class MoETransformer(nn.Module):
         for target, init in init_plan(self):
             if isinstance(target, torch.Size):  # a follower's bank slot: the draws only
                 if isinstance(init, Normal):
-                    for _ in init.pieces(target.numel()):
-                        pass
+                    advance_stream(target.numel(), init)
                 else:
                     init(torch.empty(target))
             else:

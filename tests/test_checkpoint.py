@@ -1,26 +1,16 @@
 """Checkpoints: a run stopped and resumed continues bit-identically; `latest` only names complete ones."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import worker_json
 
 from trainer import checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _resume_worker(tmp: Path, *extra: str) -> tuple[dict, Path]:
     out = tmp / "result.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29677", str(REPO / "tests" / "workers" / "resume_worker.py"), str(tmp / "runs"), str(out),
-                           *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(out.read_text()), tmp / "runs"
+    return worker_json("resume_worker.py", [str(tmp / "runs"), str(out), *extra], out), tmp / "runs"
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ its own bank), which is exactly what tied builds gave before followers stopped b
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import worker_json
 
 from models import transformer
 from models.config import from_preset, untied
@@ -84,15 +84,9 @@ CELLS_4_RANKS = {
 
 
 def _run_cells(tmp_path_factory: pytest.TempPathFactory, ranks: int, cells: dict[str, str]) -> dict:
-    from trainer.launch import torchrun_command
-
     out = tmp_path_factory.mktemp("construction") / "report.json"
-    cmd, env = torchrun_command(ranks, [str(REPO / "tests" / "workers" / "construction_worker.py"), str(out),
-                                        *[f"{name}:{args}" for name, args in cells.items()]],
-                                {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return worker_json("construction_worker.py", [str(out), *[f"{name}:{args}" for name, args in cells.items()]],
+                       out, ranks, timeout=1200)
 
 
 @pytest.fixture(scope="module")

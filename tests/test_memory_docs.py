@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import memory_cli
 
-from trainer.memory import main
 from trainer.memory_docs import LAYOUTS, VARIANTS, construction_section
 
 BANKS = {"untied": 8, "tied": 6}
@@ -46,18 +46,9 @@ def runs_dir(tmp_path: Path) -> Path:
     return runs
 
 
-def call(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse errors
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_docs_renders_from_existing_reports(runs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "docs" / "memory.md"
-    code, stdout, err = call(["docs", "--reuse-runs", "--runs-dir", str(runs_dir), "--out", str(out)], capsys)
+    code, stdout, err = memory_cli(["docs", "--reuse-runs", "--runs-dir", str(runs_dir), "--out", str(out)], capsys)
     assert code == 0, err
     doc = out.read_text()
     assert doc.startswith("# Memory") and "python -m trainer.memory docs --reuse-runs" in doc
@@ -96,7 +87,7 @@ def test_compare_writes_beside_the_first_run(runs_dir: Path, capsys: pytest.Capt
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     first, second = (runs_dir / "zero3-ep2-bf16" / v for v in VARIANTS)
-    code, _, err = call(["compare", str(first), str(second)], capsys)
+    code, _, err = memory_cli(["compare", str(first), str(second)], capsys)
     assert code == 0, err
     assert (first / "memory_compare.md").is_file() and (first / "memory_compare.png").is_file()
     assert not (tmp_path / "memory_compare.md").exists()
@@ -110,13 +101,13 @@ def test_compare_writes_beside_the_first_run(runs_dir: Path, capsys: pytest.Capt
     (["docs", "--reuse-runs", "--runs-dir", "/nonexistent/runs"], "not found"),
 ])
 def test_docs_bad_input_is_one_line(argv: list[str], expected: str, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = call(argv, capsys)
+    code, _, err = memory_cli(argv, capsys)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
 
 
 def test_compare_out_must_be_a_directory(runs_dir: Path, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    code, _, err = call(["compare", str(runs_dir / "zero3-ep2-bf16" / "tied"), "--out", str(tmp_path / "file")],
-                        capsys)
+    code, _, err = memory_cli(["compare", str(runs_dir / "zero3-ep2-bf16" / "tied"), "--out",
+                               str(tmp_path / "file")], capsys)
     assert code == 2 and err.startswith("error: --out=") and err.count("\n") == 1, err

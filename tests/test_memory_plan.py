@@ -5,22 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from trainer.memory import main
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse errors
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import memory_cli
 
 
 def test_plan_olmoe_tied_variants(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run(["plan", "olmoe", "--gpus", "8", "--gpu-mem-gib", "80", "--ep", "8", "--micro-batch", "4",
-                          "--activation-checkpointing", "--json", str(tmp_path / "plan.json")], capsys)
+    code, out, err = memory_cli(["plan", "olmoe", "--gpus", "8", "--gpu-mem-gib", "80", "--ep", "8", "--micro-batch",
+                                 "4", "--activation-checkpointing", "--json", str(tmp_path / "plan.json")], capsys)
     assert code == 0, err
     rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
     assert [r["tie_group_size"] for r in rows] == [1, 2, 3, 4]
@@ -33,16 +23,16 @@ def test_plan_olmoe_tied_variants(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 def test_plan_max_micro_batch_is_the_boundary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = ["plan", "qwen3_moe", "--gpus", "8", "--gpu-mem-gib", "40", "--ep", "4", "--json", str(tmp_path / "p.json")]
-    assert run(base, capsys)[0] == 0
+    assert memory_cli(base, capsys)[0] == 0
     best = json.loads((tmp_path / "p.json").read_text())["rows"][1]["max_micro_batch"]
     for micro, fits in ((best, True), (best + 1, False)):
-        assert run(base + ["--micro-batch", str(micro)], capsys)[0] == 0
+        assert memory_cli(base + ["--micro-batch", str(micro)], capsys)[0] == 0
         assert json.loads((tmp_path / "p.json").read_text())["rows"][1]["fits"] is fits
 
 
 def test_plan_reads_a_training_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run(["plan", "trainer/configs/olmoe.yaml", "--gpus", "8", "--gpu-mem-gib", "80",
-                          "--json", str(tmp_path / "p.json")], capsys)
+    code, out, err = memory_cli(["plan", "trainer/configs/olmoe.yaml", "--gpus", "8", "--gpu-mem-gib", "80",
+                                 "--json", str(tmp_path / "p.json")], capsys)
     assert code == 0, err
     layout = json.loads((tmp_path / "p.json").read_text())["layout"]
     assert (layout["zero"], layout["ep"], layout["micro_batch"], layout["seq_len"], layout["checkpointing"]) == \
@@ -61,6 +51,6 @@ def test_plan_reads_a_training_config(tmp_path: Path, capsys: pytest.CaptureFixt
     (["compare", "tests"], "no memory_report.json"),
 ])
 def test_bad_input_is_one_line(argv: list[str], expected: str, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run(argv, capsys)
+    code, _, err = memory_cli(argv, capsys)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err

@@ -3,12 +3,12 @@ measured bytes agree with `models.accounting.rank_memory`, tying shrinks exactly
 by banks / MoE layers, and the report carries peaks and DeepSpeed's own estimate."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import output_tail, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 CELLS = {"z3-tied": "run.precision=bf16",
@@ -20,13 +20,9 @@ CELLS = {"z3-tied": "run.precision=bf16",
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("memory_runs")
-    from trainer.launch import torchrun_command
-
-    cmd, env = torchrun_command(2, [str(REPO / "tests" / "workers" / "memory_report_worker.py"), str(out),
-                                    *[f"{name}:{args}" for name, args in CELLS.items()]],
-                                {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_worker("memory_report_worker.py", [str(out), *[f"{name}:{args}" for name, args in CELLS.items()]],
+                      timeout=300)
+    assert proc.returncode == 0, output_tail(proc)
     return out
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import worker_json
 
 from models.transformer import build_model
 from trainer.config import load_config
@@ -237,20 +238,8 @@ def test_muon_accepts_every_zero_stage_and_precision(zero, precision):
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict:
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parent.parent
     out = tmp_path_factory.mktemp("muon_layouts") / "result.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29683", str(repo / "tests" / "workers" / "muon_layout_worker.py"), str(out)],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(out.read_text())
+    return worker_json("muon_layout_worker.py", [str(out)], out)
 
 
 @pytest.mark.distributed

@@ -13,6 +13,7 @@ import os
 import subprocess
 
 import pytest
+from helpers import worker_json
 
 from trainer import engine as eng
 from trainer import parity
@@ -61,15 +62,8 @@ def test_cpu_accelerator_device_count_forks_nothing_with_local_size(monkeypatch:
 
 @pytest.fixture(scope="module")
 def post_step_gathers(tmp_path_factory) -> dict:
-    import sys
-
     out = tmp_path_factory.mktemp("zero3_overhead") / "result.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29684", str(REPO_ROOT / "tests" / "workers" / "zero3_overhead_worker.py"), str(out)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(out.read_text())
+    return worker_json("zero3_overhead_worker.py", [str(out)], out)
 
 
 @pytest.mark.distributed

@@ -249,7 +249,7 @@ def _default_inits_draw_only() -> Iterator[None]:
     """
     from torch.nn import init
 
-    from models.transformer import draw_in_pieces
+    from models.transformer import advance_stream
 
     fills = {"kaiming_uniform_": torch.Tensor.uniform_, "uniform_": torch.Tensor.uniform_,
              "normal_": torch.Tensor.normal_}
@@ -260,8 +260,7 @@ def _default_inits_draw_only() -> Iterator[None]:
                     **kwargs: Any) -> torch.Tensor:
             if generator is not None or tensor.dtype != torch.float32:  # not a default init: as torch does it
                 return saved[name](tensor, *args, generator=generator, **kwargs)
-            for _ in draw_in_pieces(tensor.numel(), fills[name]):
-                pass
+            advance_stream(tensor.numel(), fills[name])
             return tensor
         return advance
 
