@@ -40,7 +40,6 @@ def worker_json(worker: str, args: list[str], out: Path, ranks: int = 2, timeout
     return json.loads(out.read_text())
 
 
-
 def memory_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
     """`python -m trainer.memory <argv>` run in-process (argparse's exits become codes): code, stdout, stderr."""
     try:
