@@ -71,3 +71,99 @@ def test_run_sh_ds_config_that_is_no_json_object(tmp_path, text, where):
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", "''", ".."])
 def test_run_sh_run_name_must_be_a_plain_folder_name(name):
     _assert_one_error_line(_run(["run.sh", f"run.name={name}"]), "run.name=")
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer.export / trainer.reshard / trainer.evaluate
+
+
+def _run_dir_with_bad_config(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("model: [1, 2\n")  # YAML's own message spans several lines
+    return run_dir
+
+
+@pytest.mark.parametrize("tol", ["-1", "0", "nan"])
+def test_export_tol_must_be_positive(tmp_path, tol):
+    """A tolerance no logit difference can meet used to export, fail parity and exit 1."""
+    _assert_one_error_line(_run(["-m", "trainer.export", str(tmp_path), "--tol", tol]), "--tol=")
+
+
+def test_reshard_bad_config_yaml_is_one_line(tmp_path):
+    run_dir = _run_dir_with_bad_config(tmp_path)
+    _assert_one_error_line(_run(["-m", "trainer.reshard", str(run_dir)]), str(run_dir / "config.yaml"), "invalid YAML")
+
+
+def test_evaluate_run_without_checkpoint_names_what_to_pass(tmp_path):
+    """trainer.evaluate has no --tag: the hint names the checkpoint directory it takes instead."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text((REPO_ROOT / "trainer" / "configs" / "default.yaml").read_text())
+    proc = _run(["-m", "trainer.evaluate", str(run_dir), "--tasks", "none"])
+    _assert_one_error_line(proc, "no complete checkpoint", f"trainer.evaluate {run_dir / 'checkpoints'}/TAG")
+
+
+@pytest.mark.parametrize("text", ['{"validation": 1}', '{"validation": {"ce": 1.0}, "tag": "s"}', "[1, 2]"])
+def test_evaluate_compare_foreign_json_is_named(tmp_path, text):
+    result = tmp_path / "result.json"
+    result.write_text(text)
+    _assert_one_error_line(_run(["-m", "trainer.evaluate", "compare", str(result)]), str(result),
+                           "not a trainer.evaluate result")
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer.memory (compare / plan / measure) and models.summary
+
+
+def test_memory_compare_report_that_is_no_object(tmp_path):
+    (tmp_path / "memory_report.json").write_text("[]")
+    _assert_one_error_line(_run(["-m", "trainer.memory", "compare", str(tmp_path)]),
+                           str(tmp_path / "memory_report.json"), "not a memory report")
+
+
+def test_memory_plan_takes_key_value_after_the_flags():
+    """The README writes `plan PRESET --gpus N --gpu-mem-gib M ... [key=value ...]`: overrides come last."""
+    proc = _run(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "tie_group_size=2"])
+    assert proc.returncode == 0, proc.stderr
+    proc = _run(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "bogus=1"])
+    _assert_one_error_line(proc, "model.bogus")
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--gpu-mem-gib", "inf"], "--gpu-mem-gib=inf"),
+    (["--gpu-mem-gib", "8", "--reserve-gib", "nan"], "--reserve-gib=nan"),
+    (["--gpu-mem-gib", "8", "--reduce-bucket", "0"], "--reduce-bucket=0"),
+])
+def test_memory_plan_non_finite_or_zero_sizes(flags, names):
+    _assert_one_error_line(_run(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", *flags]), names)
+
+
+def test_memory_plan_bad_config_yaml_is_one_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: [1, 2\n")
+    proc = _run(["-m", "trainer.memory", "plan", str(config), "--gpus", "2", "--gpu-mem-gib", "8"])
+    _assert_one_error_line(proc, str(config), "invalid YAML")
+
+
+def test_memory_plan_missing_target_is_the_only_complaint():
+    proc = _run(["-m", "trainer.memory", "plan", "--gpus", "2", "--gpu-mem-gib", "8"])
+    _assert_one_error_line(proc, "required: PRESET_OR_CONFIG")
+    assert "overrides" not in proc.stderr
+
+
+def test_memory_measure_bad_override_after_json_is_named(tmp_path):
+    proc = _run(["-m", "trainer.memory", "measure", "run.stepz=1", "--json", str(tmp_path / "m.json")])
+    _assert_one_error_line(proc, "run.stepz")
+
+
+def test_summary_without_arguments_is_one_line_on_stderr():
+    proc = _run(["-m", "models.summary"])
+    _assert_one_error_line(proc, "required: preset")
+    assert proc.stdout == ""
+
+
+def test_summary_takes_key_value_after_the_flags():
+    proc = _run(["-m", "models.summary", "olmoe", "--world", "64", "tie_group_size=4", "--ep", "8"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "olmoe tie_group_size=4"
