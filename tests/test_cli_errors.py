@@ -167,3 +167,64 @@ def test_summary_takes_key_value_after_the_flags():
     proc = _run(["-m", "models.summary", "olmoe", "--world", "64", "tie_group_size=4", "--ep", "8"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "olmoe tie_group_size=4"
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer.bench (and the benchmarks sharing its command line), trainer.parity, data_prep.build,
+# benchmarks/*.py: all checked before any rank starts
+
+
+def _assert_usage_error(proc: subprocess.CompletedProcess, *names: str) -> None:
+    """argparse's own refusal: exit 2, a usage block, then one `PROG: error: ...` line naming the culprit."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert ": error: " in last, proc.stderr[-3000:]
+    for name in names:
+        assert name in last, (name, last)
+
+
+@pytest.mark.parametrize("tool", [["-m", "trainer.bench"], ["benchmarks/zero3_settings.py"]])
+@pytest.mark.parametrize("argv, names", [(["run.stepz=1"], ["run.stepz", "unknown key"]),
+                                         (["--steps", "0"], ["--steps", "positive"]),
+                                         (["--repeats", "-1"], ["--repeats", "positive"])])
+def test_timing_benchmarks_refuse_bad_overrides_and_counts(tool, argv, names):
+    """A bad override was a ValueError traceback; 0 steps started the ranks."""
+    _assert_usage_error(_run([*tool, *argv]), *names)
+
+
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], ["--steps=0"]), (["--tol", "nan"], ["--tol=nan"]),
+                                         (["--cells", "gpu1", "--world", "0"], ["--world=0"])])
+def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
+    _assert_usage_error(_run(["-m", "trainer.parity", *argv]), *names)
+
+
+def test_data_build_bad_input_exits_2(tmp_path):
+    """Bad input is exit 2 everywhere in tiedmoe; the corpus builder said 1."""
+    missing = tmp_path / "missing.jsonl"
+    proc = _run(["-m", "data_prep.build", "--input", str(missing), "--out", str(tmp_path / "out"), "--no-progress"])
+    _assert_one_error_line(proc, str(missing))
+
+
+@pytest.mark.parametrize("argv, names", [(["--variants", "g0"], "model.tie_group_size=0"),
+                                         (["--variants", "foo"], "--variants"),
+                                         (["--micro-batch", "0"], "--micro-batch=0"),
+                                         (["--budget-gib", "-1"], "--budget-gib=-1"),
+                                         (["run.stepz=1"], "run.stepz")])
+def test_equal_memory_checks_before_ranks_start(argv, names):
+    _assert_one_error_line(_run(["benchmarks/equal_memory.py", *argv]), names)
+
+
+def test_bench_data_missing_data_dir(tmp_path):
+    _assert_usage_error(_run(["benchmarks/bench_data.py", "--data-dir", str(tmp_path)]), "--data-dir", "manifest.json")
+
+
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz")])
+def test_tying_quality_checks_every_variant_first(argv, names):
+    _assert_one_error_line(_run(["benchmarks/tying_quality.py", *argv]), names)
+
+
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["--seeds", "-1"], "run.seed=-1")])
+def test_reproduce_dry_run_refuses_bad_steps_and_seeds(argv, names):
+    """--steps 0 was dropped as if not given (the dry run then showed 300-step runs)."""
+    _assert_one_error_line(_run(["benchmarks/reproduce.py", "--dry-run", *argv]), names)

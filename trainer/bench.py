@@ -149,13 +149,34 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: 0 steps or repeats would time nothing (and divide by zero at the end)."""
+    value = int(text)  # a ValueError becomes argparse's "invalid positive_int value: 'abc'"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected a positive integer")
+    return value
+
+
+class TimingParser(argparse.ArgumentParser):
+    """Also checks the trailing key=value overrides, so that in every benchmark built on it a bad one is
+    argparse's usage error (exit 2) before any rank starts, not a ValueError traceback."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        try:
+            load_config(None, DEFAULT_OVERRIDES + parsed.overrides)
+        except ValueError as err:
+            self.error(" ".join(str(err).split()))
+        return parsed
+
+
 def timing_parser(doc: str | None, steps: int, repeats: int, result: str, what: str) -> argparse.ArgumentParser:
     """The command line every side-by-side timing benchmark shares: blocks of `--steps` optimizer steps
     alternated `--repeats` times per `what`, JSON to `--json` (default benchmarks/results/`result`),
     trailing key=value config overrides; `--worker` / `--json-raw` are the ranks' internal flags."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per timed block")
-    parser.add_argument("--repeats", type=int, default=repeats, help=f"alternating blocks per {what}")
+    parser = TimingParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps per timed block")
+    parser.add_argument("--repeats", type=positive_int, default=repeats, help=f"alternating blocks per {what}")
     parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / result))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
@@ -164,8 +185,7 @@ def timing_parser(doc: str | None, steps: int, repeats: int, result: str, what: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = timing_parser(__doc__, 10, 3, "tying_cpu.json", "variant").parse_args(argv)
-    load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
+    args = timing_parser(__doc__, 10, 3, "tying_cpu.json", "variant").parse_args(argv)  # checks the overrides
     if args.worker or "RANK" in os.environ:
         if not args.json_raw:
             args.json_raw = args.json
