@@ -111,6 +111,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5, help="copies of the fixture text to tokenize")
     args = parser.parse_args()
+    if args.batches < 1 or args.repeats < 1:
+        parser.error(f"--batches={args.batches} --repeats={args.repeats}: expected positive integers")
+    if args.data_dir is not None and not (args.data_dir / "manifest.json").is_file():
+        parser.error(f"--data-dir {args.data_dir}: no manifest.json (build one with `python -m data_prep.build`)")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir

@@ -244,9 +244,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    for v in args.variants.split(","):
-        variant_config(v, args.overrides)  # fail fast on bad variants or overrides
+    try:
+        check_args(args)
+    except ValueError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
     return write_report(measure(args), render, args.json)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Fail fast, before any rank starts: bad variants or overrides, counts below 1, a budget of no memory."""
+    for flag in ("micro_batch", "max_micro_batch", "steps", "repeats", "world"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={value}: expected a positive integer")
+    if args.max_micro_batch is not None and args.max_micro_batch < args.micro_batch:
+        raise ValueError(f"--max-micro-batch={args.max_micro_batch}: expected at least --micro-batch={args.micro_batch}")
+    if args.budget_gib is not None and not 0 < args.budget_gib < float("inf"):
+        raise ValueError(f"--budget-gib={args.budget_gib}: expected a positive number")
+    for v in args.variants.split(","):
+        variant_config(v, args.overrides)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def overrides_for(scale: str, variant: str, seed: int, steps: int | None) -> tup
     """(config file or None, key=value overrides) of one run."""
     base = list(SCALES[scale])
     config = base.pop(0) if base and base[0].endswith(".yaml") else None
-    extra = [f"run.steps={steps}"] if steps else []
+    extra = [f"run.steps={steps}"] if steps is not None else []
     return config, base + VARIANTS[variant] + extra + [f"run.seed={seed}", f"run.out_dir=runs/repro-{scale}",
                                                        f"run.name={run_name(variant, seed)}"]
 
@@ -573,7 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="print every run's state and commands; start nothing, write nothing")
     args = parser.parse_args(argv)
-    runs = plan(args.scale, list(VARIANTS), args.seeds, args.steps)  # bad overrides fail here, before training
+    try:
+        runs = plan(args.scale, list(VARIANTS), args.seeds, args.steps)  # bad overrides fail here, before training
+    except ValueError as err:  # e.g. --steps 0 or --seeds -1, named by the config key they set
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
     chosen = [r for r in runs if r.variant in (args.only or VARIANTS)]
     if args.dry_run:
         dry_run(chosen)

@@ -28,16 +28,24 @@ VARIANTS = {"untied": ["model.tie_group_size=1"], "tied g=2": ["model.tie_group_
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def run_variant(name: str, overrides: list[str], steps: int, extra: list[str]) -> dict:
-    run_name = "quality_" + name.replace(" ", "").replace("=", "")
-    args = overrides + [f"run.steps={steps}", "run.log_every=10", f"run.eval_every={max(steps // 6, 1)}",
-                        "run.eval_batches=16", "run.out_dir=runs", f"run.name={run_name}", "run.resume=never",
+def run_name(name: str) -> str:
+    return "quality_" + name.replace(" ", "").replace("=", "")
+
+
+def variant_args(name: str, overrides: list[str], steps: int, extra: list[str]) -> list[str]:
+    """The `./run.sh` overrides of one variant."""
+    return overrides + [f"run.steps={steps}", "run.log_every=10", f"run.eval_every={max(steps // 6, 1)}",
+                        "run.eval_batches=16", "run.out_dir=runs", f"run.name={run_name(name)}", "run.resume=never",
                         *extra]
+
+
+def run_variant(name: str, overrides: list[str], steps: int, extra: list[str]) -> dict:
+    args = variant_args(name, overrides, steps, extra)
     print(f"== {name}: ./run.sh {' '.join(args)}", flush=True)
     proc = subprocess.run([sys.executable, str(REPO / "run.sh"), *args], cwd=REPO, env=dict(os.environ))
     if proc.returncode != 0:
         raise SystemExit(f"variant {name} failed with exit code {proc.returncode}")
-    run_dir = REPO / "runs" / run_name
+    run_dir = REPO / "runs" / run_name(name)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     cfg = load_config(run_dir / "config.yaml")
     acc = account(cfg.model_config())
@@ -73,6 +81,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("overrides", nargs="*", help="applied to every variant")
     args = parser.parse_args()
+    try:  # every variant's config before the first trains: a bad override is one line, exit 2
+        for name, o in VARIANTS.items():
+            load_config(None, variant_args(name, o, args.steps, args.overrides))
+    except ValueError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
     results = {name: run_variant(name, o, args.steps, args.overrides) for name, o in VARIANTS.items()}
     base = results["untied"]
     print(f"\n{'variant':<10} {'unique params':>14} {'unique FFN':>11} {'FFN saved':>10} {'val CE':>8} {'vs untied':>10}")

@@ -359,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         min_chars=args.min_chars, cache_dir=args.cache_dir, progress=not args.no_progress, force=args.force)
     try:
         manifest = build(config)
-    except DataError as err:
+    except DataError as err:  # bad input: exit 2, as everywhere in the project (README "exit codes")
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     summary = {split: {"documents": info["documents"], "tokens": info["tokens"]}
                for split, info in manifest["splits"].items()}
     print(json.dumps({"out_dir": str(Path(config.out_dir).resolve()), "vocab_size": manifest["tokenizer"]["vocab_size"],

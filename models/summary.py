@@ -58,11 +58,11 @@ def render_memory(preset: str, overrides: dict, world: int, ep: int, zero: int, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
-        return 0 if argv else 2
+        return 0
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_intermixed_args(argv)  # key=value before or after the layout flags
         overrides = parse_overrides(args.overrides)
         layout = (1 if args.ep is None else args.ep, 3 if args.zero is None else args.zero, args.precision or "bf16")
         if args.world is None and (args.ep, args.zero, args.precision) != (None, None, None):
@@ -88,7 +88,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m models.summary", add_help=False)
     parser.add_argument("preset")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", default=[])
     parser.add_argument("--world", type=int)
     parser.add_argument("--ep", type=int)  # default 1
     parser.add_argument("--zero", type=int)  # default 3

@@ -144,7 +144,7 @@ def test_cli_builds_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["vocab_size"] == 384 and report["splits"]["train"]["tokens"] > 0
-    assert main(["--input", str(tmp_path / "missing.jsonl"), "--out", str(out), "--no-progress"]) == 1
+    assert main(["--input", str(tmp_path / "missing.jsonl"), "--out", str(out), "--no-progress"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
 
 

@@ -20,14 +20,27 @@ from trainer.preemption import die_with_parent
 from trainer.train import TrainingDiverged, train
 
 
+USAGE = """usage: ./run.sh [CONFIG.yaml] [key=value ...]   train (default config: trainer/configs/default.yaml)
+       ./run.sh test [pytest args]             the test suite
+       ./run.sh eval TARGET [...]              python -m trainer.evaluate (see its --help)
+CONFIG.yaml: a training config (trainer/configs/*.yaml); key=value: dotted overrides such as
+run.steps=50 or model.tie_group_size=4 (every field is commented in trainer/config.py)."""
+
+
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Drop the launcher's --local_rank, then take an optional YAML path and key=value overrides."""
+    """Drop the launcher's --local_rank, then take an optional YAML path and key=value overrides.
+
+    Any other `-x` / `--flag` is refused by name: training takes no flags, and taking `--steps` for a
+    config file would blame the wrong argument."""
     args = []
     for arg in argv:
         if arg.startswith("--local_rank"):
             if "=" in arg:
                 os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
             continue
+        if arg.startswith("-"):
+            raise ValueError(f"unknown flag {arg.split('=', 1)[0]}: run.sh takes [CONFIG.yaml] [key=value ...] "
+                             f"(e.g. run.steps=50), or --help")
         args.append(arg)
     config = None
     if args and "=" not in args[0]:
@@ -40,6 +53,9 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str]) -> int:
     in_rank = "RANK" in os.environ
+    if not in_rank and argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     try:
         config, overrides = split_args(argv)
         cfg = load_config(config, overrides)  # fail fast, before any process starts

@@ -250,13 +250,26 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a repeated key: PyYAML keeps the last one, silently dropping the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML (default: the embedded tiny default) + overrides like `optim.lr=1e-3` or `model.tie_group_size=4`."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
-        raise ValueError(f"config file {path}: not found")
+        raise ValueError(f"config file {path}: {'is a directory, expected a YAML file' if path.is_dir() else 'not found'}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path}: invalid YAML ({err})") from None
     if not isinstance(raw, dict) or not raw:
@@ -342,6 +355,10 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no world size (those live in `TrainConfig.for_world`)."""
     cfg.model_config()  # raises on bad model fields
     _check_ranges(cfg)
+    if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name or "\\" in cfg.run.name:
+        # the run directory is run.out_dir/run.name: a path here would write (or resume) outside run.out_dir
+        raise ValueError(f"run.name={cfg.run.name!r}: expected a plain folder name (no '/'); "
+                         f"use run.out_dir for the parent folder")
     if cfg.run.downstream_every and cfg.data.source == "random":
         raise ValueError(f"run.downstream_every={cfg.run.downstream_every}: needs text data (data.source=shards or "
                          f"stream); random tokens have no tokenizer to score tasks with")
@@ -399,6 +416,9 @@ def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
         settings = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"parallel.ds_config {path}: invalid JSON ({err})") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("zero_optimization", {}), dict):
+        where = "the file" if not isinstance(settings, dict) else "zero_optimization"
+        raise ValueError(f"parallel.ds_config {path}: {where} must be a JSON object ({{...}})")
     owned_here = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                   "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "expert_parallel"}
     clash = sorted(owned_here & set(settings))

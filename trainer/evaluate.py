@@ -373,17 +373,25 @@ def find_result(path: str | Path) -> Path:
     return found[-1]
 
 
+def load_result(result_path: Path) -> tuple[str, dict[str, Any]]:
+    """(column name, result) of one result JSON; a foreign or hand-edited file is named, not a traceback."""
+    try:
+        result = json.loads(result_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{result_path}: not JSON ({err})") from None
+    try:
+        if not isinstance(result["validation"], dict):
+            raise TypeError
+        _rows(result)  # every metric the table will show is there and formats
+        return f"{Path(result.get('run_dir') or result['target']).name}@{result['tag']}", result
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise ValueError(f"{result_path}: not a trainer.evaluate result") from None
+
+
 def compare(paths: list[str]) -> str:
     columns = {}
     for arg in paths:
-        result_path = find_result(arg)
-        try:
-            result = json.loads(result_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{result_path}: not JSON ({err})") from None
-        if "validation" not in result:
-            raise ValueError(f"{result_path}: not a trainer.evaluate result")
-        name = f"{Path(result.get('run_dir') or result['target']).name}@{result['tag']}"
+        name, result = load_result(find_result(arg))
         columns[name if name not in columns else f"{name} ({len(columns)})"] = result
     return markdown_table(columns)
 

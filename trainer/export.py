@@ -34,6 +34,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -122,7 +123,7 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
         tag = checkpoint.latest_tag(ckpt_dir)
         if tag is None:
             raise ValueError(f"run directory {run_dir}: no {ckpt_dir / checkpoint.LATEST} (no complete checkpoint "
-                             f"yet); name one with --tag")
+                             f"yet); name one: trainer.export --tag TAG, trainer.evaluate {ckpt_dir}/TAG")
     elif not (ckpt_dir / tag).is_dir():
         have = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
         raise ValueError(f"checkpoint tag {tag!r}: {ckpt_dir / tag} does not exist (have: {', '.join(have) or 'none'})")
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.hf_layout and not args.hf:
             raise ValueError("--hf-layout: only with --hf")
+        if not math.isfinite(args.tol) or args.tol <= 0:  # a tolerance of 0 or less fails every export
+            raise ValueError(f"--tol={args.tol:g}: expected a positive number")
         ok, report, dest = run_export(args.run_dir, args.tag, args.out, args.hf, args.tol, args.hf_layout)
     except ValueError as err:
         print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)

@@ -298,7 +298,7 @@ def measure_main(argv: list[str]) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides applied to both variants")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value before or after --json
     load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
     if args.worker:
         worker(args)
@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return docs_main(rest)
         return measure_main(rest)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ValueError as err:  # one line, even when it quotes a multi-line YAML parser error
+        print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
         return 2
 
 

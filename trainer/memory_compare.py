@@ -33,9 +33,13 @@ def load_report(run_dir: str) -> dict[str, Any]:
     if not report.is_file():
         raise ValueError(f"run directory {run_dir}: no {REPORT_JSON} (written after the run's first optimizer step)")
     try:
-        return json.loads(report.read_text())
+        loaded = json.loads(report.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{report}: invalid JSON ({err})") from None
+    ranks = loaded.get("per_rank") if isinstance(loaded, dict) else None
+    if not isinstance(ranks, list) or not ranks or not all(isinstance(r, dict) for r in ranks):
+        raise ValueError(f"{report}: not a memory report (expected an object with a per_rank list of objects)")
+    return loaded
 
 
 def peak_bytes(rank: dict[str, int]) -> int:

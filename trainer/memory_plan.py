@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,7 @@ def plan_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m trainer.memory plan", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", metavar="PRESET_OR_CONFIG")
-    parser.add_argument("overrides", nargs="*", help="model fields (preset) or dotted config keys (config)")
+    parser.add_argument("overrides", nargs="*", default=[], help="model fields (preset) or dotted config keys (config)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs in the job (the data-parallel world)")
     parser.add_argument("--gpu-mem-gib", type=float, required=True, help="memory per GPU, GiB")
     parser.add_argument("--zero", type=int, help="ZeRO stage (default: the config's, or 3)")
@@ -180,9 +181,14 @@ def plan_parser() -> OneLineParser:
 
 def run_plan(argv: list[str]) -> tuple[argparse.Namespace, str, Layout, list[dict[str, Any]]]:
     """Parse a `plan` command line and size its tied variants: (arguments, name, layout, rows)."""
-    args = plan_parser().parse_args(argv)
+    args = plan_parser().parse_intermixed_args(argv)  # key=value may follow the flags, as documented
+    for flag, value in (("--gpu-mem-gib", args.gpu_mem_gib), ("--reserve-gib", args.reserve_gib)):
+        if not math.isfinite(value):
+            raise ValueError(f"{flag}={value:g}: expected a finite number")
     if args.reserve_gib < 0:
         raise ValueError(f"--reserve-gib={args.reserve_gib:g}: expected a non-negative number")
+    if args.reduce_bucket is not None and args.reduce_bucket < 1:
+        raise ValueError(f"--reduce-bucket={args.reduce_bucket}: expected a positive number of elements")
     name, cfg, layout = model_and_layout(args)
     return args, name, layout, plan(cfg, layout)
 

@@ -300,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    for flag, value in (("--steps", args.steps), ("--world", args.world)):
+        if value < 1:
+            parser.error(f"{flag}={value}: expected a positive integer")
+    if not args.tol > 0 or args.tol == float("inf"):  # `not >` also catches nan; 0 or less fails every cell
+        parser.error(f"--tol={args.tol}: expected a positive number")
     if args.only and args.cells != "muon":
         parser.error("--only needs --cells muon (the other sets' controls need their full cells)")
     if args.cells != "gpu1" and args.world != WORLD:

@@ -1,0 +1,221 @@
+"""Bad command lines, configs and files give one `error: ...` line naming the culprit, exit 2, no traceback.
+
+Regression tests for the README audit: each case runs a documented command as a user would (a
+subprocess) with one bad input, and stops at validation (no ranks start, no model is trained).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PYTHON) if VENV_PYTHON.is_file() else sys.executable
+
+
+def _run(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repo root, outside any launcher (no RANK), on CPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([PYTHON, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_one_error_line(proc: subprocess.CompletedProcess, *names: str) -> None:
+    """Exit 2, stderr exactly one `error: ...` line mentioning every one of `names`."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# ./run.sh (trainer.cli): configs, overrides, flags
+
+
+def test_run_sh_help_prints_usage_and_exits_0():
+    proc = _run(["run.sh", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: ./run.sh [CONFIG.yaml] [key=value ...]")
+
+
+@pytest.mark.parametrize("argv, flag", [(["--steps", "5"], "--steps"), (["--steps=5"], "--steps"), (["-x"], "-x")])
+def test_run_sh_unknown_flag_is_named(argv, flag):
+    _assert_one_error_line(_run(["run.sh", *argv]), f"unknown flag {flag}")
+
+
+def test_run_sh_duplicate_yaml_key_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: the first section would be dropped without a word."""
+    config = tmp_path / "dup.yaml"
+    config.write_text("run:\n  steps: 3\nrun:\n  steps: 4\n")
+    _assert_one_error_line(_run(["run.sh", str(config)]), str(config), "duplicate key 'run'")
+
+
+def test_run_sh_config_that_is_a_directory_says_so(tmp_path):
+    _assert_one_error_line(_run(["run.sh", str(tmp_path)]), str(tmp_path), "is a directory")
+
+
+@pytest.mark.parametrize("text, where", [("[1, 2]", "the file"), ('{"zero_optimization": 3}', "zero_optimization")])
+def test_run_sh_ds_config_that_is_no_json_object(tmp_path, text, where):
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(text)
+    _assert_one_error_line(_run(["run.sh", f"parallel.ds_config={ds_config}"]), "parallel.ds_config", where)
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "''", ".."])
+def test_run_sh_run_name_must_be_a_plain_folder_name(name):
+    _assert_one_error_line(_run(["run.sh", f"run.name={name}"]), "run.name=")
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer.export / trainer.reshard / trainer.evaluate
+
+
+def _run_dir_with_bad_config(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("model: [1, 2\n")  # YAML's own message spans several lines
+    return run_dir
+
+
+@pytest.mark.parametrize("tol", ["-1", "0", "nan"])
+def test_export_tol_must_be_positive(tmp_path, tol):
+    """A tolerance no logit difference can meet used to export, fail parity and exit 1."""
+    _assert_one_error_line(_run(["-m", "trainer.export", str(tmp_path), "--tol", tol]), "--tol=")
+
+
+def test_reshard_bad_config_yaml_is_one_line(tmp_path):
+    run_dir = _run_dir_with_bad_config(tmp_path)
+    _assert_one_error_line(_run(["-m", "trainer.reshard", str(run_dir)]), str(run_dir / "config.yaml"), "invalid YAML")
+
+
+def test_evaluate_run_without_checkpoint_names_what_to_pass(tmp_path):
+    """trainer.evaluate has no --tag: the hint names the checkpoint directory it takes instead."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text((REPO_ROOT / "trainer" / "configs" / "default.yaml").read_text())
+    proc = _run(["-m", "trainer.evaluate", str(run_dir), "--tasks", "none"])
+    _assert_one_error_line(proc, "no complete checkpoint", f"trainer.evaluate {run_dir / 'checkpoints'}/TAG")
+
+
+@pytest.mark.parametrize("text", ['{"validation": 1}', '{"validation": {"ce": 1.0}, "tag": "s"}', "[1, 2]"])
+def test_evaluate_compare_foreign_json_is_named(tmp_path, text):
+    result = tmp_path / "result.json"
+    result.write_text(text)
+    _assert_one_error_line(_run(["-m", "trainer.evaluate", "compare", str(result)]), str(result),
+                           "not a trainer.evaluate result")
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer.memory (compare / plan / measure) and models.summary
+
+
+def test_memory_compare_report_that_is_no_object(tmp_path):
+    (tmp_path / "memory_report.json").write_text("[]")
+    _assert_one_error_line(_run(["-m", "trainer.memory", "compare", str(tmp_path)]),
+                           str(tmp_path / "memory_report.json"), "not a memory report")
+
+
+def test_memory_plan_takes_key_value_after_the_flags():
+    """The README writes `plan PRESET --gpus N --gpu-mem-gib M ... [key=value ...]`: overrides come last."""
+    proc = _run(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "tie_group_size=2"])
+    assert proc.returncode == 0, proc.stderr
+    proc = _run(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "bogus=1"])
+    _assert_one_error_line(proc, "model.bogus")
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--gpu-mem-gib", "inf"], "--gpu-mem-gib=inf"),
+    (["--gpu-mem-gib", "8", "--reserve-gib", "nan"], "--reserve-gib=nan"),
+    (["--gpu-mem-gib", "8", "--reduce-bucket", "0"], "--reduce-bucket=0"),
+])
+def test_memory_plan_non_finite_or_zero_sizes(flags, names):
+    _assert_one_error_line(_run(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", *flags]), names)
+
+
+def test_memory_plan_bad_config_yaml_is_one_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: [1, 2\n")
+    proc = _run(["-m", "trainer.memory", "plan", str(config), "--gpus", "2", "--gpu-mem-gib", "8"])
+    _assert_one_error_line(proc, str(config), "invalid YAML")
+
+
+def test_memory_plan_missing_target_is_the_only_complaint():
+    proc = _run(["-m", "trainer.memory", "plan", "--gpus", "2", "--gpu-mem-gib", "8"])
+    _assert_one_error_line(proc, "required: PRESET_OR_CONFIG")
+    assert "overrides" not in proc.stderr
+
+
+def test_memory_measure_bad_override_after_json_is_named(tmp_path):
+    proc = _run(["-m", "trainer.memory", "measure", "run.stepz=1", "--json", str(tmp_path / "m.json")])
+    _assert_one_error_line(proc, "run.stepz")
+
+
+def test_summary_without_arguments_is_one_line_on_stderr():
+    proc = _run(["-m", "models.summary"])
+    _assert_one_error_line(proc, "required: preset")
+    assert proc.stdout == ""
+
+
+def test_summary_takes_key_value_after_the_flags():
+    proc = _run(["-m", "models.summary", "olmoe", "--world", "64", "tie_group_size=4", "--ep", "8"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "olmoe tie_group_size=4"
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer.parity, data_prep.build, benchmarks/*.py: all checked before any rank starts
+# (the timing benchmarks and trainer.bench: tests/test_benchmarks_cli.py)
+
+
+def _assert_usage_error(proc: subprocess.CompletedProcess, *names: str) -> None:
+    """argparse's own refusal: exit 2, a usage block, then one `PROG: error: ...` line naming the culprit."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert ": error: " in last, proc.stderr[-3000:]
+    for name in names:
+        assert name in last, (name, last)
+
+
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], ["--steps=0"]), (["--tol", "nan"], ["--tol=nan"]),
+                                         (["--cells", "gpu1", "--world", "0"], ["--world=0"])])
+def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
+    _assert_usage_error(_run(["-m", "trainer.parity", *argv]), *names)
+
+
+def test_data_build_bad_input_exits_2(tmp_path):
+    """Bad input is exit 2 everywhere in tiedmoe; the corpus builder said 1."""
+    missing = tmp_path / "missing.jsonl"
+    proc = _run(["-m", "data_prep.build", "--input", str(missing), "--out", str(tmp_path / "out"), "--no-progress"])
+    _assert_one_error_line(proc, str(missing))
+
+
+@pytest.mark.parametrize("argv, names", [(["--variants", "g0"], "model.tie_group_size=0"),
+                                         (["--variants", "foo"], "--variants"),
+                                         (["--micro-batch", "0"], "--micro-batch=0"),
+                                         (["--budget-gib", "-1"], "--budget-gib=-1"),
+                                         (["run.stepz=1"], "run.stepz")])
+def test_equal_memory_checks_before_ranks_start(argv, names):
+    _assert_one_error_line(_run(["benchmarks/equal_memory.py", *argv]), names)
+
+
+def test_bench_data_missing_data_dir(tmp_path):
+    _assert_usage_error(_run(["benchmarks/bench_data.py", "--data-dir", str(tmp_path)]), "--data-dir", "manifest.json")
+
+
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz")])
+def test_tying_quality_checks_every_variant_first(argv, names):
+    _assert_one_error_line(_run(["benchmarks/tying_quality.py", *argv]), names)
+
+
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["--seeds", "-1"], "run.seed=-1")])
+def test_reproduce_dry_run_refuses_bad_steps_and_seeds(argv, names):
+    """--steps 0 was dropped as if not given (the dry run then showed 300-step runs)."""
+    _assert_one_error_line(_run(["benchmarks/reproduce.py", "--dry-run", *argv]), names)
