@@ -108,7 +108,7 @@ def loader_share_of_step(data_dir: Path, batches: int) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, help="built data set (default: data/default, else the fixture)")
-    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--batches", type=int, default=50, help="loader batches timed (default 50)")
     parser.add_argument("--repeats", type=int, default=5, help="copies of the fixture text to tokenize")
     args = parser.parse_args()
     if args.batches < 1 or args.repeats < 1:

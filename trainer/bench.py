@@ -168,7 +168,8 @@ def timing_parser(doc: str | None, steps: int, repeats: int, result: str, what: 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps per timed block")
     parser.add_argument("--repeats", type=positive_int, default=repeats, help=f"alternating blocks per {what}")
-    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / result))
+    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / result),
+                        help=f"where to write the result (default benchmarks/results/{result})")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=f"config overrides applied to every {what}")
