@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
     except ValueError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return write_report(measure(args), render, args.json)
 

@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = plan(args.scale, list(VARIANTS), args.seeds, args.steps)  # bad overrides fail here, before training
     except ValueError as err:  # e.g. --steps 0 or --seeds -1, named by the config key they set
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     chosen = [r for r in runs if r.variant in (args.only or VARIANTS)]
     if args.dry_run:

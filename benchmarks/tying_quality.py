@@ -85,7 +85,7 @@ def main() -> int:
         for name, o in VARIANTS.items():
             load_config(None, variant_args(name, o, args.steps, args.overrides))
     except ValueError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     results = {name: run_variant(name, o, args.steps, args.overrides) for name, o in VARIANTS.items()}
     base = results["untied"]

@@ -7,6 +7,12 @@ from typing import Any
 import yaml
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: it spans several (a caret under the column), and every tool's bad-input
+    error must be one line, wherever it is printed."""
+    return " ".join(str(err).split())
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ["a.b=1", "c=x"] into {"a.b": 1, "c": "x"} (keys stay dotted; callers nest them)."""
     out: dict[str, Any] = {}
@@ -17,7 +23,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ValueError(f"override {key}: cannot parse value {raw!r} ({err})") from None
+            raise ValueError(f"override {key}: cannot parse value {raw!r} ({yaml_problem(err)})") from None
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from models.config import UNTIED_FIELDS, ModelConfig, from_preset, layer_plan
-from models.overrides import merge, nest, parse_overrides
+from models.overrides import merge, nest, parse_overrides, yaml_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "trainer" / "configs" / "default.yaml"
@@ -271,7 +271,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {path}: invalid YAML ({err})") from None
+        raise ValueError(f"config file {path}: invalid YAML ({yaml_problem(err)})") from None
     if not isinstance(raw, dict) or not raw:
         # An empty file would otherwise train the dataclass defaults, which is never what was meant.
         got = "is empty" if raw is None or raw == {} else f"holds a {type(raw).__name__}"

@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return docs_main(rest)
         return measure_main(rest)
-    except ValueError as err:  # one line, even when it quotes a multi-line YAML parser error
-        print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
 
 

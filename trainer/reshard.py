@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         out = reshard(args.run_dir, args.tag)
-    except ValueError as err:  # one line, even when it quotes a multi-line YAML parser error
-        print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
