@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,14 @@ from trainer.launch import torchrun_command
 from trainer.memory import main as memory_main
 
 WORKERS = REPO_ROOT / "tests" / "workers"
+
+
+def run_python(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repo root as a user runs a tool: outside any launcher (no RANK), on CPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def run_worker(worker: str, args: list[str], ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -2,19 +2,13 @@
 any rank starts; a smoke run of each (slow) prints its table with MFU and writes its JSON."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
-REPO = Path(__file__).resolve().parent.parent
 TIMING_BENCHMARKS = [["benchmarks/decompose.py"], ["benchmarks/zero3_settings.py"], ["benchmarks/peers.py"],
                      ["-m", "trainer.bench"]]
-
-
-def run(args: list[str], timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command in TIMING_BENCHMARKS] + [
@@ -30,7 +24,7 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
 
 @pytest.mark.parametrize("command, bad, named", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_is_one_line_and_exit_2(command: list[str], bad: list[str], named: str) -> None:
-    proc = run([*command, *bad])
+    proc = run_python([*command, *bad])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -45,7 +39,7 @@ def test_bad_input_is_one_line_and_exit_2(command: list[str], bad: list[str], na
                          ids=lambda c: c[-1] if isinstance(c[-1], str) and c[-1].endswith(".py") else None)
 def test_smoke_run_reports_mfu(command: list[str], cells: list[str], tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    proc = run([*command, "--steps", "1", "--repeats", "1", "--json", str(out)], timeout=900)
+    proc = run_python([*command, "--steps", "1", "--repeats", "1", "--json", str(out)], timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "MFU" in proc.stdout and "FLOP/s per rank" in proc.stdout
     result = json.loads(out.read_text())

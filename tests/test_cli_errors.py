@@ -6,23 +6,13 @@ subprocess) with one bad input, and stops at validation (no ranks start, no mode
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PYTHON) if VENV_PYTHON.is_file() else sys.executable
-
-
-def _run(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
-    """`python ARGS` from the repo root, outside any launcher (no RANK), on CPU."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run([PYTHON, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _assert_one_error_line(proc: subprocess.CompletedProcess, *names: str) -> None:
@@ -40,37 +30,37 @@ def _assert_one_error_line(proc: subprocess.CompletedProcess, *names: str) -> No
 
 
 def test_run_sh_help_prints_usage_and_exits_0():
-    proc = _run(["run.sh", "--help"])
+    proc = run_python(["run.sh", "--help"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: ./run.sh [CONFIG.yaml] [key=value ...]")
 
 
 @pytest.mark.parametrize("argv, flag", [(["--steps", "5"], "--steps"), (["--steps=5"], "--steps"), (["-x"], "-x")])
 def test_run_sh_unknown_flag_is_named(argv, flag):
-    _assert_one_error_line(_run(["run.sh", *argv]), f"unknown flag {flag}")
+    _assert_one_error_line(run_python(["run.sh", *argv]), f"unknown flag {flag}")
 
 
 def test_run_sh_duplicate_yaml_key_is_refused(tmp_path):
     """PyYAML keeps the last of two equal keys: the first section would be dropped without a word."""
     config = tmp_path / "dup.yaml"
     config.write_text("run:\n  steps: 3\nrun:\n  steps: 4\n")
-    _assert_one_error_line(_run(["run.sh", str(config)]), str(config), "duplicate key 'run'")
+    _assert_one_error_line(run_python(["run.sh", str(config)]), str(config), "duplicate key 'run'")
 
 
 def test_run_sh_config_that_is_a_directory_says_so(tmp_path):
-    _assert_one_error_line(_run(["run.sh", str(tmp_path)]), str(tmp_path), "is a directory")
+    _assert_one_error_line(run_python(["run.sh", str(tmp_path)]), str(tmp_path), "is a directory")
 
 
 @pytest.mark.parametrize("text, where", [("[1, 2]", "the file"), ('{"zero_optimization": 3}', "zero_optimization")])
 def test_run_sh_ds_config_that_is_no_json_object(tmp_path, text, where):
     ds_config = tmp_path / "ds.json"
     ds_config.write_text(text)
-    _assert_one_error_line(_run(["run.sh", f"parallel.ds_config={ds_config}"]), "parallel.ds_config", where)
+    _assert_one_error_line(run_python(["run.sh", f"parallel.ds_config={ds_config}"]), "parallel.ds_config", where)
 
 
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", "''", ".."])
 def test_run_sh_run_name_must_be_a_plain_folder_name(name):
-    _assert_one_error_line(_run(["run.sh", f"run.name={name}"]), "run.name=")
+    _assert_one_error_line(run_python(["run.sh", f"run.name={name}"]), "run.name=")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,12 +77,12 @@ def _run_dir_with_bad_config(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("tol", ["-1", "0", "nan"])
 def test_export_tol_must_be_positive(tmp_path, tol):
     """A tolerance no logit difference can meet used to export, fail parity and exit 1."""
-    _assert_one_error_line(_run(["-m", "trainer.export", str(tmp_path), "--tol", tol]), "--tol=")
+    _assert_one_error_line(run_python(["-m", "trainer.export", str(tmp_path), "--tol", tol]), "--tol=")
 
 
 def test_reshard_bad_config_yaml_is_one_line(tmp_path):
     run_dir = _run_dir_with_bad_config(tmp_path)
-    _assert_one_error_line(_run(["-m", "trainer.reshard", str(run_dir)]), str(run_dir / "config.yaml"), "invalid YAML")
+    _assert_one_error_line(run_python(["-m", "trainer.reshard", str(run_dir)]), str(run_dir / "config.yaml"), "invalid YAML")
 
 
 def test_evaluate_run_without_checkpoint_names_what_to_pass(tmp_path):
@@ -100,7 +90,7 @@ def test_evaluate_run_without_checkpoint_names_what_to_pass(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text((REPO_ROOT / "trainer" / "configs" / "default.yaml").read_text())
-    proc = _run(["-m", "trainer.evaluate", str(run_dir), "--tasks", "none"])
+    proc = run_python(["-m", "trainer.evaluate", str(run_dir), "--tasks", "none"])
     _assert_one_error_line(proc, "no complete checkpoint", f"trainer.evaluate {run_dir / 'checkpoints'}/TAG")
 
 
@@ -108,7 +98,7 @@ def test_evaluate_run_without_checkpoint_names_what_to_pass(tmp_path):
 def test_evaluate_compare_foreign_json_is_named(tmp_path, text):
     result = tmp_path / "result.json"
     result.write_text(text)
-    _assert_one_error_line(_run(["-m", "trainer.evaluate", "compare", str(result)]), str(result),
+    _assert_one_error_line(run_python(["-m", "trainer.evaluate", "compare", str(result)]), str(result),
                            "not a trainer.evaluate result")
 
 
@@ -118,15 +108,15 @@ def test_evaluate_compare_foreign_json_is_named(tmp_path, text):
 
 def test_memory_compare_report_that_is_no_object(tmp_path):
     (tmp_path / "memory_report.json").write_text("[]")
-    _assert_one_error_line(_run(["-m", "trainer.memory", "compare", str(tmp_path)]),
+    _assert_one_error_line(run_python(["-m", "trainer.memory", "compare", str(tmp_path)]),
                            str(tmp_path / "memory_report.json"), "not a memory report")
 
 
 def test_memory_plan_takes_key_value_after_the_flags():
     """The README writes `plan PRESET --gpus N --gpu-mem-gib M ... [key=value ...]`: overrides come last."""
-    proc = _run(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "tie_group_size=2"])
+    proc = run_python(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "tie_group_size=2"])
     assert proc.returncode == 0, proc.stderr
-    proc = _run(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "bogus=1"])
+    proc = run_python(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "bogus=1"])
     _assert_one_error_line(proc, "model.bogus")
 
 
@@ -136,35 +126,35 @@ def test_memory_plan_takes_key_value_after_the_flags():
     (["--gpu-mem-gib", "8", "--reduce-bucket", "0"], "--reduce-bucket=0"),
 ])
 def test_memory_plan_non_finite_or_zero_sizes(flags, names):
-    _assert_one_error_line(_run(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", *flags]), names)
+    _assert_one_error_line(run_python(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", *flags]), names)
 
 
 def test_memory_plan_bad_config_yaml_is_one_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model: [1, 2\n")
-    proc = _run(["-m", "trainer.memory", "plan", str(config), "--gpus", "2", "--gpu-mem-gib", "8"])
+    proc = run_python(["-m", "trainer.memory", "plan", str(config), "--gpus", "2", "--gpu-mem-gib", "8"])
     _assert_one_error_line(proc, str(config), "invalid YAML")
 
 
 def test_memory_plan_missing_target_is_the_only_complaint():
-    proc = _run(["-m", "trainer.memory", "plan", "--gpus", "2", "--gpu-mem-gib", "8"])
+    proc = run_python(["-m", "trainer.memory", "plan", "--gpus", "2", "--gpu-mem-gib", "8"])
     _assert_one_error_line(proc, "required: PRESET_OR_CONFIG")
     assert "overrides" not in proc.stderr
 
 
 def test_memory_measure_bad_override_after_json_is_named(tmp_path):
-    proc = _run(["-m", "trainer.memory", "measure", "run.stepz=1", "--json", str(tmp_path / "m.json")])
+    proc = run_python(["-m", "trainer.memory", "measure", "run.stepz=1", "--json", str(tmp_path / "m.json")])
     _assert_one_error_line(proc, "run.stepz")
 
 
 def test_summary_without_arguments_is_one_line_on_stderr():
-    proc = _run(["-m", "models.summary"])
+    proc = run_python(["-m", "models.summary"])
     _assert_one_error_line(proc, "required: preset")
     assert proc.stdout == ""
 
 
 def test_summary_takes_key_value_after_the_flags():
-    proc = _run(["-m", "models.summary", "olmoe", "--world", "64", "tie_group_size=4", "--ep", "8"])
+    proc = run_python(["-m", "models.summary", "olmoe", "--world", "64", "tie_group_size=4", "--ep", "8"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "olmoe tie_group_size=4"
 
@@ -187,13 +177,13 @@ def _assert_usage_error(proc: subprocess.CompletedProcess, *names: str) -> None:
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], ["--steps=0"]), (["--tol", "nan"], ["--tol=nan"]),
                                          (["--cells", "gpu1", "--world", "0"], ["--world=0"])])
 def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
-    _assert_usage_error(_run(["-m", "trainer.parity", *argv]), *names)
+    _assert_usage_error(run_python(["-m", "trainer.parity", *argv]), *names)
 
 
 def test_data_build_bad_input_exits_2(tmp_path):
     """Bad input is exit 2 everywhere in tiedmoe; the corpus builder said 1."""
     missing = tmp_path / "missing.jsonl"
-    proc = _run(["-m", "data_prep.build", "--input", str(missing), "--out", str(tmp_path / "out"), "--no-progress"])
+    proc = run_python(["-m", "data_prep.build", "--input", str(missing), "--out", str(tmp_path / "out"), "--no-progress"])
     _assert_one_error_line(proc, str(missing))
 
 
@@ -203,19 +193,19 @@ def test_data_build_bad_input_exits_2(tmp_path):
                                          (["--budget-gib", "-1"], "--budget-gib=-1"),
                                          (["run.stepz=1"], "run.stepz")])
 def test_equal_memory_checks_before_ranks_start(argv, names):
-    _assert_one_error_line(_run(["benchmarks/equal_memory.py", *argv]), names)
+    _assert_one_error_line(run_python(["benchmarks/equal_memory.py", *argv]), names)
 
 
 def test_bench_data_missing_data_dir(tmp_path):
-    _assert_usage_error(_run(["benchmarks/bench_data.py", "--data-dir", str(tmp_path)]), "--data-dir", "manifest.json")
+    _assert_usage_error(run_python(["benchmarks/bench_data.py", "--data-dir", str(tmp_path)]), "--data-dir", "manifest.json")
 
 
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz")])
 def test_tying_quality_checks_every_variant_first(argv, names):
-    _assert_one_error_line(_run(["benchmarks/tying_quality.py", *argv]), names)
+    _assert_one_error_line(run_python(["benchmarks/tying_quality.py", *argv]), names)
 
 
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["--seeds", "-1"], "run.seed=-1")])
 def test_reproduce_dry_run_refuses_bad_steps_and_seeds(argv, names):
     """--steps 0 was dropped as if not given (the dry run then showed 300-step runs)."""
-    _assert_one_error_line(_run(["benchmarks/reproduce.py", "--dry-run", *argv]), names)
+    _assert_one_error_line(run_python(["benchmarks/reproduce.py", "--dry-run", *argv]), names)
