@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 
 from trainer.config import load_config
-from trainer.engine import shutdown
-from trainer.launch import ERROR_DIR_ENV, launch
-from trainer.preemption import die_with_parent
-from trainer.train import TrainingDiverged, train
+
+ERROR_DIR_ENV = "TIEDMOE_ERROR_DIR"  # where ranks started by trainer.launch leave their one-line error
 
 
 USAGE = """usage: ./run.sh [CONFIG.yaml] [key=value ...]   train (default config: trainer/configs/default.yaml)
@@ -59,8 +57,17 @@ def main(argv: list[str]) -> int:
     try:
         config, overrides = split_args(argv)
         cfg = load_config(config, overrides)  # fail fast, before any process starts
+    except ValueError as err:
+        return _fail(err, 2, in_rank)
+    # torch and DeepSpeed take seconds to import: a bad command line or config is refused before that.
+    from trainer.train import TrainingDiverged
+    try:
         if not in_rank:
+            from trainer.launch import launch
             return launch(cfg, config, overrides)
+        from trainer.engine import shutdown
+        from trainer.preemption import die_with_parent
+        from trainer.train import train
         die_with_parent()
         train(cfg)
         shutdown()  # does not return

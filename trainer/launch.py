@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from trainer.cli import ERROR_DIR_ENV
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
 from trainer.evaluate import check_tasks
@@ -111,7 +112,6 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
                                    *overrides], env)
 
 
-ERROR_DIR_ENV = "TIEDMOE_ERROR_DIR"  # where ranks started by run_local_ranks leave their one-line error
 
 
 def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
