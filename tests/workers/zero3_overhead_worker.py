@@ -5,7 +5,9 @@
 Per cell (default cell ZeRO-3 + EP 2, fp32 and bf16, and ZeRO-3 + EP 1): two sessions of the same config,
 one as `engine.initialize` builds it (with `gather_persistent_parameters_at_once`) and one with that
 wrapper removed (DeepSpeed's own per-parameter gather). Both train the same batches; the worker records
-each step's loss and the all-gather collectives one optimizer step launches after its backward.
+each step's loss and the all-gather collectives one optimizer step launches after its backward. For the
+fp32 cells also a third session with every ZeRO-3 module hook kept (`engine.drop_idle_module_hooks` off),
+and for each session the module hooks left and how many hooked modules hold only persistent parameters.
 """
 
 import json
@@ -41,8 +43,21 @@ def counting_all_gather(*args, **kwargs):
 tdist.all_gather_into_tensor = counting_all_gather
 
 
-def run(overrides: list[str], coalesced: bool) -> dict:
-    s = open_session(load_config(None, BASE + overrides))
+def run(overrides: list[str], coalesced: bool, drop_hooks: bool = True) -> dict:
+    drop = eng.drop_idle_module_hooks
+    if not drop_hooks:
+        eng.drop_idle_module_hooks = lambda engine: 0  # what initialize calls: DeepSpeed's hooks all stay
+    try:
+        s = open_session(load_config(None, BASE + overrides))
+    finally:
+        eng.drop_idle_module_hooks = drop
+    offload = s.engine.optimizer.parameter_offload
+    hooked = {id(h.hooks_dict_ref()) for h in offload.forward_hooks + offload.backward_hooks if h.hooks_dict_ref() is not None}
+    modules = [m for m in s.engine.module.modules() if id(m._forward_pre_hooks) in hooked or id(m._forward_hooks) in hooked]
+    hooks = {"module_hooks": len(offload.forward_hooks) + len(offload.backward_hooks),
+             "hooked_modules_own_only_persistent": sum(
+                 m is not s.engine.module and all(getattr(p, "ds_persist", False) for p in m.parameters(recurse=False))
+                 for m in modules)}
     if not coalesced:
         del s.engine.optimizer._post_step  # the instance wrapper: back to DeepSpeed's own method
     losses, step_gathers = [], []
@@ -62,12 +77,14 @@ def run(overrides: list[str], coalesced: bool) -> dict:
     persistent = s.engine.optimizer.persistent_parameters
     groups = {id(p.ds_process_group) for p in persistent if tdist.get_world_size(p.ds_process_group) > 1}
     return {"losses": losses, "optimizer_step_all_gathers": step_gathers[0], "persistent": len(persistent),
-            "partition_groups": len(groups)}
+            "partition_groups": len(groups), **hooks}
 
 
 eng.init_distributed()
 results = {name: {"coalesced": run(overrides, True), "deepspeed": run(overrides, False)}
            for name, overrides in CELLS.items()}
+for name in ("zero3-ep2-fp32", "zero3-ep1-fp32"):
+    results[name]["all_hooks"] = run(CELLS[name], True, drop_hooks=False)
 if eng.rank() == 0:
     Path(sys.argv[1]).write_text(json.dumps(results))
 eng.shutdown()

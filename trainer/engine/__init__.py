@@ -15,9 +15,10 @@ dict and the training state gathered from, or scattered onto, the ranks: export,
 `runtime` starts the process group and holds the small collectives the trainer uses, so no module
 outside this package imports deepspeed; `ds_config` turns a run's config into DeepSpeed's.
 
-Here: the optimizer the engine steps (`optimizer_factory`, `UpdateGate`) and `initialize`, with one
-wrapper that changes how, not what, DeepSpeed communicates: `gather_persistent_parameters_at_once`
-re-gathers ZeRO-3's persistent parameters after a step in one collective instead of one per parameter.
+Here: the optimizer the engine steps (`optimizer_factory`, `UpdateGate`) and `initialize`, with two
+changes to how, not what, ZeRO-3 gathers: `gather_persistent_parameters_at_once` re-gathers its
+persistent parameters after a step in one collective instead of one per parameter, and
+`zero3_hooks.drop_idle_module_hooks` removes its module hooks where they never gather anything.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ from trainer.engine.muon_layouts import attach_muon_layouts, check_muon_layouts
 from trainer.engine.runtime import (barrier, comm_device, gather_over_ranks, init_distributed, launched_world_size,
                                     max_over_ranks, mean_over_ranks, rank, set_cpu_local_size, shutdown, synchronize,
                                     to_device, use_cpu_if_no_gpu, world_size)
+from trainer.engine.zero3_hooks import drop_idle_module_hooks
 from trainer.engine.state import (ADAM_STATE_KEYS, gather_state_dict, gather_training_state,
                                   scatter_training_state)
 from trainer.optim import build_optimizer, joint_row_blocks, param_groups
 
 __all__ = [
     "ADAM_STATE_KEYS", "GatherCounter", "GradientWatch", "UpdateGate", "attach_muon_layouts", "autoep_settings",
-    "barrier", "build", "check_muon_layouts", "comm_device", "deepspeed_config", "deepspeed_estimates",
+    "barrier", "build", "check_muon_layouts", "drop_idle_module_hooks", "comm_device", "deepspeed_config", "deepspeed_estimates",
     "gather_over_ranks", "gather_state_dict", "gather_training_state", "global_grad_norm", "grad_sq_norms",
     "gradient_tensors", "held_tensor", "init_distributed", "initialize", "is_expert_param", "launched_world_size",
     "local_expert_elements", "local_param_elements", "max_over_ranks", "mean_over_ranks", "optimizer_factory",
@@ -129,6 +131,7 @@ def initialize(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate | None 
                                                config=ds_config)
     attach_muon_layouts(engine)
     gather_persistent_parameters_at_once(engine)
+    drop_idle_module_hooks(engine)
     return engine, ds_config
 
 
