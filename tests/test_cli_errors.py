@@ -82,7 +82,8 @@ def test_export_tol_must_be_positive(tmp_path, tol):
 
 def test_reshard_bad_config_yaml_is_one_line(tmp_path):
     run_dir = _run_dir_with_bad_config(tmp_path)
-    _assert_one_error_line(run_python(["-m", "trainer.reshard", str(run_dir)]), str(run_dir / "config.yaml"), "invalid YAML")
+    _assert_one_error_line(run_python(["-m", "trainer.reshard", str(run_dir)]), str(run_dir / "config.yaml"),
+                           "invalid YAML")
 
 
 def test_evaluate_run_without_checkpoint_names_what_to_pass(tmp_path):
@@ -114,9 +115,10 @@ def test_memory_compare_report_that_is_no_object(tmp_path):
 
 def test_memory_plan_takes_key_value_after_the_flags():
     """The README writes `plan PRESET --gpus N --gpu-mem-gib M ... [key=value ...]`: overrides come last."""
-    proc = run_python(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "tie_group_size=2"])
+    plan = ["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8"]
+    proc = run_python([*plan, "tie_group_size=2"])
     assert proc.returncode == 0, proc.stderr
-    proc = run_python(["-m", "trainer.memory", "plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8", "bogus=1"])
+    proc = run_python([*plan, "bogus=1"])
     _assert_one_error_line(proc, "model.bogus")
 
 
@@ -183,7 +185,8 @@ def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
 def test_data_build_bad_input_exits_2(tmp_path):
     """Bad input is exit 2 everywhere in tiedmoe; the corpus builder said 1."""
     missing = tmp_path / "missing.jsonl"
-    proc = run_python(["-m", "data_prep.build", "--input", str(missing), "--out", str(tmp_path / "out"), "--no-progress"])
+    proc = run_python(["-m", "data_prep.build", "--input", str(missing), "--out", str(tmp_path / "out"),
+                       "--no-progress"])
     _assert_one_error_line(proc, str(missing))
 
 
@@ -197,7 +200,8 @@ def test_equal_memory_checks_before_ranks_start(argv, names):
 
 
 def test_bench_data_missing_data_dir(tmp_path):
-    _assert_usage_error(run_python(["benchmarks/bench_data.py", "--data-dir", str(tmp_path)]), "--data-dir", "manifest.json")
+    _assert_usage_error(run_python(["benchmarks/bench_data.py", "--data-dir", str(tmp_path)]), "--data-dir",
+                        "manifest.json")
 
 
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz")])

@@ -112,8 +112,6 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
                                    *overrides], env)
 
 
-
-
 def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
     """Run `cmd` as `nproc` ranks of one job on this machine and wait; returns the job's exit code.
 
