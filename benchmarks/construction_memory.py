@@ -34,7 +34,7 @@ from models.accounting import account  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.launch import collect_from_cpu_ranks, write_report  # noqa: E402
+from trainer.launch import collect_from_cpu_ranks, output_file, write_report  # noqa: E402
 from trainer.metrics import memory_gib, strict  # noqa: E402
 
 DEFAULT_OVERRIDES = ["model.preset=olmoe", "model.n_experts=12", "model.top_k=2", "model.tie_group_size=2",
@@ -107,7 +107,7 @@ def render(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", default="partitioned,plain", help="partitioned and/or plain, comma-separated")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "construction_memory_cpu.json"))
+    parser.add_argument("--json", type=output_file, default=str(REPO / "benchmarks" / "results" / "construction_memory_cpu.json"))
     parser.add_argument("--until", choices=["built", "ready"], default="ready",
                         help="stop once the model is built (large models: no optimizer partitions) or the engine is ready")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

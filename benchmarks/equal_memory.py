@@ -40,7 +40,7 @@ from trainer import engine as eng  # noqa: E402
 from trainer.bench import DEFAULT_OVERRIDES, _device, collect_json, timed_steps  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
-from trainer.launch import write_report  # noqa: E402
+from trainer.launch import output_file, write_report  # noqa: E402
 from trainer.metrics import peak_flops  # noqa: E402
 from trainer.session import Session, open_session, train_step  # noqa: E402
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed blocks per run")
     parser.add_argument("--world", type=int, default=2, help="ranks (CPU ranks, or GPUs with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="one rank per GPU (torchrun) instead of CPU ranks")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "equal_memory_cpu.json"))
+    parser.add_argument("--json", type=output_file, default=str(REPO / "benchmarks" / "results" / "equal_memory_cpu.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["probe", "time"], help=argparse.SUPPRESS)

@@ -26,11 +26,26 @@
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+usage="usage: benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]"
 dry=0
-if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
-out="${1:-${OUT:-$repo/benchmarks/results/gpu_check}}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
+out=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) dry=1 ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "$usage" >&2; echo "gpu_check.sh: error: unknown option $arg (expected --dry-run or an output folder)" >&2
+        exit 2 ;;
+    *) [ -z "$out" ] || { echo "$usage" >&2; echo "gpu_check.sh: error: one output folder expected, got '$out' and '$arg'" >&2
+                          exit 2; }
+       out="$arg" ;;
+  esac
+done
+out="${out:-${OUT:-$repo/benchmarks/results/gpu_check}}"
+if ! mkdir -p -- "$out" 2>/dev/null || ! [ -w "$out" ]; then
+  echo "gpu_check.sh: error: output folder $out: cannot be created or written" >&2
+  exit 2
+fi
+out="$(cd -- "$out" && pwd)"
 py="${PYTHON:-python3}"
 if [ -x "$repo/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && [ "$dry" = 1 ]; then py="$repo/.venv/bin/python"; fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"

@@ -19,7 +19,12 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     (TIMING_BENCHMARKS[3], ["--steps", "many"], "--steps"),
     (["benchmarks/activation_memory.py"], ["model.not_a_field=1"], "model.not_a_field"),
     (["benchmarks/activation_memory.py"], ["data.seq_len={a"], "data.seq_len"),
-    (["benchmarks/activation_memory.py"], ["--micro-batch", "2,0"], "--micro-batch")]
+    (["benchmarks/activation_memory.py"], ["--micro-batch", "2,0"], "--micro-batch")] + [
+    # an output that cannot be written is refused before minutes of measuring, not with a traceback after
+    (command, ["--json", "README.md/result.json"], "--json")  # a folder under a file: refused even for root
+    for command in (TIMING_BENCHMARKS[2], ["benchmarks/equal_memory.py"], ["benchmarks/construction_memory.py"],
+                    ["benchmarks/activation_memory.py"], ["-m", "trainer.parity"])] + [
+    (TIMING_BENCHMARKS[0], ["--json", "benchmarks"], "--json")]  # a folder, not a file
 
 
 @pytest.mark.parametrize("command, bad, named", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)

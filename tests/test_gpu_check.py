@@ -33,3 +33,18 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
     assert [r["checkpointing"] for r in rows] == [False, True] and report["activations"]["saved_within_goal"]
     assert "# GPU check (dry run" in (out / "summary.md").read_text()
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT
+
+
+@pytest.mark.parametrize("args, named", [(["--dryrun"], "--dryrun"), (["a", "b"], "'b'"),
+                                         (["README.md/out"], "README.md/out")])
+def test_bad_arguments_are_refused_before_anything_runs(args: list[str], named: str) -> None:
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "error:" in proc.stderr.splitlines()[-1] and named in proc.stderr, proc.stderr
+    assert not (REPO / "a").exists() and not (REPO / "--dryrun").exists()
+
+
+def test_help_shows_the_header() -> None:
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--help"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0 and "benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]" in proc.stdout

@@ -27,7 +27,7 @@ import torch
 
 from trainer import engine as eng
 from trainer.config import REPO_ROOT, TrainConfig, load_config
-from trainer.launch import collect_from_cpu_ranks, report_from_cpu_ranks, torchrun_command
+from trainer.launch import collect_from_cpu_ranks, output_file, report_from_cpu_ranks, torchrun_command
 from trainer.metrics import peak_flops
 from trainer.session import Session, describe, open_session, train_step
 
@@ -168,7 +168,7 @@ def timing_parser(doc: str | None, steps: int, repeats: int, result: str, what: 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps per timed block")
     parser.add_argument("--repeats", type=positive_int, default=repeats, help=f"alternating blocks per {what}")
-    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / result),
+    parser.add_argument("--json", type=output_file, default=str(REPO_ROOT / "benchmarks" / "results" / result),
                         help=f"where to write the result (default benchmarks/results/{result})")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)

@@ -33,6 +33,7 @@ from trainer import engine as eng
 from trainer.bench import collect_json, run_pair
 from trainer.config import TrainConfig, load_config
 from trainer.data import make_source
+from trainer.launch import output_file
 from trainer.losses import RouterTap, training_loss
 from trainer.optim import expert_bank_uses, expert_owner_of
 from trainer.reference import reference_run, untied_copy
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", choices=["quick", "all", "muon", "gpu1"], default="all")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--json", type=output_file, help="write the report here")
     parser.add_argument("--only", default="", help="--cells muon: only the cells whose name contains this")
     parser.add_argument("--world", type=int, default=WORLD, help="ranks (gpu1 cells: 1)")
     parser.add_argument("--gpu", action="store_true", help="ranks on GPUs (torchrun) instead of CPU ranks")
