@@ -3,13 +3,14 @@
     python benchmarks/equal_memory.py [--variants untied,g2,g4] [--micro-batch B] [--budget-gib G]
                                       [--max-micro-batch M] [--steps N] [--repeats R] [--gpu] [--json OUT]
                                       [key=value ...]
+    python benchmarks/equal_memory.py --plot JSON       # redraw the PNG of a result written earlier
 
 The paper's throughput gains come from here: with the same memory per device, a tied model fits a
 larger micro-batch than its untied twin. For each variant this finds, by measurement, the largest
 micro-batch whose peak memory per rank stays within the budget (default: the untied model's peak at
 `--micro-batch`); then it times every variant at the common micro-batch ("equal batch") and at its own
 ("equal memory") with the trainer's own step, in alternating blocks, and prints tokens/s, MFU and the
-tied/untied ratios.
+tied/untied ratios; the JSON goes to `--json` and a plot of both beside it (.png).
 
 Peak memory per rank is `torch.cuda.max_memory_allocated` on GPU and the resident-set high-water mark
 (VmHWM, reset through /proc/self/clear_refs before each probe) on CPU, the largest over ranks, counted
@@ -221,6 +222,78 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Peak memory per rank against micro-batch for each variant, with the budget, beside tokens/s at equal
+    batch and at equal memory: the picture of the paper's claim. False (and a note) without matplotlib,
+    which the GPU device lacks: the JSON is written first, `--plot JSON` draws it later."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: matplotlib is not installed, no plot; `python benchmarks/equal_memory.py --plot "
+              f"{path.with_suffix('.json')}` draws it where it is", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = result["variants"]
+    fig, (ax_mem, ax_tps) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, r) in enumerate(variants.items()):
+        points = sorted((int(mb), gib) for mb, gib in r["probed_peaks_gib"].items())
+        line, = ax_mem.plot(*zip(*points), marker="o", label=name)
+        if r["micro_batch_equal_memory"]:
+            ax_mem.plot(r["micro_batch_equal_memory"], r["peak_gib_equal_memory"], marker="*", markersize=14,
+                        color=line.get_color(), linestyle="none")
+        for j, key in enumerate(("tokens_per_s_equal_batch", "tokens_per_s_equal_memory")):
+            value = r[key]
+            if value is None:
+                continue
+            bar = ax_tps.bar(i + (j - 0.5) * 0.38, value, width=0.36, color=line.get_color(), alpha=0.55 + 0.45 * j,
+                             label=("equal batch (light), equal memory (dark)" if i == 0 and j == 0 else None))
+            ratio = r.get("ratio_equal_batch" if j == 0 else "ratio_equal_memory")
+            if ratio is not None:
+                ax_tps.bar_label(bar, labels=[f"{ratio:.2f}x"], fontsize=8)
+    ax_mem.axhline(result["budget_gib_per_rank"], color="grey", linestyle="--", label="budget")
+    ax_mem.set(title="peak memory per rank (star: largest micro-batch within budget)", xlabel="micro-batch",
+               ylabel="GiB above the bare process (VmHWM)" if result["device"].startswith("cpu")
+               else "GiB (max_memory_allocated)")
+    ax_mem.xaxis.get_major_locator().set_params(integer=True)
+    ax_tps.set(title=f"tokens/s (common micro-batch {result['common_micro_batch']}); ratio to untied",
+               xticks=range(len(variants)), xticklabels=list(variants), ylabel="tokens/s")
+    for ax in (ax_mem, ax_tps):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Equal-memory throughput, {result['world_size']} x {result['device']}; "
+                 f"{' '.join(result['overrides']) or 'default config'}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(result: dict[str, Any], json_path: str) -> int:
+    """Table, JSON, then the plot beside the JSON (.png)."""
+    code = write_report(result, render, json_path)
+    png = Path(json_path).with_suffix(".png")
+    if plot(result, png):
+        print(f"wrote {png}")
+    return code
+
+
+def replot(path: str) -> int:
+    """`--plot JSON`: redraw a result written earlier (one brought back from a GPU without matplotlib)."""
+    try:
+        result = json.loads(Path(path).read_text())
+        result["variants"], result["budget_gib_per_rank"]  # noqa: B018 - the keys the plot needs
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({err})", file=sys.stderr)
+        return 2
+    png = Path(path).with_suffix(".png")
+    if not plot(result, png):
+        return 1
+    print(f"wrote {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="untied,g2,g4", help="untied and/or gN, comma-separated")
@@ -232,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=int, default=2, help="ranks (CPU ranks, or GPUs with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="one rank per GPU (torchrun) instead of CPU ranks")
     parser.add_argument("--json", type=output_file, default=str(REPO / "benchmarks" / "results" / "equal_memory_cpu.json"))
+    parser.add_argument("--plot", metavar="JSON", help="only draw JSON's plot (beside it, .png); measures nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["probe", "time"], help=argparse.SUPPRESS)
@@ -244,12 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.plot:
+        return replot(args.plot)
     try:
         check_args(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return write_report(measure(args), render, args.json)
+    return report(measure(args), args.json)
 
 
 def check_args(args: argparse.Namespace) -> None:

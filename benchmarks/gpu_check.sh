@@ -17,8 +17,9 @@
 #      max_memory_allocated (the plain model, bf16, OLMoE-shaped, 4 layers, seq 2048, micro-batch 2 and
 #      4, with and without activation checkpointing)
 #   5. report: gpu_check.json + summary.md (benchmarks/gpu_check_report.py)
-# Writes at most 7 files (the device tool brings back 8): gpu_check.log, default_run.json, parity.json,
-# throughput.json, activations.json, gpu_check.json, summary.md.
+# Writes at most 8 files (the device tool brings back 8): gpu_check.log, default_run.json, parity.json,
+# throughput.json, activations.json, gpu_check.json, summary.md, and throughput.png where matplotlib is
+# installed (the device has none: `python benchmarks/equal_memory.py --plot throughput.json` draws it here).
 #
 # The device image has no DeepSpeed: when `import deepspeed` fails, the wheels in .whl/ (made by
 # benchmarks/fetch_gpu_wheels.sh, carried with the run) are installed into /tmp/site first.
@@ -32,7 +33,7 @@ out=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry=1 ;;
-    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "$usage" >&2; echo "gpu_check.sh: error: unknown option $arg (expected --dry-run or an output folder)" >&2
         exit 2 ;;
     *) [ -z "$out" ] || { echo "$usage" >&2; echo "gpu_check.sh: error: one output folder expected, got '$out' and '$arg'" >&2

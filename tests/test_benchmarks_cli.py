@@ -52,3 +52,24 @@ def test_smoke_run_reports_mfu(command: list[str], cells: list[str], tmp_path: P
     for cell in cells:
         assert 0 < rows[cell]["mfu"] < 1 and rows[cell]["tokens_per_s"] > 0
     assert result["model_flops_per_token"] > 0 and result["peak_flops_per_rank"] > 0
+
+
+def test_equal_memory_plot_draws_a_written_result(tmp_path: Path) -> None:
+    """`--plot JSON` draws a result brought back from elsewhere (the GPU device has no matplotlib)."""
+    result = tmp_path / "throughput.json"
+    result.write_text((Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+                       / "equal_memory_cpu_d256.json").read_text())
+    proc = run_python(["benchmarks/equal_memory.py", "--plot", str(result)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    png = tmp_path / "throughput.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("content", ["not json", '{"variants": {}}'])
+def test_equal_memory_plot_refuses_other_files(content: str, tmp_path: Path) -> None:
+    bad = tmp_path / "other.json"
+    bad.write_text(content)
+    proc = run_python(["benchmarks/equal_memory.py", "--plot", str(bad)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --plot {bad}")
+    assert not bad.with_suffix(".png").exists()
