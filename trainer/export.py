@@ -140,6 +140,7 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
     if missing:
         raise ValueError(f"checkpoint {ckpt_dir / tag}: written by {world} ranks, but "
                          f"trainer_state_rank{missing[0]}.pt is missing")
+    checkpoint.verify_tag(ckpt_dir, tag, world)  # a truncated or corrupted file is named here, not in a rank
     if state.get("identity") is not None:  # config.yaml edited since the checkpoint was written?
         checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg))
     cfg.for_world(world)  # the checkpoint's layout must still be a valid one for this config
