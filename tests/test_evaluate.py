@@ -200,6 +200,20 @@ def test_export_without_tokenizer(tmp_path, capsys) -> None:
     _fails(capsys, [str(out), "--tasks", "none"], "has no tokenizer (data.source=random")
 
 
+def test_out_that_is_a_directory_is_refused_before_scoring(tmp_path, capsys) -> None:
+    """It was an IsADirectoryError traceback (exit 1) after the whole evaluation, whose result was lost."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    _fails(capsys, [str(out), "--tasks", "none", "--out", str(tmp_path)], f"--out={tmp_path}: is a directory")
+
+
+def test_hf_without_hf_directory_is_refused_whatever_the_tasks(tmp_path, capsys) -> None:
+    """With --tasks none, --hf was ignored: exit 0 and a result saying model "hf" that no HF model made."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    _fails(capsys, [str(out), "--tasks", "none", "--hf"], "has no hf/ (export it with --hf)")
+
+
 def test_compare_without_results(tmp_path, capsys) -> None:
     _fails(capsys, ["compare", str(tmp_path)], "no evaluation result")
 
