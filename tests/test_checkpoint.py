@@ -1,5 +1,6 @@
 """Checkpoints: a run stopped and resumed continues bit-identically; `latest` only names complete ones."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,26 @@ def test_resuming_another_models_checkpoint_is_refused(tmp_path: Path) -> None:
     checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(saved))
     with pytest.raises(ValueError, match=r"model.tie_group_size=2, this run has 1"):
         checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(other))
+
+
+@pytest.mark.parametrize("override, says", [("optim.name=sgd", "optim.name='adamw', this run has 'sgd'"),
+                                             ("run.precision=bf16", "run.precision='fp32', this run has 'bf16'")])
+def test_resuming_with_another_optimizer_or_precision_is_refused(tmp_path: Path, override: str, says: str) -> None:
+    """DeepSpeed loaded AdamW's state into SGD (KeyError 'momentum' at the first step) and looked for
+    bf16_* shards in an fp32 checkpoint (FileNotFoundError): tracebacks, after config.yaml was rewritten."""
+    import torch
+
+    from trainer.config import load_config
+
+    saved = load_config(None, ["data.source=random"])
+    (tmp_path / "step00000002").mkdir()
+    torch.save({"identity": checkpoint.identity(saved)}, tmp_path / "step00000002" / "trainer_state_rank0.pt")
+    with pytest.raises(ValueError, match=re.escape(says)):
+        checkpoint.check_identity(tmp_path, "step00000002",
+                                  checkpoint.identity(load_config(None, ["data.source=random", override])))
+    old = {key: value for key, value in checkpoint.identity(saved).items() if key not in ("optim_name", "precision")}
+    torch.save({"identity": old}, tmp_path / "step00000002" / "trainer_state_rank0.pt")  # written before they were
+    checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(saved))
 
 
 def test_checkpoint_from_before_a_model_field_existed_resumes_with_its_default(tmp_path: Path) -> None:

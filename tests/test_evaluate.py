@@ -200,6 +200,38 @@ def test_export_without_tokenizer(tmp_path, capsys) -> None:
     _fails(capsys, [str(out), "--tasks", "none"], "has no tokenizer (data.source=random")
 
 
+def test_out_that_is_a_directory_is_refused_before_scoring(tmp_path, capsys) -> None:
+    """It was an IsADirectoryError traceback (exit 1) after the whole evaluation, whose result was lost."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    _fails(capsys, [str(out), "--tasks", "none", "--out", str(tmp_path)], f"--out={tmp_path}: is a directory")
+
+
+def test_hf_without_hf_directory_is_refused_whatever_the_tasks(tmp_path, capsys) -> None:
+    """With --tasks none, --hf was ignored: exit 0 and a result saying model "hf" that no HF model made."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    _fails(capsys, [str(out), "--tasks", "none", "--hf"], "has no hf/ (export it with --hf)")
+
+
+def test_damaged_export_weights_are_named(tmp_path, capsys) -> None:
+    """A truncated model.safetensors was a SafetensorError traceback and weights that disagree with config.json a
+    RuntimeError listing every tensor on one 9,000-character line, both exit 1."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[:5000])
+    _fails(capsys, [str(out), "--tasks", "none"], f"{out / 'model.safetensors'}: unreadable")
+    (out / "model.safetensors").unlink()
+    _fails(capsys, [str(out), "--tasks", "none"], f"{out / 'model.safetensors'}: unreadable")
+    meta = json.loads((out / "config.json").read_text())
+    meta["model_config"]["d_model"] = 96
+    (out / "config.json").write_text(json.dumps(meta))
+    (out / "model.safetensors").write_bytes(weights)
+    _fails(capsys, [str(out), "--tasks", "none"], f"{out / 'model.safetensors'}: does not fit {out / 'config.json'} "
+           f"(size mismatch for model.embed_tokens.weight")
+
+
 def test_compare_without_results(tmp_path, capsys) -> None:
     _fails(capsys, ["compare", str(tmp_path)], "no evaluation result")
 

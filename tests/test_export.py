@@ -162,6 +162,19 @@ def test_checkpoint_without_deepspeed_states(tmp_path, capsys) -> None:
     _fails(capsys, [str(tmp_path / "run")], "no DeepSpeed model states")
 
 
+def test_truncated_shard_is_named_before_any_rank_starts(tmp_path, capsys) -> None:
+    """The ranks used to load it: a PytorchStreamReader traceback, exit 1, while training's resume names the file."""
+    from trainer import checkpoint
+
+    _write_run(tmp_path / "run", [])
+    tag_dir = tmp_path / "run" / "checkpoints" / "step00000002"
+    shard = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    shard.write_bytes(b"x" * 100)
+    checkpoint.write_manifest(tag_dir, step=2, world_size=2)
+    shard.write_bytes(b"x" * 50)
+    _fails(capsys, [str(tmp_path / "run")], f"checkpoint {shard}: 50 bytes, manifest.json says 100")
+
+
 def test_hf_for_shared_experts_is_refused(tmp_path, capsys) -> None:
     _write_run(tmp_path / "run", ["model.preset=deepseek_moe_tiny"])
     _fails(capsys, [str(tmp_path / "run"), "--hf"], "n_shared_experts")

@@ -137,6 +137,27 @@ def test_sigterm_saves_exits_0_and_resumes_bit_identically(tmp_path: Path, targe
     assert set(split) == set(whole) and all(split[k] == whole[k] for k in whole), (split, whole)
 
 
+def _catches_sigterm(proc: psutil.Process) -> bool:
+    caught = next(line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                  if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def test_sigterm_before_the_first_step_is_one_line(tmp_path: Path) -> None:
+    """While the ranks built the engine, SIGTERM killed them silently and the launcher exited 1 without a word."""
+    job = _start([f"run.out_dir={tmp_path}", "run.name=early", "run.steps=400"])
+    deadline = time.monotonic() + 60
+    while not ((ranks := _ranks(job)) and len(ranks) == 2 and all(map(_catches_sigterm, ranks))):
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err[-3000:]
+    errors = _errors(err)
+    assert len(errors) == 1 and "interrupted outside the training loop" in errors[0], err[-3000:]
+    assert "step " not in out and not (tmp_path / "early" / "checkpoints").exists()
+
+
 def test_killed_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
     job = _start([f"run.out_dir={tmp_path}", "run.name=orphans", "run.steps=400"])
     _wait_for_step(job, 1)

@@ -65,3 +65,24 @@ def test_continue_on_another_layout_matches_the_reference(converted: Path, tmp_p
     expected = reference_run(cfg, ranks, start=state).losses
     assert sorted(got) == [1, 2, 3, 4, 5, 6]  # metrics.jsonl goes on across the switch
     assert max(abs(got[s] - e) for s, e in zip((4, 5, 6), expected)) <= 1e-5, (got, expected)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "muon"])
+def test_layout_free_state_refuses_another_optimizer(tmp_path: Path, optim: str) -> None:
+    """layout_free.pt holds AdamW moments: resuming it with SGD failed inside DeepSpeed at ZeRO 1-3
+    ("exp_avg not found in optimizer state fragment", naming no setting) and at ZeRO-0 set Adam moments
+    on SGD's state without a word."""
+    from types import SimpleNamespace
+
+    from trainer import checkpoint
+    from trainer.reshard import LAYOUT_FREE, layout, resume_layout_free
+
+    written = load_config(None, BASE)
+    cfg = load_config(None, [*BASE, f"optim.name={optim}", "parallel.expert_parallel_size=1"])
+    ckpt_dir = tmp_path / "checkpoints"
+    (ckpt_dir / "step00000003").mkdir(parents=True)
+    (ckpt_dir / checkpoint.LATEST).write_text("step00000003")
+    torch.save({"layout": layout(written, 2), "identity": checkpoint.identity(written)},
+               ckpt_dir / "step00000003" / LAYOUT_FREE)
+    with pytest.raises(ValueError, match=f"holds AdamW state, this run has optim.name='{optim}'"):
+        resume_layout_free(SimpleNamespace(cfg=cfg, world=2, rank=0), ckpt_dir)

@@ -279,9 +279,11 @@ RESHARD_HINT = "resume with the same layout, or convert it first with `python -m
 
 
 def identity(cfg: Any) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumable: the model and how it is laid out over ranks."""
+    """What must match for a checkpoint to be resumable: the model, how it is laid out over ranks, and the
+    optimizer and precision whose state DeepSpeed restores (its files and param groups differ by both)."""
     return {"model": cfg.model_config().to_dict(), "expert_parallel_size": cfg.parallel.expert_parallel_size,
-            "zero_stage": zero_stage(cfg), "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len}}
+            "zero_stage": zero_stage(cfg), "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len},
+            "optim_name": cfg.optim.name, "precision": cfg.run.precision}
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], keep: int,
@@ -344,6 +346,11 @@ def check_identity(ckpt_dir: Path, tag: str, ident: dict[str, Any]) -> None:
         if key in saved and saved[key] != ident[key]:
             raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {field}={saved[key]}, this run has "
                              f"{ident[key]}; {RESHARD_HINT.format(run_dir=ckpt_dir.parent)}")
+    for key, field in (("optim_name", "optim.name"), ("precision", "run.precision")):  # absent: written before
+        if key in saved and saved[key] != ident[key]:
+            raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {field}={saved[key]!r}, this run has "
+                             f"{ident[key]!r}; resume with {field}={saved[key]}, or use another run.name or "
+                             f"run.resume=never")
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str, verify: bool = True) -> dict[str, Any]:

@@ -4,12 +4,14 @@ Under a launcher (torchrun / `deepspeed run.sh ...`, which set RANK and WORLD_SI
 this rank; started directly it hands over to `trainer.launch`, which starts the local ranks.
 
 Exit codes: 0 done (or stopped by SIGTERM / SIGINT with a checkpoint saved), 2 bad input (config,
-data, checkpoint; one line `error: ...`), 3 training diverged (non-finite loss, run.on_nonfinite=stop).
+data, checkpoint; one line `error: ...`), 3 training diverged (non-finite loss, run.on_nonfinite=stop),
+130 SIGTERM / SIGINT outside the training loop (while building or resuming: nothing to save).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,6 +70,9 @@ def main(argv: list[str]) -> int:
         from trainer.engine import shutdown
         from trainer.preemption import die_with_parent
         from trainer.train import train
+        # Outside the loop (building, resuming, the final validation) SIGTERM ends the rank as Ctrl-C does,
+        # with one line, instead of killing it without a word; the loop records it and saves.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         die_with_parent()
         train(cfg)
         shutdown()  # does not return
@@ -77,7 +82,8 @@ def main(argv: list[str]) -> int:
     except TrainingDiverged as err:
         return _fail(err, 3, in_rank)
     except KeyboardInterrupt:
-        return _fail("interrupted before training started (nothing saved)", 130, in_rank)
+        return _fail("interrupted outside the training loop (before its first step or after its last checkpoint); "
+                     "run the same command again to continue", 130, in_rank)
 
 
 def _fail(err: object, code: int, in_rank: bool) -> int:

@@ -296,6 +296,7 @@ def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | No
     model = load_exported(target.export_dir)
     cfg = model.config
     tokenizer = load_tokenizer(target.export_dir, cfg.vocab_size)
+    hf_model = load_hf(target.export_dir) if hf else None  # a missing hf/ is refused before any scoring
     result: dict[str, Any] = {"target": str(target.export_dir), "run_dir": str(target.run_dir or ""),
                               "tag": target.tag, "model": "hf" if hf else "tiedmoe"}
     data = validation_tokens(target.run_dir, target.export_dir / "tokenizer.json", val_tokens)
@@ -304,7 +305,7 @@ def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | No
     else:
         result["validation"] = validation_metrics(model, tokenizer, data[0], data[1], batch_size)
     if tasks:
-        scorer = load_hf(target.export_dir) if hf else LogitsModel(model, cfg.max_seq_len)
+        scorer = hf_model if hf else LogitsModel(model, cfg.max_seq_len)
         scores = run_tasks(scorer, tokenizer, tasks, num_fewshot, limit, batch_size, cfg.max_seq_len)
         result["downstream"] = {"tasks": scores, "num_fewshot": num_fewshot, "limit": limit, "split": "validation",
                                 "macro_average": sum(s["score"] for s in scores.values()) / len(scores),
@@ -428,6 +429,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')}={value}: expected a positive integer")
     if args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot={args.num_fewshot}: expected 0 or more")
+    if args.out and Path(args.out).is_dir():  # found before scoring, not when the result is written
+        raise ValueError(f"--out={args.out}: is a directory, expected a result JSON file")
 
 
 def _error(err: BaseException) -> str:

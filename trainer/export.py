@@ -66,6 +66,7 @@ BF16_TOL = 5e-2  # bf16 engine vs the exported weights run in bf16 by our model:
 
 def load_exported(out_dir: str | Path) -> MoETransformer:
     """Rebuild the model from `config.json` and load `model.safetensors` (strict); eval mode, fp32."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
@@ -77,7 +78,15 @@ def load_exported(out_dir: str | Path) -> MoETransformer:
     if meta.get("layer_plan") is not None and meta["layer_plan"] != plan:
         raise ValueError(f"{out_dir / CONFIG}: its layer_plan disagrees with the one its model_config gives")
     model = build_model(model_cfg)
-    model.load_state_dict(load_file(str(out_dir / WEIGHTS)), strict=True)
+    try:
+        weights = load_file(str(out_dir / WEIGHTS))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{out_dir / WEIGHTS}: unreadable ({err})") from None
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:  # torch lists every mismatched tensor: name the first
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ValueError(f"{out_dir / WEIGHTS}: does not fit {out_dir / CONFIG} ({first[:200]})") from None
     return model.eval()
 
 
@@ -140,6 +149,7 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
     if missing:
         raise ValueError(f"checkpoint {ckpt_dir / tag}: written by {world} ranks, but "
                          f"trainer_state_rank{missing[0]}.pt is missing")
+    checkpoint.verify_tag(ckpt_dir, tag, world)  # a truncated or corrupted file is named here, not in a rank
     if state.get("identity") is not None:  # config.yaml edited since the checkpoint was written?
         checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg))
     cfg.for_world(world)  # the checkpoint's layout must still be a valid one for this config

@@ -300,6 +300,8 @@ def measure_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides applied to both variants")
     args = parser.parse_intermixed_args(argv)  # key=value before or after --json
     load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
+    if Path(args.json).is_dir():  # found now, not after the ranks measured
+        raise ValueError(f"--json={args.json}: is a directory, expected a JSON file path")
     if args.worker:
         worker(args)
         return 0

@@ -189,6 +189,8 @@ def run_plan(argv: list[str]) -> tuple[argparse.Namespace, str, Layout, list[dic
         raise ValueError(f"--reserve-gib={args.reserve_gib:g}: expected a non-negative number")
     if args.reduce_bucket is not None and args.reduce_bucket < 1:
         raise ValueError(f"--reduce-bucket={args.reduce_bucket}: expected a positive number of elements")
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json={args.json}: is a directory, expected a JSON file path")
     name, cfg, layout = model_and_layout(args)
     return args, name, layout, plan(cfg, layout)
 

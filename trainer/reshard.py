@@ -58,6 +58,9 @@ def resume_layout_free(s: Session, ckpt_dir: Path) -> int | None:
         if state["identity"][section] != checkpoint.identity(s.cfg)[section]:
             raise ValueError(f"checkpoint {path}: written for another {section} than this run's; use another "
                              f"run.name or run.resume=never")
+    if s.cfg.optim.name != "adamw":  # `reshard` carries AdamW's moments only (it refuses other optimizers)
+        raise ValueError(f"checkpoint {path}: holds AdamW state, this run has optim.name={s.cfg.optim.name!r}; "
+                         f"resume with optim.name=adamw, or use another run.name or run.resume=never")
     train_step(s, 0.0)  # creates the optimizer state to overwrite; at lr 0 the weights do not move
     eng.scatter_training_state(s.engine, state)
     old_world = state["layout"]["world_size"]
