@@ -34,7 +34,8 @@ from models.accounting import account  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.launch import collect_from_cpu_ranks, output_file, write_report  # noqa: E402
+from trainer.argtypes import output_file  # noqa: E402
+from trainer.launch import collect_from_cpu_ranks, write_report  # noqa: E402
 from trainer.metrics import memory_gib, strict  # noqa: E402
 
 DEFAULT_OVERRIDES = ["model.preset=olmoe", "model.n_experts=12", "model.top_k=2", "model.tie_group_size=2",

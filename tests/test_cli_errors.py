@@ -153,7 +153,7 @@ def test_memory_measure_bad_override_after_json_is_named(tmp_path):
 def test_memory_json_that_is_a_directory_is_refused_first(tmp_path, command):
     """It was an IsADirectoryError traceback (exit 1) once the result was there: after the ranks measured."""
     proc = run_python(["-m", "trainer.memory", *command, "--json", str(tmp_path)])
-    _assert_one_error_line(proc, f"--json={tmp_path}: is a directory")
+    _assert_one_error_line(proc, f"argument --json: '{tmp_path}' is a folder")
 
 
 def test_summary_without_arguments_is_one_line_on_stderr():

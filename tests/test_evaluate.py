@@ -204,7 +204,7 @@ def test_out_that_is_a_directory_is_refused_before_scoring(tmp_path, capsys) -> 
     """It was an IsADirectoryError traceback (exit 1) after the whole evaluation, whose result was lost."""
     shards = build_fixture_dataset(tmp_path / "shards")
     out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
-    _fails(capsys, [str(out), "--tasks", "none", "--out", str(tmp_path)], f"--out={tmp_path}: is a directory")
+    _fails(capsys, [str(out), "--tasks", "none", "--out", str(tmp_path)], f"--out: '{tmp_path}' is a folder")
 
 
 def test_hf_without_hf_directory_is_refused_whatever_the_tasks(tmp_path, capsys) -> None:

@@ -27,7 +27,8 @@ import torch
 
 from trainer import engine as eng
 from trainer.config import REPO_ROOT, TrainConfig, load_config
-from trainer.launch import collect_from_cpu_ranks, output_file, report_from_cpu_ranks, torchrun_command
+from trainer.argtypes import output_file, positive_int
+from trainer.launch import collect_from_cpu_ranks, report_from_cpu_ranks, torchrun_command
 from trainer.metrics import peak_flops
 from trainer.session import Session, describe, open_session, train_step
 
@@ -148,17 +149,6 @@ def render(result: dict[str, Any]) -> str:
         lines.append("expert all-gather ratio           -  (expert tensors are below stage3_param_persistence_threshold: "
                      "gathered once, never released; parallel.ds_config=ds_configs/zero3_strict.json counts them)")
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a count of at least 1 (0 steps or repeats would time nothing and divide by zero)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def timing_parser(doc: str | None, steps: int, repeats: int, result: str, what: str) -> argparse.ArgumentParser:

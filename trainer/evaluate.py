@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.argtypes import output_file
 from trainer.config import REPO_ROOT
 
 TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
@@ -429,8 +430,11 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')}={value}: expected a positive integer")
     if args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot={args.num_fewshot}: expected 0 or more")
-    if args.out and Path(args.out).is_dir():  # found before scoring, not when the result is written
-        raise ValueError(f"--out={args.out}: is a directory, expected a result JSON file")
+    if args.out:  # found before scoring, not when the result is written
+        try:
+            output_file(args.out)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"--out: {err}") from None
 
 
 def _error(err: BaseException) -> str:

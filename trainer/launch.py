@@ -9,7 +9,6 @@ read its JSON back.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -82,21 +81,6 @@ def report_from_cpu_ranks(module_args: list[str], render: Callable[[Any], str], 
     if isinstance(result, int):
         return result
     return write_report(result, render, path, markdown)
-
-
-def output_file(text: str) -> str:
-    """argparse type for the file a tool writes when it ends: refused at once (folders made) if it cannot be
-    written there, rather than after minutes of measuring."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as err:
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {err.strerror or err}") from None
-    return text
 
 
 def write_report(result: Any, render: Callable[[Any], str], path: str, markdown: bool = False) -> int:

@@ -27,6 +27,7 @@ import torch
 
 from models.accounting import activation_memory, layer_parts, rank_memory
 from trainer import engine as eng
+from trainer.argtypes import output_file
 from trainer.config import REPO_ROOT, load_config
 from trainer.metrics import dumps, memory_gib
 
@@ -294,14 +295,12 @@ def measure_main(argv: list[str]) -> int:
 
     parser = OneLineParser(prog="python -m trainer.memory measure", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / "memory_cpu.json"))
+    parser.add_argument("--json", type=output_file, default=str(REPO_ROOT / "benchmarks" / "results" / "memory_cpu.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides applied to both variants")
     args = parser.parse_intermixed_args(argv)  # key=value before or after --json
     load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
-    if Path(args.json).is_dir():  # found now, not after the ranks measured
-        raise ValueError(f"--json={args.json}: is a directory, expected a JSON file path")
     if args.worker:
         worker(args)
         return 0

@@ -21,6 +21,7 @@ from typing import Any
 from models.accounting import account, activation_memory, layer_parts, rank_memory
 from models.config import PRESETS, ModelConfig, from_preset, layer_plan, plan_notes
 from models.overrides import parse_overrides
+from trainer.argtypes import output_file
 from trainer.config import load_config, load_engine_settings
 from trainer.memory import GIB, OneLineParser
 
@@ -175,7 +176,7 @@ def plan_parser() -> OneLineParser:
                         help="ZeRO reduce_bucket_size in elements (default: the ds_config's, or 5e8)")
     parser.add_argument("--reserve-gib", type=float, default=1.0,
                         help="per-GPU memory set aside for CUDA context, NCCL and fragmentation (default 1)")
-    parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("--json", type=output_file, help="also write the rows as JSON here")
     return parser
 
 
@@ -189,8 +190,6 @@ def run_plan(argv: list[str]) -> tuple[argparse.Namespace, str, Layout, list[dic
         raise ValueError(f"--reserve-gib={args.reserve_gib:g}: expected a non-negative number")
     if args.reduce_bucket is not None and args.reduce_bucket < 1:
         raise ValueError(f"--reduce-bucket={args.reduce_bucket}: expected a positive number of elements")
-    if args.json and Path(args.json).is_dir():
-        raise ValueError(f"--json={args.json}: is a directory, expected a JSON file path")
     name, cfg, layout = model_and_layout(args)
     return args, name, layout, plan(cfg, layout)
 

@@ -30,10 +30,10 @@ import torch
 
 from models.transformer import build_model
 from trainer import engine as eng
+from trainer.argtypes import output_file
 from trainer.bench import collect_json, run_pair
 from trainer.config import TrainConfig, load_config
 from trainer.data import make_source
-from trainer.launch import output_file
 from trainer.losses import RouterTap, training_loss
 from trainer.optim import expert_bank_uses, expert_owner_of
 from trainer.reference import reference_run, untied_copy

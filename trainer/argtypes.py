@@ -1,0 +1,34 @@
+"""argparse types the tools share, so a bad count or output path is refused as it is parsed, before any
+rank starts or any measuring is done (ending in argparse's `error:` line and exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """A count of at least 1 (0 steps or repeats would time nothing and divide by zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """The file a tool writes when it ends: refused at once (its folders made) if it cannot be written
+    there, rather than with a traceback after minutes of measuring."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {err.strerror or err}") from None
+    return text
