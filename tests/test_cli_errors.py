@@ -58,6 +58,17 @@ def test_run_sh_ds_config_that_is_no_json_object(tmp_path, text, where):
     _assert_one_error_line(run_python(["run.sh", f"parallel.ds_config={ds_config}"]), "parallel.ds_config", where)
 
 
+@pytest.mark.parametrize("stage, key, value, says", [(3, "reduce_scatterr", "true", "Extra inputs"),
+                                                     (1, "overlap_comm", '"maybe"', "valid boolean")])
+def test_run_sh_ds_config_deepspeed_refuses_names_the_file(tmp_path, stage, key, value, says):
+    """DeepSpeed's schema check runs inside the ranks (zero.Init at ZeRO-3, initialize below): its error named
+    a pydantic class, not the file the user has to fix."""
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(f'{{"zero_optimization": {{"stage": {stage}, "{key}": {value}}}}}')
+    _assert_one_error_line(run_python(["run.sh", f"parallel.ds_config={ds_config}", "run.steps=1", "data.source=random",
+                                       f"run.out_dir={tmp_path}"]), f"parallel.ds_config={ds_config}", key, says)
+
+
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", "''", ".."])
 def test_run_sh_run_name_must_be_a_plain_folder_name(name):
     _assert_one_error_line(run_python(["run.sh", f"run.name={name}"]), "run.name=")

@@ -54,7 +54,10 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
 def main(argv: list[str]) -> int:
     in_rank = "RANK" in os.environ
     if not in_rank and argv[:1] in (["-h"], ["--help"]):
-        print(USAGE)
+        try:
+            print(USAGE, flush=True)
+        except BrokenPipeError:  # `./run.sh --help | head -1`: the reader left, nothing is wrong
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
         config, overrides = split_args(argv)

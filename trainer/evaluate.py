@@ -417,7 +417,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
     parser.add_argument("--num-fewshot", type=int, default=DEFAULT_FEWSHOT, help="in-context examples (default 3)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    parser.add_argument("--val-tokens", type=int, help="score at most N validation tokens (default: the whole split)")
+    parser.add_argument("--val-tokens", type=int, help="score about N validation tokens: whole windows of seq_len, at most N but at least one window "
+                        "(default: the whole split)")
     parser.add_argument("--hf", action="store_true", help="score the export's hf/ model instead of ours")
     parser.add_argument("--out", help="result JSON (default: runs/<name>/eval/<tag>.json)")
     return parser

@@ -33,7 +33,7 @@ from torch import nn
 from models.transformer import MoETransformer
 from trainer.config import TrainConfig
 from trainer.engine.construction import build, tied_expert_parallel
-from trainer.engine.ds_config import autoep_settings, deepspeed_config, tie_aware_reuse_distance
+from trainer.engine.ds_config import autoep_settings, deepspeed_config, refusals_named, tie_aware_reuse_distance
 from trainer.engine.measure import (GatherCounter, GradientWatch, deepspeed_estimates, global_grad_norm, grad_sq_norms,
                                     gradient_tensors, held_tensor, is_expert_param, local_expert_elements,
                                     local_param_elements, optimizer_tensors_by_kind, params_finite)
@@ -127,7 +127,7 @@ def initialize(model: MoETransformer, cfg: TrainConfig, gate: UpdateGate | None 
 
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     ds_config = deepspeed_config(cfg, model.config, world_size())
-    with tied_expert_parallel():
+    with refusals_named(cfg), tied_expert_parallel():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer_factory(model, cfg, gate or UpdateGate(), on_built),
                                                config=ds_config)
     attach_muon_layouts(engine)

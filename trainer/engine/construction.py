@@ -21,7 +21,7 @@ from models.config import ModelConfig
 from models.moe import borrow
 from models.transformer import MoETransformer, Normal, apply_tying, build_model
 from trainer.config import TrainConfig
-from trainer.engine.ds_config import deepspeed_config
+from trainer.engine.ds_config import deepspeed_config, refusals_named
 from trainer.engine.runtime import comm_device, world_size
 
 
@@ -225,7 +225,7 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig) -> MoETransformer:
         _write_partition(param, init)
         written.add(id(param))
 
-    with whole_tensors_unmapped_on_free():
+    with whole_tensors_unmapped_on_free(), refusals_named(cfg):
         model = build_model(model_cfg, seed=cfg.run.seed, construct=construct, write=write)
         unwritten = [name for name, param in model.named_parameters() if id(param) not in written]
         if unwritten:  # they would hold whatever memory zero.Init found: no broadcast, no default init

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
-
 
 from models.accounting import layer_parts
 from models.config import ModelConfig, layer_plan
 from trainer.config import TrainConfig, load_engine_settings
+
+
+@contextlib.contextmanager
+def refusals_named(cfg: TrainConfig) -> Iterator[None]:
+    """DeepSpeed checks its config against its own schema deep inside `zero.Init` or `initialize`; its
+    error names a class and a key. Name the file the user can fix, as a one-line ValueError (exit 2)."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except ValidationError as err:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config}: DeepSpeed refuses it "
+                         f"({err.title}: {detail})") from None
 
 
 def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
