@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from models.accounting import activation_memory  # noqa: E402
 from models.transformer import MoETransformer, build_model  # noqa: E402
-from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.argtypes import output_file  # noqa: E402
+from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.launch import write_report  # noqa: E402
 from trainer.losses import RouterTap, training_loss  # noqa: E402
 from trainer.memory import saved_activation_bytes  # noqa: E402

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 from models.accounting import account  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
-from trainer.config import load_config  # noqa: E402
 from trainer.argtypes import output_file  # noqa: E402
+from trainer.config import load_config  # noqa: E402
 from trainer.launch import collect_from_cpu_ranks, write_report  # noqa: E402
 from trainer.metrics import memory_gib, strict  # noqa: E402
 

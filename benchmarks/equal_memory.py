@@ -38,10 +38,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from trainer import engine as eng  # noqa: E402
+from trainer.argtypes import output_file  # noqa: E402
 from trainer.bench import DEFAULT_OVERRIDES, _device, collect_json, timed_steps  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
-from trainer.argtypes import output_file  # noqa: E402
 from trainer.launch import write_report  # noqa: E402
 from trainer.metrics import peak_flops  # noqa: E402
 from trainer.session import Session, open_session, train_step  # noqa: E402

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from trainer import engine as eng
-from trainer.config import REPO_ROOT, TrainConfig, load_config
 from trainer.argtypes import output_file, positive_int
+from trainer.config import REPO_ROOT, TrainConfig, load_config
 from trainer.launch import collect_from_cpu_ranks, report_from_cpu_ranks, torchrun_command
 from trainer.metrics import peak_flops
 from trainer.session import Session, describe, open_session, train_step
