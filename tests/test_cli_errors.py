@@ -208,6 +208,17 @@ def test_data_build_bad_input_exits_2(tmp_path):
     _assert_one_error_line(proc, str(missing))
 
 
+def test_run_sh_data_without_validation_split_fails_before_ranks_start(tmp_path):
+    """A data set built with --val-fraction 0 trained every step, then failed at the final validation."""
+    from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
+
+    shards = build_fixture_dataset(tmp_path / "shards", validation_fraction=0.0)
+    proc = run_python(["run.sh", f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", "run.steps=1",
+                       f"run.out_dir={tmp_path / 'runs'}"])
+    _assert_one_error_line(proc, str(shards / "manifest.json"), "'validation'")
+    assert not (tmp_path / "runs").exists()  # no rank started
+
+
 @pytest.mark.parametrize("argv, names", [(["--variants", "g0"], "model.tie_group_size=0"),
                                          (["--variants", "foo"], "--variants"),
                                          (["--micro-batch", "0"], "--micro-batch=0"),
