@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_python
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -198,6 +199,18 @@ def _assert_usage_error(proc: subprocess.CompletedProcess, *names: str) -> None:
                                          (["--cells", "gpu1", "--world", "0"], ["--world=0"])])
 def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
     _assert_usage_error(run_python(["-m", "trainer.parity", *argv]), *names)
+
+
+def test_parity_only_matching_no_cell_is_refused():
+    """The ranks started, trained nothing and died with a DeepSpeed AssertionError traceback, exit 1."""
+    _assert_usage_error(run_python(["-m", "trainer.parity", "--cells", "muon", "--only", "nomatch"]),
+                        "--only=nomatch", "zero3-ep2-tied-muon")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_parity_gpu_without_a_gpu_is_refused():
+    """It ran every cell on CPU under torchrun and labelled the report device 'gpu'."""
+    _assert_usage_error(run_python(["-m", "trainer.parity", "--cells", "quick", "--gpu"]), "--gpu")
 
 
 def test_data_build_bad_input_exits_2(tmp_path):

@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tol={args.tol}: expected a positive number")
     if args.only and args.cells != "muon":
         parser.error("--only needs --cells muon (the other sets' controls need their full cells)")
+    if args.only and not any(args.only in name for name in cells(args.cells)):
+        parser.error(f"--only={args.only}: matches no cell of --cells {args.cells} ({', '.join(cells(args.cells))})")
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: no CUDA device is visible here; leave --gpu out to run on CPU ranks")
     if args.cells != "gpu1" and args.world != WORLD:
         parser.error(f"--cells {args.cells} needs --world {WORLD} (the EP 2 cells); use --cells gpu1 for one rank")
     with tempfile.TemporaryDirectory() as tmp:
