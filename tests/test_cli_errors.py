@@ -236,9 +236,16 @@ def test_run_sh_data_without_validation_split_fails_before_ranks_start(tmp_path)
                                          (["--variants", "foo"], "--variants"),
                                          (["--micro-batch", "0"], "--micro-batch=0"),
                                          (["--budget-gib", "-1"], "--budget-gib=-1"),
-                                         (["run.stepz=1"], "run.stepz")])
+                                         (["run.stepz=1"], "run.stepz"),
+                                         # a ValueError traceback in every rank, exit 1
+                                         (["--world", "1"], "parallel.expert_parallel_size=2")])
 def test_equal_memory_checks_before_ranks_start(argv, names):
     _assert_one_error_line(run_python(["benchmarks/equal_memory.py", *argv]), names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_equal_memory_gpu_without_a_gpu_is_refused():
+    _assert_one_error_line(run_python(["benchmarks/equal_memory.py", "--gpu", "--world", "2"]), "--gpu")
 
 
 def test_bench_data_missing_data_dir(tmp_path):
