@@ -253,6 +253,17 @@ def test_bench_data_missing_data_dir(tmp_path):
                         "manifest.json")
 
 
+def test_bench_data_damaged_data_dir(tmp_path):
+    """A truncated shard was a DataError traceback, exit 1."""
+    from data_prep.testing import build_fixture_dataset
+
+    shards = build_fixture_dataset(tmp_path / "shards")
+    shard = shards / "train_00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    _assert_usage_error(run_python(["benchmarks/bench_data.py", "--data-dir", str(shards)]), "--data-dir",
+                        str(shard), "truncated")
+
+
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz")])
 def test_tying_quality_checks_every_variant_first(argv, names):
     _assert_one_error_line(run_python(["benchmarks/tying_quality.py", *argv]), names)
