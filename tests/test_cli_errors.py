@@ -7,6 +7,7 @@ subprocess) with one bad input, and stops at validation (no ranks start, no mode
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -269,7 +270,16 @@ def test_tying_quality_checks_every_variant_first(argv, names):
     _assert_one_error_line(run_python(["benchmarks/tying_quality.py", *argv]), names)
 
 
-@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["--seeds", "-1"], "run.seed=-1")])
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["--seeds", "-1"], "run.seed=-1"),
+                                         # each run counted twice: mean +- 0 as if there were no seed noise
+                                         (["--seeds", "0", "0"], "--seeds 0 0")])
 def test_reproduce_dry_run_refuses_bad_steps_and_seeds(argv, names):
     """--steps 0 was dropped as if not given (the dry run then showed 300-step runs)."""
     _assert_one_error_line(run_python(["benchmarks/reproduce.py", "--dry-run", *argv]), names)
+
+
+def test_reproduce_dry_run_into_a_closed_pipe_is_quiet():
+    """`reproduce.py --dry-run | head -1` ended in a BrokenPipeError traceback, exit 1."""
+    proc = subprocess.run(f"{sys.executable} benchmarks/reproduce.py --dry-run | head -1", shell=True, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, executable="/bin/bash")
+    assert proc.stdout.startswith("== untied seed 0") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
