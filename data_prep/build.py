@@ -217,6 +217,9 @@ def _build_into(tmp: Path, config: BuildConfig, inputs: list[Path], fingerprint:
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         eos_id = find_eos_id(tokenizer)
     vocab_size = tokenizer.get_vocab_size()
+    if not config.tokenizer_path and vocab_size < config.vocab_size:
+        log.warning("the corpus gave only %d tokens of vocab_size=%d (too few distinct pairs to merge); the data "
+                    "set's vocab_size is %d", vocab_size, config.vocab_size, vocab_size)
     dtype = dtype_for_vocab(vocab_size)
 
     splits: dict[str, Any] = {}

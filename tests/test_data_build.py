@@ -203,6 +203,18 @@ def test_cli_vocab_size_with_a_given_tokenizer_is_refused(fixture_data: Path, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_vocab_smaller_than_asked_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A small corpus cannot fill a large vocab: BPE stops early and the data set had fewer tokens than
+    --vocab-size without a word (the summary's vocab_size was the only hint)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i} has some words."}) + "\n" for i in range(50)))
+    with caplog.at_level("WARNING", logger="data_prep.build"):
+        manifest = build(BuildConfig(inputs=[str(corpus)], out_dir=str(tmp_path / "out"), vocab_size=1024,
+                                     validation_fraction=0.1, progress=False))
+    got = manifest["tokenizer"]["vocab_size"]
+    assert got < 1024 and f"only {got} tokens of vocab_size=1024" in caplog.text
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_data_set(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(DataError, match="refusing to replace"):
