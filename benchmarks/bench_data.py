@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from data_prep.build import DEFAULT_OUT_DIR  # noqa: E402
-from data_prep.loader import TokenWindowLoader  # noqa: E402
+from data_prep.errors import DataError  # noqa: E402
+from data_prep.loader import TokenWindowLoader, load_manifest  # noqa: E402
 from data_prep.streaming import StreamingTokenLoader  # noqa: E402
 from data_prep.testing import FIXTURE_JSONL, FIXTURE_TXT, build_fixture_dataset  # noqa: E402
 from data_prep.tokenizer import load_tokenizer  # noqa: E402
@@ -115,6 +116,11 @@ def main() -> None:
         parser.error(f"--batches={args.batches} --repeats={args.repeats}: expected positive integers")
     if args.data_dir is not None and not (args.data_dir / "manifest.json").is_file():
         parser.error(f"--data-dir {args.data_dir}: no manifest.json (build one with `python -m data_prep.build`)")
+    if args.data_dir is not None:
+        try:  # a damaged data set is refused here, not as a traceback (or every loader row skipped) later
+            load_manifest(args.data_dir, verify=True)
+        except DataError as err:
+            parser.error(f"--data-dir {args.data_dir}: {err}")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir

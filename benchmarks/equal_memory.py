@@ -339,8 +339,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-micro-batch={args.max_micro_batch}: expected at least --micro-batch={args.micro_batch}")
     if args.budget_gib is not None and not 0 < args.budget_gib < float("inf"):
         raise ValueError(f"--budget-gib={args.budget_gib}: expected a positive number")
+    if args.gpu and not torch.cuda.is_available():
+        raise ValueError("--gpu: no CUDA device is visible here; leave --gpu out to run on CPU ranks")
     for v in args.variants.split(","):
-        variant_config(v, args.overrides)
+        variant_config(v, args.overrides).for_world(args.world)  # e.g. expert parallelism that --world cannot tile
 
 
 if __name__ == "__main__":

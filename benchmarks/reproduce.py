@@ -573,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="print every run's state and commands; start nothing, write nothing")
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) < len(args.seeds):
+        print(f"error: --seeds {' '.join(map(str, args.seeds))}: a seed given twice would count its run twice in "
+              "the mean +- half-range; give each seed once", file=sys.stderr)
+        return 2
     try:
         runs = plan(args.scale, list(VARIANTS), args.seeds, args.steps)  # bad overrides fail here, before training
     except ValueError as err:  # e.g. --steps 0 or --seeds -1, named by the config key they set
@@ -580,7 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chosen = [r for r in runs if r.variant in (args.only or VARIANTS)]
     if args.dry_run:
-        dry_run(chosen)
+        try:
+            dry_run(chosen)
+        except BrokenPipeError:  # `--dry-run | head`: the reader left, nothing is wrong
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if not (args.table_only or args.no_train):
         for run in chosen:

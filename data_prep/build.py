@@ -41,7 +41,7 @@ from data_prep.errors import DataError
 from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardWriter, dtype_for_vocab,
                               load_manifest)
 from data_prep.sources import DEFAULT_SOURCES, fetch_package, file_sha256
-from data_prep.tokenizer import find_eos_id, load_tokenizer, train_tokenizer, validate_vocab_size
+from data_prep.tokenizer import EOS_TOKEN, find_eos_id, load_tokenizer, train_tokenizer, validate_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ class BuildConfig:
             raise DataError(f"txt_documents must be one of {TXT_DOCUMENT_MODES}, got {self.txt_documents!r}")
         if self.tokenizer_path is None:
             validate_vocab_size(self.vocab_size)
+            if self.eos_token is not None:
+                raise DataError(f"eos_token={self.eos_token!r} is for a given tokenizer_path; a trained tokenizer's "
+                                f"end-of-text token is always {EOS_TOKEN!r}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise DataError(f"validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
         for name in ("shard_tokens", "min_chars", "batch_documents"):
@@ -214,6 +217,9 @@ def _build_into(tmp: Path, config: BuildConfig, inputs: list[Path], fingerprint:
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         eos_id = find_eos_id(tokenizer)
     vocab_size = tokenizer.get_vocab_size()
+    if not config.tokenizer_path and vocab_size < config.vocab_size:
+        log.warning("the corpus gave only %d tokens of vocab_size=%d (too few distinct pairs to merge); the data "
+                    "set's vocab_size is %d", vocab_size, config.vocab_size, vocab_size)
     dtype = dtype_for_vocab(vocab_size)
 
     splits: dict[str, Any] = {}
@@ -328,8 +334,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="jsonl/json field or parquet/HF column with the text (default: %(default)s)")
     parser.add_argument("--txt-documents", choices=TXT_DOCUMENT_MODES, default=defaults.txt_documents,
                         help="what a document is in .txt inputs (default: %(default)s)")
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size,
-                        help="size of the trained BPE, a multiple of 64 (default: %(default)s)")
+    parser.add_argument("--vocab-size", type=int,
+                        help=f"size of the trained BPE, a multiple of 64 (default: {defaults.vocab_size})")
     parser.add_argument("--tokenizer", help="tokenizers JSON file to use instead of training one")
     parser.add_argument("--eos-token", help="end-of-text token of --tokenizer (default: try common names)")
     parser.add_argument("--validation-fraction", "--val-fraction", type=float, default=defaults.validation_fraction,
@@ -352,9 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --out is required with --input (the default folder is for the default corpus)",
               file=sys.stderr)
         return 2
+    if args.tokenizer and args.vocab_size is not None:
+        print("error: --vocab-size is for a trained tokenizer; --tokenizer brings its own vocabulary",
+              file=sys.stderr)
+        return 2
+    vocab_size = BuildConfig.vocab_size if args.vocab_size is None else args.vocab_size
     config = BuildConfig(
         inputs=args.input, out_dir=args.out or str(DEFAULT_OUT_DIR), text_field=args.text_field,
-        txt_documents=args.txt_documents, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
+        txt_documents=args.txt_documents, vocab_size=vocab_size, tokenizer_path=args.tokenizer,
         eos_token=args.eos_token, validation_fraction=args.validation_fraction, shard_tokens=args.shard_tokens,
         min_chars=args.min_chars, cache_dir=args.cache_dir, progress=not args.no_progress, force=args.force)
     try:

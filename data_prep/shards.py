@@ -17,6 +17,7 @@ import numpy as np
 
 from data_prep.errors import DataError
 from data_prep.sources import file_sha256
+from data_prep.tokenizer import load_tokenizer
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "tiedmoe-token-shards"
@@ -121,7 +122,8 @@ def load_manifest(data_dir: str | Path, verify: bool = False) -> dict[str, Any]:
     _require(isinstance(tokenizer, dict), path, "field 'tokenizer' must be an object")
     vocab_size = _check_int(tokenizer.get("vocab_size"), path, "tokenizer.vocab_size")
     _require(vocab_size <= 2 ** (8 * itemsize), path, f"tokenizer.vocab_size {vocab_size} does not fit {dtype}")
-    _check_int(tokenizer.get("eos_id"), path, "tokenizer.eos_id")
+    eos_id = _check_int(tokenizer.get("eos_id"), path, "tokenizer.eos_id")
+    _require(eos_id < vocab_size, path, f"field 'tokenizer.eos_id' is {eos_id}, outside the vocab of {vocab_size}")
     tokenizer_file = data_dir / str(tokenizer.get("file", ""))
     _require(tokenizer_file.is_file() and bool(tokenizer.get("file")), path,
              f"tokenizer file {tokenizer_file} is missing")
@@ -129,6 +131,10 @@ def load_manifest(data_dir: str | Path, verify: bool = False) -> dict[str, Any]:
     _require(actual == tokenizer.get("sha256"), path,
              f"tokenizer {tokenizer_file.name} has sha256 {actual[:12]}..., the manifest was built with "
              f"{str(tokenizer.get('sha256'))[:12]}... (shards from another tokenizer); rebuild the data set")
+    # The trainer sizes the embedding from this field (check_vocab): it must be the tokenizer's own.
+    actual_vocab = load_tokenizer(tokenizer_file).get_vocab_size()
+    _require(actual_vocab == vocab_size, path, f"field 'tokenizer.vocab_size' is {vocab_size} but "
+             f"{tokenizer_file.name} has {actual_vocab} tokens; rebuild the data set")
 
     splits = manifest.get("splits")
     _require(isinstance(splits, dict) and bool(splits), path, "field 'splits' must be a non-empty object")
@@ -136,7 +142,8 @@ def load_manifest(data_dir: str | Path, verify: bool = False) -> dict[str, Any]:
         _require(isinstance(info, dict) and isinstance(info.get("shards"), list), path,
                  f"splits.{split}.shards must be a list")
         total = 0
-        for shard in info["shards"]:
+        for index, shard in enumerate(info["shards"]):
+            _require(isinstance(shard, dict), path, f"splits.{split}.shards[{index}] must be an object, got {shard!r}")
             shard_path = data_dir / str(shard.get("file", ""))
             tokens = _check_int(shard.get("tokens"), path, f"splits.{split}.shards[].tokens")
             _require(shard_path.is_file(), shard_path, "shard file is missing")

@@ -17,6 +17,8 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     (TIMING_BENCHMARKS[1], ["--steps", "0"], "--steps"),  # the shared command line (trainer.bench.timing_parser)
     (TIMING_BENCHMARKS[2], ["--repeats", "-2"], "--repeats"),
     (TIMING_BENCHMARKS[3], ["--steps", "many"], "--steps"),
+    # 2 CPU ranks cannot hold EP 4: a ValueError traceback from each rank, exit 1
+    (TIMING_BENCHMARKS[1], ["parallel.expert_parallel_size=4"], "parallel.expert_parallel_size=4"),
     (["benchmarks/activation_memory.py"], ["model.not_a_field=1"], "model.not_a_field"),
     (["benchmarks/activation_memory.py"], ["data.seq_len={a"], "data.seq_len"),
     (["benchmarks/activation_memory.py"], ["--micro-batch", "2,0"], "--micro-batch")] + [

@@ -7,9 +7,11 @@ subprocess) with one bad input, and stops at validation (no ranks start, no mode
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_python
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -200,6 +202,18 @@ def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
     _assert_usage_error(run_python(["-m", "trainer.parity", *argv]), *names)
 
 
+def test_parity_only_matching_no_cell_is_refused():
+    """The ranks started, trained nothing and died with a DeepSpeed AssertionError traceback, exit 1."""
+    _assert_usage_error(run_python(["-m", "trainer.parity", "--cells", "muon", "--only", "nomatch"]),
+                        "--only=nomatch", "zero3-ep2-tied-muon")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_parity_gpu_without_a_gpu_is_refused():
+    """It ran every cell on CPU under torchrun and labelled the report device 'gpu'."""
+    _assert_usage_error(run_python(["-m", "trainer.parity", "--cells", "quick", "--gpu"]), "--gpu")
+
+
 def test_data_build_bad_input_exits_2(tmp_path):
     """Bad input is exit 2 everywhere in tiedmoe; the corpus builder said 1."""
     missing = tmp_path / "missing.jsonl"
@@ -208,13 +222,31 @@ def test_data_build_bad_input_exits_2(tmp_path):
     _assert_one_error_line(proc, str(missing))
 
 
+def test_run_sh_data_without_validation_split_fails_before_ranks_start(tmp_path):
+    """A data set built with --val-fraction 0 trained every step, then failed at the final validation."""
+    from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
+
+    shards = build_fixture_dataset(tmp_path / "shards", validation_fraction=0.0)
+    proc = run_python(["run.sh", f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", "run.steps=1",
+                       f"run.out_dir={tmp_path / 'runs'}"])
+    _assert_one_error_line(proc, str(shards / "manifest.json"), "'validation'")
+    assert not (tmp_path / "runs").exists()  # no rank started
+
+
 @pytest.mark.parametrize("argv, names", [(["--variants", "g0"], "model.tie_group_size=0"),
                                          (["--variants", "foo"], "--variants"),
                                          (["--micro-batch", "0"], "--micro-batch=0"),
                                          (["--budget-gib", "-1"], "--budget-gib=-1"),
-                                         (["run.stepz=1"], "run.stepz")])
+                                         (["run.stepz=1"], "run.stepz"),
+                                         # a ValueError traceback in every rank, exit 1
+                                         (["--world", "1"], "parallel.expert_parallel_size=2")])
 def test_equal_memory_checks_before_ranks_start(argv, names):
     _assert_one_error_line(run_python(["benchmarks/equal_memory.py", *argv]), names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_equal_memory_gpu_without_a_gpu_is_refused():
+    _assert_one_error_line(run_python(["benchmarks/equal_memory.py", "--gpu", "--world", "2"]), "--gpu")
 
 
 def test_bench_data_missing_data_dir(tmp_path):
@@ -222,12 +254,32 @@ def test_bench_data_missing_data_dir(tmp_path):
                         "manifest.json")
 
 
+def test_bench_data_damaged_data_dir(tmp_path):
+    """A truncated shard was a DataError traceback, exit 1."""
+    from data_prep.testing import build_fixture_dataset
+
+    shards = build_fixture_dataset(tmp_path / "shards")
+    shard = shards / "train_00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    _assert_usage_error(run_python(["benchmarks/bench_data.py", "--data-dir", str(shards)]), "--data-dir",
+                        str(shard), "truncated")
+
+
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz")])
 def test_tying_quality_checks_every_variant_first(argv, names):
     _assert_one_error_line(run_python(["benchmarks/tying_quality.py", *argv]), names)
 
 
-@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["--seeds", "-1"], "run.seed=-1")])
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["--seeds", "-1"], "run.seed=-1"),
+                                         # each run counted twice: mean +- 0 as if there were no seed noise
+                                         (["--seeds", "0", "0"], "--seeds 0 0")])
 def test_reproduce_dry_run_refuses_bad_steps_and_seeds(argv, names):
     """--steps 0 was dropped as if not given (the dry run then showed 300-step runs)."""
     _assert_one_error_line(run_python(["benchmarks/reproduce.py", "--dry-run", *argv]), names)
+
+
+def test_reproduce_dry_run_into_a_closed_pipe_is_quiet():
+    """`reproduce.py --dry-run | head -1` ended in a BrokenPipeError traceback, exit 1."""
+    proc = subprocess.run(f"{sys.executable} benchmarks/reproduce.py --dry-run | head -1", shell=True, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, executable="/bin/bash")
+    assert proc.stdout.startswith("== untied seed 0") and "Traceback" not in proc.stderr, proc.stderr[-3000:]

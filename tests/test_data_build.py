@@ -149,7 +149,8 @@ def test_cli_builds_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_field", "empty_text", "bad_json", "not_string",
-                                  "bad_vocab", "no_validation", "missing_tokenizer", "unsupported"])
+                                  "bad_vocab", "no_validation", "missing_tokenizer", "unsupported",
+                                  "eos_without_tokenizer"])
 def test_bad_inputs_raise_one_clear_error_and_leave_nothing(case: str, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"Document {i} has some words."}) + "\n" for i in range(50)))
@@ -182,12 +183,36 @@ def test_bad_inputs_raise_one_clear_error_and_leave_nothing(case: str, tmp_path:
     elif case == "unsupported":
         (tmp_path / "corpus.csv").write_text("text\nhello\n")
         settings["inputs"], expected = [str(tmp_path / "corpus.csv")], "unsupported file type"
+    elif case == "eos_without_tokenizer":  # was ignored: the manifest said eos_token '</s>', the shards used id 0
+        settings["eos_token"], expected = "</s>", "eos_token='</s>' is for a given tokenizer_path"
     out = tmp_path / "out"
     with pytest.raises(DataError) as raised:
         build(BuildConfig(out_dir=str(out), progress=False, **settings))
     message = str(raised.value)
     assert expected in message and "\n" not in message
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_cli_vocab_size_with_a_given_tokenizer_is_refused(fixture_data: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--tokenizer brings its own vocabulary: --vocab-size was ignored without a word."""
+    argv = ["--input", str(FIXTURE_JSONL), "--out", str(tmp_path / "out"), "--tokenizer",
+            str(fixture_data / "tokenizer.json"), "--vocab-size", "1024", "--no-progress"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: --vocab-size is for a trained tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_smaller_than_asked_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A small corpus cannot fill a large vocab: BPE stops early and the data set had fewer tokens than
+    --vocab-size without a word (the summary's vocab_size was the only hint)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i} has some words."}) + "\n" for i in range(50)))
+    with caplog.at_level("WARNING", logger="data_prep.build"):
+        manifest = build(BuildConfig(inputs=[str(corpus)], out_dir=str(tmp_path / "out"), vocab_size=1024,
+                                     validation_fraction=0.1, progress=False))
+    got = manifest["tokenizer"]["vocab_size"]
+    assert got < 1024 and f"only {got} tokens of vocab_size=1024" in caplog.text
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_data_set(tmp_path: Path) -> None:

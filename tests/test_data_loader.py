@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -200,4 +201,21 @@ def test_malformed_manifest(damaged: Path) -> None:
         load_manifest(damaged)
     manifest_path.write_text("{truncated")
     with pytest.raises(DataError, match="manifest.json: not valid JSON"):
+        load_manifest(damaged)
+
+
+@pytest.mark.parametrize("edit, says", [
+    # check_vocab trusted this field: a 256-row model then passed it and the ranks died in the embedding
+    (lambda m: m["tokenizer"].update(vocab_size=256), f"'tokenizer.vocab_size' is 256 but tokenizer.json has "
+                                                       f"{FIXTURE_VOCAB_SIZE}"),
+    (lambda m: m["tokenizer"].update(eos_id=FIXTURE_VOCAB_SIZE), "'tokenizer.eos_id'"),
+    # an AttributeError traceback
+    (lambda m: m["splits"]["train"].update(shards=[1]), "splits.train.shards[0] must be an object"),
+])
+def test_edited_manifest_fields_are_named(damaged: Path, edit, says: str) -> None:
+    manifest_path = damaged / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    edit(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="manifest.json: .*" + re.escape(says)):
         load_manifest(damaged)

@@ -149,3 +149,15 @@ def test_grad_norm_matches_reference_clip_grad_norm(report: dict, cell: str) -> 
 
 def test_grad_norm_control_counting_tied_banks_per_use_is_far_off(report: dict) -> None:
     assert report["control_per_use_grad_norm_rel_diff"] > 1e-3
+
+
+def test_few_steps_still_pass(tmp_path) -> None:
+    """`--steps 2` failed a correct engine: the flattened-bank control, run for the same 2 steps, had not yet
+    drifted 3x the tolerance away, and the report said only FAIL. The controls now run at least 8 steps."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "trainer.parity", "--cells", "muon", "--only", "zero0-ep1-tied-muon",
+                           "--steps", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("PASS"), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert len(report["cells"]["zero0-ep1-tied-muon"]["losses"]) == 2
+    assert report["control_muon_flat_bank_loss_diff"] > 3e-5

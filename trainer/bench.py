@@ -196,12 +196,15 @@ def timing_main(argv: list[str] | None, doc: str | None, module: str, worker: Ca
     """
     steps, repeats, result, what = defaults
     args = timing_parser(doc, steps, repeats, result, what).parse_args(argv)
+    in_rank = args.worker or (launcher_ranks and "RANK" in os.environ)
     try:
-        load_config(None, DEFAULT_OVERRIDES + args.overrides)
+        cfg = load_config(None, DEFAULT_OVERRIDES + args.overrides)
+        if not in_rank:
+            cfg.for_world(2)  # the CPU ranks below: e.g. expert parallelism they cannot tile
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.worker or (launcher_ranks and "RANK" in os.environ):
+    if in_rank:
         args.json_raw = args.json_raw or args.json
         worker(args)
         return 0

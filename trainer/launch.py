@@ -104,8 +104,10 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     nproc, env = local_ranks()
     cfg.for_world(nproc)  # world-dependent errors before any process starts
     ensure_data(cfg)
-    # Open the train data once here (vocab check, files, tokenizer): bad data fails before ranks start.
+    # Open the data once here (vocab check, files, tokenizer, both splits): bad data fails before ranks start,
+    # not at the final validation after every step was trained.
     make_source(cfg, "train", 0, nproc)
+    make_source(cfg, "validation", 0, nproc)
     if cfg.run.downstream_every:
         check_tasks([t.strip() for t in cfg.run.downstream_tasks.split(",") if t.strip()])
     return run_local_ranks(nproc, [sys.executable, str(REPO_ROOT / "run.sh"), *([config] if config else []),

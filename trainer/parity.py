@@ -211,6 +211,9 @@ def sgd_expected(cfg: TrainConfig, leader: int) -> dict[str, torch.Tensor]:
             for k in ("gate_up_proj", "down_proj")}
 
 
+CONTROL_STEPS = 8  # the negative controls' minimum run length (see compare)
+
+
 def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str, world: int = WORLD) -> dict[str, Any]:
     """Replay every cell with the reference; returns a report (also the JSON written by --json)."""
     report: dict[str, Any] = {"cells": {}, "world_size": world, "steps": steps}
@@ -238,13 +241,16 @@ def compare(raw: dict[str, Any], which: str, steps: int, out_dir: str, world: in
                                  "followers_share_leader_bank": summary["followers_share_leader_bank"]}
     if which == "gpu1":
         return report
-    muon_cfg = cell_config(muon_cells()["zero3-ep2-tied-muon"], steps, out_dir)
+    # The negative controls are reference-only runs; they need a few steps to drift apart (a flattened-bank
+    # Muon differs by ~2e-5 after 2 steps, under 3x the tolerance), so they never run fewer than CONTROL_STEPS.
+    control_steps = max(steps, CONTROL_STEPS)
+    muon_cfg = cell_config(muon_cells()["zero3-ep2-tied-muon"], control_steps, out_dir)
     # What Muon orthogonalising each bank as one flattened matrix would show: far above the tolerance.
     report["control_muon_flat_bank_loss_diff"] = max(abs(a - b) for a, b in zip(
         reference_run(muon_cfg, WORLD, flat_banks=True).losses, reference_run(muon_cfg, WORLD).losses))
     if which == "muon":
         return report
-    control_cfg = cell_config(cells(which)["zero3-ep2-tied"], steps, out_dir)
+    control_cfg = cell_config(cells(which)["zero3-ep2-tied"], control_steps, out_dir)
     control = reference_run(control_cfg, WORLD, untie_after_init=True).losses
     tied_ref = reference_run(control_cfg, WORLD).losses
     # What a trainer that silently untied the experts would show: must be far above the tolerance.
@@ -308,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tol={args.tol}: expected a positive number")
     if args.only and args.cells != "muon":
         parser.error("--only needs --cells muon (the other sets' controls need their full cells)")
+    if args.only and not any(args.only in name for name in cells(args.cells)):
+        parser.error(f"--only={args.only}: matches no cell of --cells {args.cells} ({', '.join(cells(args.cells))})")
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: no CUDA device is visible here; leave --gpu out to run on CPU ranks")
     if args.cells != "gpu1" and args.world != WORLD:
         parser.error(f"--cells {args.cells} needs --world {WORLD} (the EP 2 cells); use --cells gpu1 for one rank")
     with tempfile.TemporaryDirectory() as tmp:
