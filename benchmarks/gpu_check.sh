@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: everything tiedmoe claims, measured on one GPU by one command, into one folder.
 #
-#   benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]     (OUT_DIR: $OUT when set, else benchmarks/results/gpu_check)
+#   benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]     (OUT_DIR: $OUT when set, else benchmarks/results/gpu_check;
+#                                                      a dry run's: $TMPDIR/gpu_check_dry_run)
 #
 # Sized for <= 8 minutes on one H200. Steps (each time-limited; a failed step is recorded and the
 # rest still run, so a partial result always comes back):
@@ -41,7 +42,8 @@ for arg in "$@"; do
        out="$arg" ;;
   esac
 done
-out="${out:-${OUT:-$repo/benchmarks/results/gpu_check}}"
+if [ "$dry" = 1 ]; then default_out="${TMPDIR:-/tmp}/gpu_check_dry_run"; else default_out="$repo/benchmarks/results/gpu_check"; fi
+out="${out:-${OUT:-$default_out}}"  # a dry run never lands where the GPU's results are committed
 if ! mkdir -p -- "$out" 2>/dev/null || ! [ -w "$out" ]; then
   echo "gpu_check.sh: error: output folder $out: cannot be created or written" >&2
   exit 2

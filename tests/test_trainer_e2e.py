@@ -172,6 +172,23 @@ def test_stream_without_tokenizer_is_one_error_line() -> None:
     assert proc.stderr.strip().splitlines() == ["error: data.tokenizer: required when data.source=stream"]
 
 
+@pytest.mark.parametrize("key", ["data.stream_train", "data.stream_validation"])
+def test_stream_files_missing_are_named_by_their_key(key: str, tmp_path) -> None:
+    """It said only "input '<path>': no such file"; the user edits the config key, so the error names it."""
+    shards = build_fixture_dataset(tmp_path / "shards")  # only for its tokenizer.json
+    fixture = REPO_ROOT / "tests" / "fixtures" / "data"
+    files = {"data.stream_train": str(fixture / "kjv_sample.jsonl"), key: str(tmp_path / "missing" / "*.jsonl")}
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "run.sh", "data.source=stream", f"data.tokenizer={shards / 'tokenizer.json'}",
+                           f"model.vocab_size={FIXTURE_VOCAB_SIZE}", *(f"{k}={v}" for k, v in files.items()),
+                           f"run.out_dir={tmp_path}", "run.steps=1"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}=") and "no such file" in lines[0], proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_four_ranks_zero3_ep2_split_experts_over_the_expert_data_parallel_group(tmp_path) -> None:

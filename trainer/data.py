@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import torch
 
 from data_prep.build import DEFAULT_OUT_DIR, ensure_default_dataset
+from data_prep.errors import DataError
 from data_prep.loader import TokenWindowLoader, check_vocab
 from data_prep.streaming import StreamingTokenLoader, open_streaming_dataset
 from trainer.config import REPO_ROOT, TrainConfig
@@ -73,10 +74,14 @@ def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> Bat
         return RandomTokens(model_vocab, cfg.data.seq_len, cfg.batch.micro_batch_size, rank,
                             cfg.run.seed + (0 if split == "train" else 10_000))
     if cfg.data.source == "stream":
-        files = cfg.data.stream_train if split == "train" else cfg.data.stream_validation
+        key = "data.stream_train" if split == "train" else "data.stream_validation"
+        files = getattr(cfg.data, key.removeprefix("data."))
         if files is None:
             return None
-        dataset = open_streaming_dataset(str(repo_path(files)), cfg.data.text_field)
+        try:
+            dataset = open_streaming_dataset(str(repo_path(files)), cfg.data.text_field)
+        except DataError as err:  # it names the path; the user edits the config key
+            raise DataError(f"{key}={files!r}: {err}") from None
         loader = StreamingTokenLoader(dataset, repo_path(cfg.data.tokenizer), cfg.data.seq_len,
                                       cfg.batch.micro_batch_size, rank=rank, world_size=world_size,
                                       seed=cfg.run.seed, text_field=cfg.data.text_field)
