@@ -117,6 +117,20 @@ def _check_tensorboard(tb_dir) -> None:
     assert len(events.Scalars("train/grad_norm")) == STEPS
 
 
+@pytest.mark.distributed
+def test_stop_at_step_on_an_eval_step_validates_once(tmp_path) -> None:
+    """run.stop_at_step on a run.eval_every step: the loop's validation and the end-of-session one were
+    both logged, two `val_ce` rows (and TensorBoard points) for step 4."""
+    args = ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=2", "run.eval_batches=1",
+            "run.steps=6", "run.eval_every=2", "run.stop_at_step=4", "run.log_every=2", f"run.out_dir={tmp_path}",
+            "run.name=stop"]
+    proc = subprocess.run([sys.executable, "run.sh", *args], cwd=REPO_ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_ce" in r] == [2, 4]
+
+
 def test_missing_data_path_is_one_error_line(tmp_path):
     missing = tmp_path / "no_such_corpus"
     proc = subprocess.run([sys.executable, "run.sh", f"data.path={missing}"], cwd=REPO_ROOT, env=_env(),

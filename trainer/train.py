@@ -68,7 +68,7 @@ def train(cfg: TrainConfig) -> RunResult:
             result.grad_norms.append(out.grad_norm)
             if log_now:
                 progress.log(step, lr, out, _routing(s, out))
-            if _due(step, cfg.run.eval_every) and step + 1 < s.steps:
+            if _due(step, cfg.run.eval_every) and step + 1 < stop:  # `_finish` validates the last step
                 progress.log_eval(step, validation_ce(s))
             if _due(step, cfg.run.downstream_every):
                 progress.log_downstream(step, downstream.scores(s, tokenizer))
