@@ -60,6 +60,23 @@ def test_nan_with_stop_exits_3_and_keeps_the_last_good_checkpoint(tmp_path: Path
     _strict_rows(tmp_path / "nan" / "metrics.jsonl")
 
 
+def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path: Path) -> None:
+    """Steps logged after the checkpoint a run resumes from are trained again: their metrics.jsonl rows
+    and TensorBoard points were kept and written a second time (step 3 twice here)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [f"run.out_dir={tmp_path}", "run.name=again", "run.steps=5", "run.save_every=2"]
+    stopped = _run(args, TIEDMOE_FAULT_NAN_AT_STEP="4")  # logs steps 1-3, the latest checkpoint is step 2
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    resumed = _run(args)
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stderr[-3000:]
+    run = tmp_path / "again"
+    assert [r["step"] for r in _strict_rows(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+
+
 def _tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor DeepSpeed saved under a tag (our own files, so unpickling is safe)."""
     out = {}

@@ -104,8 +104,8 @@ class Progress:
         self.s, self.enabled = s, s.rank == 0
         self.peak, self.peak_source = peak_flops(s.cfg)
         self.flops_per_token = s.accounting.train_flops_per_token
-        self.metrics = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
-        self.writer = _tensorboard(run_dir / "tb") if self.enabled else None
+        self.metrics = _metrics_from(run_dir / "metrics.jsonl", start_step) if self.enabled else None
+        self.writer = _tensorboard(run_dir / "tb", start_step) if self.enabled else None
         self.run_start, self.run_start_step = time.perf_counter(), start_step
         self.skipped = 0  # updates dropped for a non-finite loss (run.on_nonfinite=skip), this session
         self._reset()
@@ -199,9 +199,28 @@ class Progress:
             self.writer.close()
 
 
-def _tensorboard(path: Path) -> Any:
+def _metrics_from(path: Path, start_step: int) -> Any:
+    """metrics.jsonl opened for appending, without its rows of steps after `start_step`: a run resumed
+    from an older checkpoint (after a crash or a non-finite stop) trains those steps again and would
+    log them twice. A line torn by a crash mid-write is dropped too."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if (step := _step_of(line)) is not None and step <= start_step]
+        path.write_text("".join(kept))
+    return open(path, "a")
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _tensorboard(path: Path, start_step: int) -> Any:
+    """purge_step: TensorBoard hides events of steps after `start_step` written before (see `_metrics_from`)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional at run time
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=start_step + 1)
