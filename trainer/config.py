@@ -70,7 +70,9 @@ class OptimSection:
 class ScheduleSection:
     kind: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, wsd)
+    # floor lr = lr * min_lr_ratio (cosine, wsd): wsd's last step runs at it; cosine reaches it at step run.steps,
+    # one past the last update (whose lr is just above it; on short runs visibly: 6 steps, 2 warmup: 2.3 x floor)
+    min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
 
 
