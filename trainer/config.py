@@ -37,12 +37,12 @@ class DataSection:
     source: Literal["shards", "random", "stream"] = "shards"  # packed shards, random tokens, or tokenize on the fly
     path: str = "data/default"  # shard directory (relative to the repo root unless absolute)
     build_if_missing: bool = True  # run `python -m data_prep.build` for the default corpus when absent
-    seq_len: int = 128
+    seq_len: int = 128  # tokens per training sequence (at most model.max_seq_len)
     # source=stream: local txt/jsonl/parquet files (glob) or a save_to_disk folder, read as a stream
     stream_train: str | None = None
     stream_validation: str | None = None  # optional; without it there is no validation loss
     tokenizer: str | None = None  # tokenizer JSON for source=stream (e.g. a data set's tokenizer.json)
-    text_field: str = "text"
+    text_field: str = "text"  # source=stream: jsonl field / parquet or dataset column holding the text
 
 
 @dataclass
@@ -68,8 +68,8 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    kind: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 10
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"  # after warmup (trainer/schedule.py)
+    warmup_steps: int = 10  # linear from lr / warmup_steps to lr (0: none)
     # floor lr = lr * min_lr_ratio (cosine, wsd): wsd's last step runs at it; cosine reaches it at step run.steps,
     # one past the last update (whose lr is just above it; on short runs visibly: 6 steps, 2 warmup: 2.3 x floor)
     min_lr_ratio: float = 0.1
@@ -79,32 +79,32 @@ class ScheduleSection:
 @dataclass
 class BatchSection:
     micro_batch_size: int = 8  # sequences per rank per micro-step
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-steps per optimizer step
     global_batch_tokens: int | None = None  # if set, grad_accum = this / (micro * world * seq_len)
 
 
 @dataclass
 class LossSection:
-    load_balance_coef: float = 0.01
-    z_loss_coef: float = 1e-4
+    load_balance_coef: float = 0.01  # weight of the mean over MoE layers of the load-balancing loss (0: off)
+    z_loss_coef: float = 1e-4  # weight of the mean over MoE layers of the router z-loss (0: off)
 
 
 @dataclass
 class ParallelSection:
     ds_config: str = "ds_configs/zero3.json"  # engine settings only
-    expert_parallel_size: int = 2
-    activation_checkpointing: bool = False
+    expert_parallel_size: int = 2  # ranks an expert bank is split over (AutoEP); divides world size and E
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
 
 
 @dataclass
 class RunSection:
-    name: str = "default"
-    out_dir: str = "runs"
-    steps: int = 100
+    name: str = "default"  # the run directory is out_dir/name (a plain folder name)
+    out_dir: str = "runs"  # relative to the repo root unless absolute
+    steps: int = 100  # optimizer steps of the whole run (the schedule's length)
     tokens: int | None = None  # alternative to steps: train this many tokens
-    seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
-    log_every: int = 10
+    seed: int = 0  # model init, data order and random tokens
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: bf16 weights and activations, fp32 master weights
+    log_every: int = 10  # progress line, metrics.jsonl and TensorBoard every N steps (and the last)
     eval_every: int = 0  # validation every N steps (0: only at the end)
     eval_batches: int = 4
     downstream_every: int = 0  # lm-eval downstream subset every N steps (0: off); logged as downstream/<task>
