@@ -77,6 +77,26 @@ def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path: Path) -> 
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
 
 
+def test_nonfinite_gradient_of_a_finite_loss_under_skip_says_what_skip_covers(monkeypatch) -> None:
+    """run.on_nonfinite=skip drops updates whose loss is non-finite; a finite loss with a non-finite gradient
+    norm still stops, and the error said "run.on_nonfinite=stop ... or set run.on_nonfinite=skip"."""
+    from types import SimpleNamespace
+
+    from trainer import train as train_module
+    from trainer.config import load_config
+    from trainer.session import StepResult
+
+    monkeypatch.setattr(train_module, "nonfinite_layers", lambda s, out: [])  # collective in a real run
+    s = SimpleNamespace(cfg=load_config(None, ["run.on_nonfinite=skip"]), rank=0)
+    out = StepResult(loss=9.0, ce=9.0, lb=1.0, z=4.0, router_logits=[], engine_grad_norm=float("nan"))
+    with pytest.raises(train_module.TrainingDiverged) as info:
+        train_module._check_finite(s, 2, out, skips_in_a_row=0)
+    message = str(info.value)
+    assert message.startswith("step 3: non-finite loss 9.0 / gradient norm nan"), message
+    assert "run.on_nonfinite=skip drops only updates whose loss is non-finite" in message, message
+    assert "run.on_nonfinite=stop" not in message, message
+
+
 def _tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor DeepSpeed saved under a tag (our own files, so unpickling is safe)."""
     out = {}

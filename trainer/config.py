@@ -115,8 +115,9 @@ class RunSection:
     keep_checkpoints: int = 2  # newest N kept (0: keep all)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run dir>/checkpoints/latest if present
     stop_at_step: int | None = None  # leave after this step (checkpointed), as a time-limited job would
-    # a non-finite loss or gradient norm: "stop" exits 3 without saving it; "skip" drops that update,
-    # counts it and trains on (a non-finite checkpoint never becomes `latest` either way)
+    # a non-finite loss or gradient norm: "stop" exits 3 without saving it; "skip" drops an update whose loss is
+    # non-finite, counts it and trains on (a non-finite gradient norm of a finite loss still exits 3; a
+    # non-finite checkpoint never becomes `latest` either way)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_consecutive_skips: int = 5  # on_nonfinite=skip: stop (exit 3) after this many dropped updates in a row
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; null: known GPU table, or a CPU matmul probe

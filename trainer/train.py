@@ -157,8 +157,9 @@ def _set_aside_previous(run_dir: Path) -> None:
 
 
 def _check_finite(s: Session, step: int, out: StepResult, skips_in_a_row: int) -> None:
-    """run.on_nonfinite: `skip` counts a dropped update (train_step dropped it); `stop` raises before
-    anything of this step is saved. The same values are seen on every rank, so all ranks agree."""
+    """run.on_nonfinite: `skip` counts a dropped update (train_step dropped it: its loss was non-finite);
+    `stop`, and `skip` when only the gradient norm was non-finite, raise before anything of this step is
+    saved. The same values are seen on every rank, so all ranks agree."""
     if out.finite:
         return
     layers = nonfinite_layers(s, out)
@@ -173,6 +174,9 @@ def _check_finite(s: Session, step: int, out: StepResult, skips_in_a_row: int) -
         if s.rank == 0:
             print(f"{what}: update skipped (run.on_nonfinite=skip)", flush=True)
         return
+    if s.cfg.run.on_nonfinite == "skip":  # the loss was finite (else train_step dropped the update), the norm not
+        raise TrainingDiverged(f"{what}; stopped without saving it (run.on_nonfinite=skip drops only updates whose "
+                               f"loss is non-finite; the last checkpoint is still the latest: lower optim.lr)")
     raise TrainingDiverged(f"{what}; stopped without saving it (run.on_nonfinite=stop; the last checkpoint "
                            f"is still the latest: lower optim.lr or set run.on_nonfinite=skip)")
 
