@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -206,7 +207,9 @@ def _metrics_from(path: Path, start_step: int) -> Any:
     if path.exists():
         kept = [line for line in path.read_text().splitlines(keepends=True)
                 if (step := _step_of(line)) is not None and step <= start_step]
-        path.write_text("".join(kept))
+        staged = path.with_name(path.name + ".tmp")  # replaced in one step: a crash here loses no row
+        staged.write_text("".join(kept))
+        os.replace(staged, path)
     return open(path, "a")
 
 
