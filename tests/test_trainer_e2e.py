@@ -224,3 +224,20 @@ def test_four_ranks_zero3_ep2_split_experts_over_the_expert_data_parallel_group(
               if "loss" in r]
     reference = reference_run(load_config(None, args), 4).losses
     assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5, (losses, reference)
+
+
+def test_paused_time_is_left_out_of_the_step_time() -> None:
+    """Validation and checkpoint saves ran inside the next log interval, so its step_time_s, tokens_per_s
+    and MFU counted them as training time (860 ms a step against 375 ms, one log interval after a save)."""
+    import time
+
+    from trainer.metrics import Progress
+
+    progress = Progress.__new__(Progress)  # only the interval clock: no session needed
+    progress.interval_start = start = time.perf_counter()
+    with progress.paused():
+        time.sleep(0.05)
+    assert progress.interval_start - start >= 0.05
+    with pytest.raises(RuntimeError), progress.paused():  # a failing validation still shifts the clock
+        raise RuntimeError("validation failed")
+    assert progress.interval_start - start >= 0.05

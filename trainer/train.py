@@ -61,7 +61,8 @@ def train(cfg: TrainConfig) -> RunResult:
             skips_in_a_row = skips_in_a_row + 1 if out.skipped else 0
             _check_finite(s, step, out, skips_in_a_row)
             if step == start:
-                write_run_report(s, run_dir)  # memory_report.json/.md after the first optimizer step
+                with progress.paused():
+                    write_run_report(s, run_dir)  # memory_report.json/.md after the first optimizer step
             progress.record(out)
             result.losses.append(out.loss)
             result.ce.append(out.ce)
@@ -69,14 +70,17 @@ def train(cfg: TrainConfig) -> RunResult:
             if log_now:
                 progress.log(step, lr, out, _routing(s, out))
             if _due(step, cfg.run.eval_every) and step + 1 < stop:  # `_finish` validates the last step
-                progress.log_eval(step, validation_ce(s))
+                with progress.paused():
+                    progress.log_eval(step, validation_ce(s))
             if _due(step, cfg.run.downstream_every):
-                progress.log_downstream(step, downstream.scores(s, tokenizer))
+                with progress.paused():
+                    progress.log_downstream(step, downstream.scores(s, tokenizer))
             preempted = signals.stop_requested()
             if _due(step, cfg.run.save_every) or step + 1 == stop or preempted:
-                _check_weights(s, step)
-                checkpoint.save(s.engine, run_dir / "checkpoints", step + 1, s.source.state_dict(),
-                                cfg.run.keep_checkpoints, checkpoint.identity(s.cfg))
+                with progress.paused():
+                    _check_weights(s, step)
+                    checkpoint.save(s.engine, run_dir / "checkpoints", step + 1, s.source.state_dict(),
+                                    cfg.run.keep_checkpoints, checkpoint.identity(s.cfg))
             if preempted and step + 1 < stop:
                 return _preempted(s, run_dir, result, progress, step + 1, signals.received)
     finally:
