@@ -74,8 +74,10 @@ def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> Bat
         return RandomTokens(model_vocab, cfg.data.seq_len, cfg.batch.micro_batch_size, rank,
                             cfg.run.seed + (0 if split == "train" else 10_000))
     if cfg.data.source == "stream":
-        key = "data.stream_train" if split == "train" else "data.stream_validation"
-        files = getattr(cfg.data, key.removeprefix("data."))
+        if split == "train":
+            key, files = "data.stream_train", cfg.data.stream_train
+        else:
+            key, files = "data.stream_validation", cfg.data.stream_validation
         if files is None:
             return None
         try:
