@@ -222,6 +222,21 @@ def test_refuses_to_replace_a_folder_that_is_not_a_data_set(tmp_path: Path) -> N
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_out_or_cache_dir_under_a_file_is_one_line_exit_2(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out FILE/sub` and `--cache-dir FILE` were FileExistsError tracebacks, exit 1."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = ["--input", str(FIXTURE_JSONL), "--out", str(blocker / "out"), "--vocab-size", "512", "--no-progress"]
+    assert main(argv) == 2
+    expected = f"error: out_dir {blocker / 'out'}: cannot create the folder (File exists: {blocker})\n"
+    assert capsys.readouterr().err == expected
+    package = PinnedPackage(name="pkg", version="1.0", registry="pypi", filename="pkg-1.0.tar.gz", sha256="0" * 64,
+                            license="-", description="-")
+    with pytest.raises(DataError, match=f"cache_dir {blocker}: cannot create the folder"):
+        fetch_package(package, blocker)
+
+
 @pytest.mark.parametrize("registry", ["pypi", "npm"])
 def test_failed_fetch_names_the_package(registry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A package client that cannot reach its registry (simulated: no index / npm offline mode) fails;
