@@ -19,6 +19,9 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     (TIMING_BENCHMARKS[3], ["--steps", "many"], "--steps"),
     # 2 CPU ranks cannot hold EP 4: a ValueError traceback from each rank, exit 1
     (TIMING_BENCHMARKS[1], ["parallel.expert_parallel_size=4"], "parallel.expert_parallel_size=4"),
+    # a data set that is not there: a DataError traceback from every rank, exit 1
+    (TIMING_BENCHMARKS[3], ["data.source=shards", "data.path=/nonexistent/tiedmoe"], "data.path='/nonexistent"),
+    (["benchmarks/equal_memory.py"], ["data.source=shards", "data.path=/nonexistent/tiedmoe"], "data.path"),
     (["benchmarks/activation_memory.py"], ["model.not_a_field=1"], "model.not_a_field"),
     (["benchmarks/activation_memory.py"], ["data.seq_len={a"], "data.seq_len"),
     (["benchmarks/activation_memory.py"], ["--micro-batch", "2,0"], "--micro-batch")] + [

@@ -28,6 +28,7 @@ import torch
 from trainer import engine as eng
 from trainer.argtypes import output_file, positive_int
 from trainer.config import REPO_ROOT, TrainConfig, load_config
+from trainer.data import ensure_data, make_source
 from trainer.launch import collect_from_cpu_ranks, report_from_cpu_ranks, torchrun_command
 from trainer.metrics import peak_flops
 from trainer.session import Session, describe, open_session, train_step
@@ -47,6 +48,14 @@ def collect_json(module_args: list[str], world: int, gpu: bool, out_dir: str) ->
     cmd, env = torchrun_command(world, ["-m", *module_args, "--json-raw", str(raw)], dict(os.environ))
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
     return json.loads(raw.read_text()) if proc.returncode == 0 and raw.is_file() else (proc.returncode or 1)
+
+
+def check_data(cfg: TrainConfig, world: int) -> None:
+    """Open the configured training data here, before any rank starts, as `./run.sh` does: with a
+    `data.source=shards|stream` override a missing or damaged data set is one `error:` line (a ValueError),
+    not a DataError traceback from every rank."""
+    ensure_data(cfg)
+    make_source(cfg.for_world(world), "train", 0, world)
 
 
 def timed_steps(s: Session, steps: int) -> float:
@@ -201,6 +210,7 @@ def timing_main(argv: list[str] | None, doc: str | None, module: str, worker: Ca
         cfg = load_config(None, DEFAULT_OVERRIDES + args.overrides)
         if not in_rank:
             cfg.for_world(2)  # the CPU ranks below: e.g. expert parallelism they cannot tile
+            check_data(cfg, 2)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
