@@ -265,7 +265,9 @@ def test_bench_data_damaged_data_dir(tmp_path):
                         str(shard), "truncated")
 
 
-@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz")])
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz"),
+                                         # all three variants trained into one run directory
+                                         (["run.name=mine"], "run.name=mine")])
 def test_tying_quality_checks_every_variant_first(argv, names):
     _assert_one_error_line(run_python(["benchmarks/tying_quality.py", *argv]), names)
 
