@@ -289,7 +289,13 @@ def replot(path: str) -> int:
         print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({err})", file=sys.stderr)
         return 2
     png = Path(path).with_suffix(".png")
-    if not plot(result, png):
+    try:  # the two keys above are in other JSON too; a row without what the plot reads is still not a result
+        drawn = plot(result, png)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({type(err).__name__}: {err})",
+              file=sys.stderr)
+        return 2
+    if not drawn:
         return 1
     print(f"wrote {png}")
     return 0

@@ -70,7 +70,9 @@ def test_equal_memory_plot_draws_a_written_result(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("content", ["not json", '{"variants": {}}'])
+@pytest.mark.parametrize("content", ["not json", '{"variants": {}}',
+                                     # the keys checked first, but rows without a result's fields: a KeyError traceback
+                                     '{"variants": {"untied": {}}, "budget_gib_per_rank": 1}'])
 def test_equal_memory_plot_refuses_other_files(content: str, tmp_path: Path) -> None:
     bad = tmp_path / "other.json"
     bad.write_text(content)
