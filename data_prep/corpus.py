@@ -168,6 +168,17 @@ def json_records(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path} record {index}", record
 
 
+def column_text(value: object, text_field: str, where: str) -> str:
+    """One parquet / HF dataset cell of the text column ("" for null); a DataError naming `where` when it is
+    not a string (an int or list column would otherwise end in a traceback from the text cleaner)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {text_field!r} must hold strings, got {type(value).__name__} "
+                        f"({value!r:.40}); set text_field / --text-field")
+    return value
+
+
 def _read_json(path: Path, text_field: str) -> Iterator[str]:
     for where, record in json_records(path):
         yield record_text(record, text_field, where)
@@ -185,7 +196,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
                         "set text_field / --text-field")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
-            yield value or ""
+            yield column_text(value, text_field, str(path))
 
 
 def _read_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
@@ -199,7 +210,7 @@ def _read_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
                             "set text_field / --text-field")
         for row in part.select_columns([text_field]).iter(batch_size=1024):
             for value in row[text_field]:
-                yield value or ""
+                yield column_text(value, text_field, str(path))
 
 
 def read_documents(path: Path, text_field: str = "text", txt_documents: str = "file") -> Iterator[str]:

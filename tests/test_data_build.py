@@ -137,6 +137,19 @@ def test_parquet_and_saved_hf_dataset_inputs(tmp_path: Path) -> None:
     assert splits["train"]["documents"] + splits["validation"]["documents"] == 32
 
 
+@pytest.mark.parametrize("values", [list(range(40)), [["a", "b"]] * 40])
+def test_parquet_text_column_that_is_not_strings_is_refused(values: list, tmp_path: Path) -> None:
+    """An int or list column was an AttributeError traceback from the text cleaner, exit 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": values}), path)
+    with pytest.raises(DataError, match=rf"^{path}: column 'text' must hold strings, got ") as raised:
+        build(BuildConfig(inputs=[str(path)], out_dir=str(tmp_path / "out"), vocab_size=384, progress=False))
+    assert "\n" not in str(raised.value) and not (tmp_path / "out").exists()
+
+
 def test_cli_builds_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     argv = ["--input", str(FIXTURE_JSONL), "--out", str(out), "--vocab-size", "384", "--val-fraction", "0.1",
