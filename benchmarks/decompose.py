@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch.distributed as tdist  # noqa: E402
 
-from benchmarks.peers import Peer, build_ddp, peer_runner  # noqa: E402
+from benchmarks.peers import Peer, build_ddp, check_hf, peer_runner  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.bench import DEFAULT_OVERRIDES, mfu, mfu_basis, mfu_note, timed_steps, timing_main  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -139,7 +139,8 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return timing_main(argv, __doc__, "benchmarks.decompose", worker, render, (2, 10, "decompose_cpu.json", "cell"))
+    return timing_main(argv, __doc__, "benchmarks.decompose", worker, render, (2, 10, "decompose_cpu.json", "cell"),
+                       check=check_hf)  # its hf_ddp cell
 
 
 if __name__ == "__main__":

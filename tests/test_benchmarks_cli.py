@@ -22,6 +22,9 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     # a data set that is not there: a DataError traceback from every rank, exit 1
     (TIMING_BENCHMARKS[3], ["data.source=shards", "data.path=/nonexistent/tiedmoe"], "data.path='/nonexistent"),
     (["benchmarks/equal_memory.py"], ["data.source=shards", "data.path=/nonexistent/tiedmoe"], "data.path"),
+    # shared experts have no HF peer: a ValueError traceback from every rank, exit 1
+    (TIMING_BENCHMARKS[0], ["model.preset=deepseek_moe_tiny"], "model.n_shared_experts"),
+    (TIMING_BENCHMARKS[2], ["model.preset=deepseek_moe_tiny"], "model.n_shared_experts"),
     (["benchmarks/activation_memory.py"], ["model.not_a_field=1"], "model.not_a_field"),
     (["benchmarks/activation_memory.py"], ["data.seq_len={a"], "data.seq_len"),
     (["benchmarks/activation_memory.py"], ["--micro-batch", "2,0"], "--micro-batch")] + [

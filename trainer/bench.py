@@ -195,13 +195,14 @@ def mfu_note(basis: dict[str, Any]) -> str:
 
 def timing_main(argv: list[str] | None, doc: str | None, module: str, worker: Callable[[argparse.Namespace], None],
                 render: Callable[[Any], str], defaults: tuple[int, int, str, str], markdown: bool = False,
-                launcher_ranks: bool = False) -> int:
+                launcher_ranks: bool = False, check: Callable[[TrainConfig], None] | None = None) -> int:
     """The `main` every side-by-side timing benchmark shares (`timing_parser`'s command line).
 
     Bad overrides end in one `error:` line and exit 2 before any rank starts; otherwise 2 CPU ranks run
     `module --worker`, and its table is printed and its JSON written (with `markdown`, the table also
     beside it as .md). `launcher_ranks`: a process already started as a rank by a launcher (torchrun on
-    GPUs) runs the worker itself, writing to `--json`.
+    GPUs) runs the worker itself, writing to `--json`. `check`: the benchmark's own refusals of the config
+    (a ValueError), also made before any rank starts.
     """
     steps, repeats, result, what = defaults
     args = timing_parser(doc, steps, repeats, result, what).parse_args(argv)
@@ -211,6 +212,8 @@ def timing_main(argv: list[str] | None, doc: str | None, module: str, worker: Ca
         if not in_rank:
             cfg.for_world(2)  # the CPU ranks below: e.g. expert parallelism they cannot tile
             check_data(cfg, 2)
+            if check is not None:
+                check(cfg)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
