@@ -67,7 +67,7 @@ def hf_twin(cfg: TrainConfig, alias_tied: bool) -> nn.Module:
     return hf
 
 
-def check_hf(cfg: TrainConfig) -> None:
+def check_hf(cfg: TrainConfig, overrides: list[str] | None = None) -> None:
     """The HF peers are the model as OlmoeForCausalLM / Qwen3MoeForCausalLM: a model they cannot express
     (shared experts, widened banks, ...) is refused before any rank starts, not by a ValueError traceback
     from every rank once tiedmoe's engine is built."""

@@ -82,10 +82,12 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="applied to every variant")
     args = parser.parse_args()
     try:  # every variant's config before the first trains: a bad override is one line, exit 2
-        named = [o for o in args.overrides if o.split("=", 1)[0].strip() == "run.name"]
-        if named:  # the variants would share one run directory and be read back as one another
-            raise ValueError(f"{named[0]}: each variant's run.name is set here "
-                             f"({', '.join(map(run_name, VARIANTS))}); use run.out_dir to put them elsewhere")
+        for override in args.overrides:  # set here per variant: applied to all, they would make them one
+            key = override.split("=", 1)[0].strip().replace("model.overrides.", "model.", 1)
+            if key in ("run.name", "model.tie_group_size"):
+                raise ValueError(f"{override}: tying_quality.py sets {key} itself for each variant "
+                                 f"({', '.join(map(run_name, VARIANTS))}); leave it out "
+                                 "(run.out_dir moves the runs)")
         for name, o in VARIANTS.items():
             load_config(None, variant_args(name, o, args.steps, args.overrides))
     except ValueError as err:

@@ -25,6 +25,9 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     # shared experts have no HF peer: a ValueError traceback from every rank, exit 1
     (TIMING_BENCHMARKS[0], ["model.preset=deepseek_moe_tiny"], "model.n_shared_experts"),
     (TIMING_BENCHMARKS[2], ["model.preset=deepseek_moe_tiny"], "model.n_shared_experts"),
+    # set per cell / variant: replaced without a word
+    (TIMING_BENCHMARKS[0], ["parallel.expert_parallel_size=1"], "parallel.expert_parallel_size=1"),
+    (TIMING_BENCHMARKS[1], ["parallel.ds_config=ds_configs/zero1.json"], "parallel.ds_config"),
     (["benchmarks/activation_memory.py"], ["model.not_a_field=1"], "model.not_a_field"),
     (["benchmarks/activation_memory.py"], ["data.seq_len={a"], "data.seq_len"),
     (["benchmarks/activation_memory.py"], ["--micro-batch", "2,0"], "--micro-batch")] + [

@@ -58,6 +58,16 @@ def check_data(cfg: TrainConfig, world: int) -> None:
     make_source(cfg.for_world(world), "train", 0, world)
 
 
+def refuse_overrides(overrides: list[str], keys: tuple[str, ...], who: str) -> None:
+    """A ValueError for a key=value among `keys`, which `who` sets itself per variant or cell: applied, it
+    would be replaced without a word (or relabel every variant). `model.overrides.<field>` counts as
+    `model.<field>`."""
+    for override in overrides:
+        key = override.split("=", 1)[0].strip().replace("model.overrides.", "model.", 1)
+        if key in keys:
+            raise ValueError(f"{override}: {who} sets {key} itself for each of its variants; leave it out")
+
+
 def timed_steps(s: Session, steps: int) -> float:
     """Seconds for `steps` of the trainer's own step, all ranks and the device synchronised."""
     eng.barrier()
@@ -195,13 +205,13 @@ def mfu_note(basis: dict[str, Any]) -> str:
 
 def timing_main(argv: list[str] | None, doc: str | None, module: str, worker: Callable[[argparse.Namespace], None],
                 render: Callable[[Any], str], defaults: tuple[int, int, str, str], markdown: bool = False,
-                launcher_ranks: bool = False, check: Callable[[TrainConfig], None] | None = None) -> int:
+                launcher_ranks: bool = False, check: Callable[[TrainConfig, list[str]], None] | None = None) -> int:
     """The `main` every side-by-side timing benchmark shares (`timing_parser`'s command line).
 
     Bad overrides end in one `error:` line and exit 2 before any rank starts; otherwise 2 CPU ranks run
     `module --worker`, and its table is printed and its JSON written (with `markdown`, the table also
     beside it as .md). `launcher_ranks`: a process already started as a rank by a launcher (torchrun on
-    GPUs) runs the worker itself, writing to `--json`. `check`: the benchmark's own refusals of the config
+    GPUs) runs the worker itself, writing to `--json`. `check(cfg, overrides)`: the benchmark's own refusals
     (a ValueError), also made before any rank starts.
     """
     steps, repeats, result, what = defaults
@@ -213,7 +223,7 @@ def timing_main(argv: list[str] | None, doc: str | None, module: str, worker: Ca
             cfg.for_world(2)  # the CPU ranks below: e.g. expert parallelism they cannot tile
             check_data(cfg, 2)
             if check is not None:
-                check(cfg)
+                check(cfg, args.overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
