@@ -86,3 +86,22 @@ def test_equal_memory_plot_refuses_other_files(content: str, tmp_path: Path) -> 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --plot {bad}")
     assert not bad.with_suffix(".png").exists()
+
+
+def test_bench_data_without_a_built_corpus_uses_the_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A fresh checkout (no data/default): the fixture built into a temporary folder was gone when the loader
+    share of a step was timed, a DataError traceback after the table."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).resolve().parent.parent / "benchmarks"
+                                                  / "bench_data.py")
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    monkeypatch.setattr(bench_data, "DEFAULT_OUT_DIR", tmp_path / "not_built")
+    monkeypatch.setattr(bench_data, "RESULTS", tmp_path / "data.json")
+    monkeypatch.setattr(sys, "argv", ["bench_data.py", "--batches", "1", "--repeats", "1"])
+    bench_data.main()
+    assert "loader share of a default training step" in capsys.readouterr().out
+    assert json.loads((tmp_path / "data.json").read_text())["loader_share_of_step"]["fraction"] > 0
