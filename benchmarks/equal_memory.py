@@ -296,6 +296,9 @@ def replot(path: str) -> int:
         print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({type(err).__name__}: {err})",
               file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a folder named like the PNG beside it
+        print(f"error: --plot {path}: cannot write {png} ({err.strerror or err})", file=sys.stderr)
+        return 2
     if not drawn:
         return 1
     print(f"wrote {png}")
@@ -346,6 +349,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-micro-batch={args.max_micro_batch}: expected at least --micro-batch={args.micro_batch}")
     if args.budget_gib is not None and not 0 < args.budget_gib < float("inf"):
         raise ValueError(f"--budget-gib={args.budget_gib}: expected a positive number")
+    if Path(args.json).suffix == ".png":  # the plot goes beside the JSON as .png: it would replace the JSON
+        raise ValueError(f"--json {args.json}: the plot is written beside the JSON as .png; name the JSON .json")
     if args.gpu and not torch.cuda.is_available():
         raise ValueError("--gpu: no CUDA device is visible here; leave --gpu out to run on CPU ranks")
     refuse_overrides(args.overrides, ("model.tie_group_size",), "equal_memory.py (--variants)")

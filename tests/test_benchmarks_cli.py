@@ -35,7 +35,10 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     (command, ["--json", "README.md/result.json"], "--json")  # a folder under a file: refused even for root
     for command in (TIMING_BENCHMARKS[2], ["benchmarks/equal_memory.py"], ["benchmarks/construction_memory.py"],
                     ["benchmarks/activation_memory.py"], ["-m", "trainer.parity"])] + [
-    (TIMING_BENCHMARKS[0], ["--json", "benchmarks"], "--json")]  # a folder, not a file
+    (TIMING_BENCHMARKS[0], ["--json", "benchmarks"], "--json"),  # a folder, not a file
+    # the .md table / .png plot written beside the JSON would have replaced it
+    (TIMING_BENCHMARKS[2], ["--json", "/tmp/peers.md"], "--json /tmp/peers.md"),
+    (["benchmarks/equal_memory.py"], ["--json", "/tmp/equal_memory.png"], "--json /tmp/equal_memory.png")]
 
 
 @pytest.mark.parametrize("command, bad, named", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
@@ -74,6 +77,18 @@ def test_equal_memory_plot_draws_a_written_result(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     png = tmp_path / "throughput.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_equal_memory_plot_that_cannot_be_written(tmp_path: Path) -> None:
+    """A PNG path that cannot be written (here a folder) was an IsADirectoryError traceback from savefig."""
+    result = tmp_path / "throughput.json"
+    result.write_text((Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+                       / "equal_memory_cpu_d256.json").read_text())
+    (tmp_path / "throughput.png").mkdir()
+    proc = run_python(["benchmarks/equal_memory.py", "--plot", str(result)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    png = tmp_path / "throughput.png"
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --plot {result}: cannot write {png} (Is a directory)"
 
 
 @pytest.mark.parametrize("content", ["not json", '{"variants": {}}',

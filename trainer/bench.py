@@ -218,6 +218,8 @@ def timing_main(argv: list[str] | None, doc: str | None, module: str, worker: Ca
     args = timing_parser(doc, steps, repeats, result, what).parse_args(argv)
     in_rank = args.worker or (launcher_ranks and "RANK" in os.environ)
     try:
+        if markdown and Path(args.json).suffix == ".md":  # the table goes beside it as .md: it would replace the JSON
+            raise ValueError(f"--json {args.json}: the table is written beside the JSON as .md; name the JSON .json")
         cfg = load_config(None, DEFAULT_OVERRIDES + args.overrides)
         if not in_rank:
             cfg.for_world(2)  # the CPU ranks below: e.g. expert parallelism they cannot tile
