@@ -199,10 +199,22 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
             yield column_text(value, text_field, str(path))
 
 
+def load_saved_dataset(path: Path) -> object:
+    """`datasets.load_from_disk`, with one DataError naming the folder when it is damaged (its own errors are a
+    FileNotFoundError or a KeyError from deep inside `datasets`)."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001 - datasets raises unrelated types for a damaged folder
+        reason = " ".join(str(err).split())  # one line, whatever datasets wrote
+        raise DataError(f"{path}: not a readable saved HF dataset ({type(err).__name__}: {reason})") from None
+
+
 def _read_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    loaded = load_saved_dataset(path)
     parts = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
     for part in parts:
         if text_field not in part.column_names:

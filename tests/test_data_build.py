@@ -20,6 +20,7 @@ from data_prep.corpus import clean_text, document_hash, split_of
 from data_prep.errors import DataError
 from data_prep.shards import load_manifest
 from data_prep.sources import DEFAULT_SOURCES, PinnedPackage, fetch_package, file_sha256
+from data_prep.streaming import open_streaming_dataset
 from data_prep.testing import FIXTURE_JSONL, FIXTURE_TXT, build_fixture_dataset, fixture_build_config
 from data_prep.tokenizer import load_tokenizer
 
@@ -148,6 +149,19 @@ def test_parquet_text_column_that_is_not_strings_is_refused(values: list, tmp_pa
     with pytest.raises(DataError, match=rf"^{path}: column 'text' must hold strings, got ") as raised:
         build(BuildConfig(inputs=[str(path)], out_dir=str(tmp_path / "out"), vocab_size=384, progress=False))
     assert "\n" not in str(raised.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("marker, content", [("state.json", "junk"), ("dataset_dict.json", "{}")])
+def test_damaged_saved_hf_dataset_is_refused(marker: str, content: str, tmp_path: Path) -> None:
+    """datasets.load_from_disk's FileNotFoundError / KeyError('splits') came out as a traceback, exit 1."""
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / marker).write_text(content)
+    with pytest.raises(DataError, match=rf"^{saved}: not a readable saved HF dataset \(") as raised:
+        build(BuildConfig(inputs=[str(saved)], out_dir=str(tmp_path / "out"), vocab_size=384, progress=False))
+    assert "\n" not in str(raised.value)
+    with pytest.raises(DataError, match="not a readable saved HF dataset"):
+        open_streaming_dataset(saved)
 
 
 def test_cli_builds_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
