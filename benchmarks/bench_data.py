@@ -129,13 +129,13 @@ def main() -> None:
                 build_fixture_dataset(Path(tmp) / "fixture")
         tokenize = bench_tokenizer(data_dir / "tokenizer.json", args.repeats)
         loaders = bench_loaders(data_dir, args.batches)
+        share = loader_share_of_step(data_dir, args.batches)  # in here: a fixture built into tmp is gone after
     print(f"{'benchmark':<42} {'shape':>10} {'ms/batch':>9} {'tokens/s':>12}")
     for row in tokenize:
         print(f"{row['what']:<42} {str(row['mb']) + ' MB':>10} {'':>9} {row['tokens_per_s']:>12,}")
     for row in loaders:
         shape = f"{row['micro_batch_size']}x{row['seq_len']}"
         print(f"{row['what']:<42} {shape:>10} {row['ms_per_batch']:>9.3f} {row['tokens_per_s']:>12,}")
-    share = loader_share_of_step(data_dir, args.batches)
     if share:
         print(f"loader share of a default training step ({share['shape']}, step {share['step_ms']:.0f} ms "
               f"from {share['source']}): {100 * share['fraction']:.4f}%")

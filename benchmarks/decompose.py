@@ -35,10 +35,11 @@ sys.path.insert(0, str(REPO))
 
 import torch.distributed as tdist  # noqa: E402
 
-from benchmarks.peers import Peer, build_ddp, peer_runner  # noqa: E402
+from benchmarks.peers import Peer, build_ddp, check_hf, peer_runner  # noqa: E402
 from trainer import engine as eng  # noqa: E402
-from trainer.bench import DEFAULT_OVERRIDES, mfu, mfu_basis, mfu_note, timed_steps, timing_main  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.bench import (DEFAULT_OVERRIDES, mfu, mfu_basis, mfu_note, refuse_overrides, timed_steps,  # noqa: E402
+                           timing_main)
+from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.session import Session, open_session, train_step  # noqa: E402
 
 CELLS: dict[str, list[str]] = {
@@ -138,8 +139,15 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check(cfg: TrainConfig, overrides: list[str]) -> None:
+    """Each cell sets the ZeRO config and EP size (CELLS); the hf_ddp cell needs an HF-expressible model."""
+    refuse_overrides(overrides, ("parallel.ds_config", "parallel.expert_parallel_size"), "decompose.py")
+    check_hf(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return timing_main(argv, __doc__, "benchmarks.decompose", worker, render, (2, 10, "decompose_cpu.json", "cell"))
+    return timing_main(argv, __doc__, "benchmarks.decompose", worker, render, (2, 10, "decompose_cpu.json", "cell"),
+                       check=check)
 
 
 if __name__ == "__main__":

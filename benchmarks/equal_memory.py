@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 from trainer import engine as eng  # noqa: E402
 from trainer.argtypes import output_file  # noqa: E402
-from trainer.bench import DEFAULT_OVERRIDES, _device, collect_json, timed_steps  # noqa: E402
+from trainer.bench import (DEFAULT_OVERRIDES, _device, check_data, collect_json, refuse_overrides,  # noqa: E402
+                           timed_steps)
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
 from trainer.launch import write_report  # noqa: E402
@@ -289,7 +290,16 @@ def replot(path: str) -> int:
         print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({err})", file=sys.stderr)
         return 2
     png = Path(path).with_suffix(".png")
-    if not plot(result, png):
+    try:  # the two keys above are in other JSON too; a row without what the plot reads is still not a result
+        drawn = plot(result, png)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({type(err).__name__}: {err})",
+              file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. a folder named like the PNG beside it
+        print(f"error: --plot {path}: cannot write {png} ({err.strerror or err})", file=sys.stderr)
+        return 2
+    if not drawn:
         return 1
     print(f"wrote {png}")
     return 0
@@ -339,10 +349,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-micro-batch={args.max_micro_batch}: expected at least --micro-batch={args.micro_batch}")
     if args.budget_gib is not None and not 0 < args.budget_gib < float("inf"):
         raise ValueError(f"--budget-gib={args.budget_gib}: expected a positive number")
+    if Path(args.json).suffix == ".png":  # the plot goes beside the JSON as .png: it would replace the JSON
+        raise ValueError(f"--json {args.json}: the plot is written beside the JSON as .png; name the JSON .json")
     if args.gpu and not torch.cuda.is_available():
         raise ValueError("--gpu: no CUDA device is visible here; leave --gpu out to run on CPU ranks")
+    refuse_overrides(args.overrides, ("model.tie_group_size",), "equal_memory.py (--variants)")
     for v in args.variants.split(","):
         variant_config(v, args.overrides).for_world(args.world)  # e.g. expert parallelism that --world cannot tile
+    check_data(variant_config("untied", args.overrides), args.world)  # e.g. data.path=... with no data set there
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@
 # torch optimizers, so none is needed; setup.py imports torch, hence .venv's Python and no isolation). Carry the folder: the device tool's `carry: [".whl"]`; gpu_check.sh
 # installs them with pip --no-index --target when `import deepspeed` fails there.
 set -euo pipefail
+# It takes no arguments: --help prints the header above; anything else is refused before any download
+# (it was ignored, so `--help` built and downloaded every wheel).
+case "${1-}" in
+  "") ;;
+  -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "usage: benchmarks/fetch_gpu_wheels.sh" >&2
+     echo "fetch_gpu_wheels.sh: error: unexpected argument '$1' (it takes none; see --help)" >&2; exit 2 ;;
+esac
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="$repo/.whl"
 mkdir -p "$dest"

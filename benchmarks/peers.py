@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.hf_convert import to_hf_model  # noqa: E402
+from models.hf_convert import to_hf_config, to_hf_model  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.bench import DEFAULT_OVERRIDES, _device, mfu, mfu_basis, mfu_note, timed_steps, timing_main  # noqa: E402
@@ -65,6 +65,13 @@ def hf_twin(cfg: TrainConfig, alias_tied: bool) -> nn.Module:
             if owner is not None and owner != index:
                 hf.model.layers[index].mlp.experts = hf.model.layers[owner].mlp.experts
     return hf
+
+
+def check_hf(cfg: TrainConfig, overrides: list[str] | None = None) -> None:
+    """The HF peers are the model as OlmoeForCausalLM / Qwen3MoeForCausalLM: a model they cannot express
+    (shared experts, widened banks, ...) is refused before any rank starts, not by a ValueError traceback
+    from every rank once tiedmoe's engine is built."""
+    to_hf_config(cfg.model_config())
 
 
 def hf_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -218,7 +225,7 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return timing_main(argv, __doc__, "benchmarks.peers", worker, render, (5, 3, "peers_cpu.json", "trainer"),
-                       markdown=True)
+                       markdown=True, check=check_hf)
 
 
 if __name__ == "__main__":

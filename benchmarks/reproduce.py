@@ -3,9 +3,10 @@
     python benchmarks/reproduce.py [--scale cpu|gpu] [--seeds 0 1] [--only NAME ...] [--steps N]
                                    [--no-train] [--no-downstream] [--table-only] [--dry-run]
 
-Each variant x seed is its own run directory under runs/repro-<scale>/ trained by `./run.sh` (the real
-trainer: 2 CPU ranks or all local GPUs, ZeRO-3, expert parallel 2); a finished run (summary.json at its
-last step) is skipped, so the suite can be spread over several sittings. Every finished run is then
+Each variant x seed is its own run directory under runs/repro-<scale>/ (runs/repro-<scale>-steps<N>/ with
+`--steps N`) trained by `./run.sh` (the real trainer: 2 CPU ranks or all local GPUs, ZeRO-3, expert
+parallel 2); a finished run (summary.json at its last step) is skipped, so the suite can be spread over
+several sittings. Every finished run is then
 scored downstream once by `python -m trainer.evaluate` (its JSON, runs/<name>/eval/<final tag>.json, is
 reused when it exists with the same tasks, limit and shots). Afterwards it writes docs/reproduction.md
 (the table: unique / active parameters, validation CE and downstream macro average as mean +- half-range
@@ -86,12 +87,19 @@ def run_name(variant: str, seed: int) -> str:
     return f"repro-{name}-s{seed}"
 
 
+def out_dir(scale: str, steps: int | None) -> str:
+    """The suite's folder of run directories. `--steps N` runs get their own: in the scale's folder a smoke
+    run would resume the real runs' checkpoints (or they its own, trained on a schedule of N steps) and be
+    tabulated as theirs."""
+    return f"runs/repro-{scale}" if steps is None else f"runs/repro-{scale}-steps{steps}"
+
+
 def overrides_for(scale: str, variant: str, seed: int, steps: int | None) -> tuple[str | None, list[str]]:
     """(config file or None, key=value overrides) of one run."""
     base = list(SCALES[scale])
     config = base.pop(0) if base and base[0].endswith(".yaml") else None
     extra = [f"run.steps={steps}"] if steps is not None else []
-    return config, base + VARIANTS[variant] + extra + [f"run.seed={seed}", f"run.out_dir=runs/repro-{scale}",
+    return config, base + VARIANTS[variant] + extra + [f"run.seed={seed}", f"run.out_dir={out_dir(scale, steps)}",
                                                        f"run.name={run_name(variant, seed)}"]
 
 
@@ -421,8 +429,10 @@ def downstream_section(summaries: dict[str, dict[str, Any] | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def context(results: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[str, Any] | None], scale: str) -> str:
-    """What the numbers cannot say by themselves: how the runs were made and how far they carry."""
+def context(results: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[str, Any] | None], scale: str,
+            steps: int | None = None) -> str:
+    """What the numbers cannot say by themselves: how the runs were made and how far they carry (`steps`:
+    `--steps`, else the scale's)."""
     parts = []
     base = summaries.get("untied")
     saved = [f"g={g} removes {1 - s['unique_params'] / base['unique_params']:.1%}" for g, s in
@@ -437,7 +447,8 @@ def context(results: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[
                      f"same experts from {agreement['g=2']:.2f} (g=2) to {agreement['g=2 tied router']:.2f} "
                      f"(top-k / n_experts would be chance).")
     if scale == "cpu":
-        parts.append("Every run: 300 steps on the default corpus (about 5M tokens), 2 CPU ranks, ZeRO-3, expert "
+        steps = steps or next(int(o.split("=")[1]) for o in SCALES[scale] if o.startswith("run.steps="))
+        parts.append(f"Every run: {steps} steps on the default corpus (about 5M tokens), 2 CPU ranks, ZeRO-3, expert "
                      "parallel 2, AdamW, except the Muon rows (ZeRO-0, Muon ran only there when these runs were "
                      "trained; it runs at every stage now). This is early training of "
                      "a 5M-parameter model; the paper's claims are about much longer runs of far larger ones, so a "
@@ -451,15 +462,16 @@ def context(results: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[
 
 
 def document(results: dict[str, list[dict[str, Any]]], params: dict[str, tuple[int, int]], scale: str,
-             seeds: list[int]) -> tuple[str, list[dict[str, Any]]]:
-    """docs/reproduction.md and the claim verdicts it states."""
+             seeds: list[int], steps: int | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """docs/reproduction.md and the claim verdicts it states (`steps`: `--steps`, None for the scale's)."""
     summaries = {name: summarize(runs) if runs else None for name, runs in results.items()}
     verdicts = [assess(claim, summaries) for claim in CLAIMS]
     done = sum(len(runs) for runs in results.values())
     missing = [name for name, s in summaries.items() if s is None]
     text = "\n".join([
         f"# Reproduction ({scale} scale, seeds {', '.join(map(str, seeds))})", "",
-        f"Generated by `python benchmarks/reproduce.py --scale {scale}` from the runs under runs/repro-{scale}/ "
+        f"Generated by `python benchmarks/reproduce.py --scale {scale}{f' --steps {steps}' if steps else ''}` from "
+        f"the runs under {out_dir(scale, steps)}/ "
         f"({done} of {len(results) * len(seeds)} runs finished"
         + (f"; not run yet: {', '.join(missing)}" if missing else "") + "). Validation cross-entropy after the last "
         "step and the downstream macro accuracy are the mean +- half the range over seeds; every variant has the "
@@ -475,7 +487,7 @@ def document(results: dict[str, list[dict[str, Any]]], params: dict[str, tuple[i
         "Regenerated with the table, these lines stay true when runs are added.", "",
         *[claim_line(v) for v in verdicts], "",
         "## Context", "",
-        context(results, summaries, scale),
+        context(results, summaries, scale, steps),
         f"![validation curves and downstream scores](../benchmarks/results/reproduce_{scale}.png)", ""])
     return text, verdicts
 
@@ -523,14 +535,14 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_outputs(runs: list[Run], scale: str, seeds: list[int]) -> None:
+def write_outputs(runs: list[Run], scale: str, seeds: list[int], steps: int | None = None) -> None:
     """docs/reproduction.md, reproduce_<scale>.json and .png from every finished run of the suite."""
     results = {variant: [collect(r) for r in runs if r.variant == variant and r.finished()] for variant in VARIANTS}
     params = {}
     for r in runs:
         acc = account(r.cfg.model_config(), r.cfg.data.seq_len)
         params.setdefault(r.variant, (acc.unique_params, acc.active_params_per_token))
-    text, verdicts = document(results, params, scale, seeds)
+    text, verdicts = document(results, params, scale, seeds, steps)
     print(text)
     (REPO / "docs").mkdir(exist_ok=True)
     (REPO / "docs" / "reproduction.md").write_text(text)
@@ -598,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     if not any(r.finished() for r in runs):
         print("error: no finished runs to tabulate", file=sys.stderr)
         return 2
-    write_outputs(runs, args.scale, args.seeds)
+    write_outputs(runs, args.scale, args.seeds, args.steps)
     if failed:
         print(f"error: scoring failed for {', '.join(f'{r.variant} seed {r.seed}' for r in failed)}", file=sys.stderr)
         return 1

@@ -45,7 +45,7 @@ def run_variant(name: str, overrides: list[str], steps: int, extra: list[str]) -
     proc = subprocess.run([sys.executable, str(REPO / "run.sh"), *args], cwd=REPO, env=dict(os.environ))
     if proc.returncode != 0:
         raise SystemExit(f"variant {name} failed with exit code {proc.returncode}")
-    run_dir = REPO / "runs" / run_name(name)
+    run_dir = load_config(None, args).run_dir()  # where run.sh wrote it: a run.out_dir override moves it
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     cfg = load_config(run_dir / "config.yaml")
     acc = account(cfg.model_config())
@@ -82,6 +82,12 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="applied to every variant")
     args = parser.parse_args()
     try:  # every variant's config before the first trains: a bad override is one line, exit 2
+        for override in args.overrides:  # set here per variant: applied to all, they would make them one
+            key = override.split("=", 1)[0].strip().replace("model.overrides.", "model.", 1)
+            if key in ("run.name", "model.tie_group_size"):
+                raise ValueError(f"{override}: tying_quality.py sets {key} itself for each variant "
+                                 f"({', '.join(map(run_name, VARIANTS))}); leave it out "
+                                 "(run.out_dir moves the runs)")
         for name, o in VARIANTS.items():
             load_config(None, variant_args(name, o, args.steps, args.overrides))
     except ValueError as err:

@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from trainer import engine as eng  # noqa: E402
-from trainer.bench import DEFAULT_OVERRIDES, gathers_per_step, mfu, mfu_basis, mfu_note, timed_steps, timing_main  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.bench import (DEFAULT_OVERRIDES, gathers_per_step, mfu, mfu_basis, mfu_note, refuse_overrides,  # noqa: E402
+                           timed_steps, timing_main)
+from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.session import open_session  # noqa: E402
 
 # name -> zero_optimization keys on top of {"stage": 3, "contiguous_gradients", "reduce_scatter"};
@@ -121,9 +122,14 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check(cfg: TrainConfig, overrides: list[str]) -> None:
+    """Each variant is its own ds_config (VARIANTS): one given on the command line would be replaced."""
+    refuse_overrides(overrides, ("parallel.ds_config",), "zero3_settings.py")
+
+
 def main(argv: list[str] | None = None) -> int:
     return timing_main(argv, __doc__, "benchmarks.zero3_settings", worker, render,
-                       (5, 4, "zero3_settings_cpu.json", "variant"))
+                       (5, 4, "zero3_settings_cpu.json", "variant"), check=check)
 
 
 if __name__ == "__main__":

@@ -301,8 +301,11 @@ def build(config: BuildConfig) -> dict[str, Any]:
         if manifest is not None:
             log.info("%s is up to date (fingerprint %s); nothing to do", out, fingerprint[:12])
             return manifest
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:  # e.g. a path under a file, or a read-only place: one line naming --out, not a traceback
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as err:
+        raise DataError(f"out_dir {out}: cannot create the folder ({err.strerror}: {err.filename})") from None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data set is not
         manifest = _build_into(tmp, config, inputs, fingerprint, sources)

@@ -168,6 +168,17 @@ def json_records(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path} record {index}", record
 
 
+def column_text(value: object, text_field: str, where: str) -> str:
+    """One parquet / HF dataset cell of the text column ("" for null); a DataError naming `where` when it is
+    not a string (an int or list column would otherwise end in a traceback from the text cleaner)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {text_field!r} must hold strings, got {type(value).__name__} "
+                        f"({value!r:.40}); set text_field / --text-field")
+    return value
+
+
 def _read_json(path: Path, text_field: str) -> Iterator[str]:
     for where, record in json_records(path):
         yield record_text(record, text_field, where)
@@ -185,13 +196,25 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
                         "set text_field / --text-field")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
-            yield value or ""
+            yield column_text(value, text_field, str(path))
+
+
+def load_saved_dataset(path: Path) -> object:
+    """`datasets.load_from_disk`, with one DataError naming the folder when it is damaged (its own errors are a
+    FileNotFoundError or a KeyError from deep inside `datasets`)."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001 - datasets raises unrelated types for a damaged folder
+        reason = " ".join(str(err).split())  # one line, whatever datasets wrote
+        raise DataError(f"{path}: not a readable saved HF dataset ({type(err).__name__}: {reason})") from None
 
 
 def _read_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    loaded = load_saved_dataset(path)
     parts = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
     for part in parts:
         if text_field not in part.column_names:
@@ -199,7 +222,7 @@ def _read_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
                             "set text_field / --text-field")
         for row in part.select_columns([text_field]).iter(batch_size=1024):
             for value in row[text_field]:
-                yield value or ""
+                yield column_text(value, text_field, str(path))
 
 
 def read_documents(path: Path, text_field: str = "text", txt_documents: str = "file") -> Iterator[str]:

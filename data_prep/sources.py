@@ -91,8 +91,12 @@ def fetch_package(package: PinnedPackage, cache_dir: Path | None = None, timeout
         if file_sha256(target) == package.sha256:
             return target
         target.unlink()  # a stale or corrupted cache entry is refetched, never trusted
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as tmp:
+    try:  # a cache_dir that is a file or read-only: one line naming it, not a traceback
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fetch_dir = tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-")
+    except OSError as err:
+        raise DataError(f"cache_dir {cache_dir}: cannot create the folder ({err.strerror}: {err.filename})") from None
+    with fetch_dir as tmp:
         command = _fetch_command(package, Path(tmp))
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)

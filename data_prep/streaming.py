@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from data_prep.corpus import json_records, read_lines, record_text, resolve_inputs
+from data_prep.corpus import column_text, json_records, load_saved_dataset, read_lines, record_text, resolve_inputs
 from data_prep.errors import DataError
 from data_prep.sources import file_sha256
 from data_prep.tokenizer import find_eos_id, load_tokenizer
@@ -56,7 +56,7 @@ def open_streaming_dataset(inputs: str | os.PathLike | list[str | os.PathLike], 
     patterns = [str(p) for p in inputs] if isinstance(inputs, list) else [str(inputs)]
     paths = resolve_inputs(patterns)
     if len(paths) == 1 and paths[0].is_dir():
-        loaded = datasets.load_from_disk(str(paths[0]))
+        loaded = load_saved_dataset(paths[0])
         if isinstance(loaded, datasets.DatasetDict):
             raise DataError(f"dataset {paths[0]}: holds splits {list(loaded)}; pass the folder of one split")
         return loaded.to_iterable_dataset()
@@ -162,7 +162,7 @@ class StreamingTokenLoader:
                 fields = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
                 raise DataError(f"dataset: example has no field {self.text_field!r} (fields: {fields}); "
                                 "set text_field")
-            text = example[self.text_field]
+            text = column_text(example[self.text_field], self.text_field, "dataset")
             if text:
                 texts.append(text)
                 self._texts_this_epoch += 1

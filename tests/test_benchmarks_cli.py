@@ -19,6 +19,15 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     (TIMING_BENCHMARKS[3], ["--steps", "many"], "--steps"),
     # 2 CPU ranks cannot hold EP 4: a ValueError traceback from each rank, exit 1
     (TIMING_BENCHMARKS[1], ["parallel.expert_parallel_size=4"], "parallel.expert_parallel_size=4"),
+    # a data set that is not there: a DataError traceback from every rank, exit 1
+    (TIMING_BENCHMARKS[3], ["data.source=shards", "data.path=/nonexistent/tiedmoe"], "data.path='/nonexistent"),
+    (["benchmarks/equal_memory.py"], ["data.source=shards", "data.path=/nonexistent/tiedmoe"], "data.path"),
+    # shared experts have no HF peer: a ValueError traceback from every rank, exit 1
+    (TIMING_BENCHMARKS[0], ["model.preset=deepseek_moe_tiny"], "model.n_shared_experts"),
+    (TIMING_BENCHMARKS[2], ["model.preset=deepseek_moe_tiny"], "model.n_shared_experts"),
+    # set per cell / variant: replaced without a word
+    (TIMING_BENCHMARKS[0], ["parallel.expert_parallel_size=1"], "parallel.expert_parallel_size=1"),
+    (TIMING_BENCHMARKS[1], ["parallel.ds_config=ds_configs/zero1.json"], "parallel.ds_config"),
     (["benchmarks/activation_memory.py"], ["model.not_a_field=1"], "model.not_a_field"),
     (["benchmarks/activation_memory.py"], ["data.seq_len={a"], "data.seq_len"),
     (["benchmarks/activation_memory.py"], ["--micro-batch", "2,0"], "--micro-batch")] + [
@@ -26,7 +35,10 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     (command, ["--json", "README.md/result.json"], "--json")  # a folder under a file: refused even for root
     for command in (TIMING_BENCHMARKS[2], ["benchmarks/equal_memory.py"], ["benchmarks/construction_memory.py"],
                     ["benchmarks/activation_memory.py"], ["-m", "trainer.parity"])] + [
-    (TIMING_BENCHMARKS[0], ["--json", "benchmarks"], "--json")]  # a folder, not a file
+    (TIMING_BENCHMARKS[0], ["--json", "benchmarks"], "--json"),  # a folder, not a file
+    # the .md table / .png plot written beside the JSON would have replaced it
+    (TIMING_BENCHMARKS[2], ["--json", "/tmp/peers.md"], "--json /tmp/peers.md"),
+    (["benchmarks/equal_memory.py"], ["--json", "/tmp/equal_memory.png"], "--json /tmp/equal_memory.png")]
 
 
 @pytest.mark.parametrize("command, bad, named", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
@@ -67,7 +79,21 @@ def test_equal_memory_plot_draws_a_written_result(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("content", ["not json", '{"variants": {}}'])
+def test_equal_memory_plot_that_cannot_be_written(tmp_path: Path) -> None:
+    """A PNG path that cannot be written (here a folder) was an IsADirectoryError traceback from savefig."""
+    result = tmp_path / "throughput.json"
+    result.write_text((Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+                       / "equal_memory_cpu_d256.json").read_text())
+    (tmp_path / "throughput.png").mkdir()
+    proc = run_python(["benchmarks/equal_memory.py", "--plot", str(result)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    png = tmp_path / "throughput.png"
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --plot {result}: cannot write {png} (Is a directory)"
+
+
+@pytest.mark.parametrize("content", ["not json", '{"variants": {}}',
+                                     # the keys checked first, but rows without a result's fields: a KeyError traceback
+                                     '{"variants": {"untied": {}}, "budget_gib_per_rank": 1}'])
 def test_equal_memory_plot_refuses_other_files(content: str, tmp_path: Path) -> None:
     bad = tmp_path / "other.json"
     bad.write_text(content)
@@ -75,3 +101,22 @@ def test_equal_memory_plot_refuses_other_files(content: str, tmp_path: Path) -> 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --plot {bad}")
     assert not bad.with_suffix(".png").exists()
+
+
+def test_bench_data_without_a_built_corpus_uses_the_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A fresh checkout (no data/default): the fixture built into a temporary folder was gone when the loader
+    share of a step was timed, a DataError traceback after the table."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).resolve().parent.parent / "benchmarks"
+                                                  / "bench_data.py")
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    monkeypatch.setattr(bench_data, "DEFAULT_OUT_DIR", tmp_path / "not_built")
+    monkeypatch.setattr(bench_data, "RESULTS", tmp_path / "data.json")
+    monkeypatch.setattr(sys, "argv", ["bench_data.py", "--batches", "1", "--repeats", "1"])
+    bench_data.main()
+    assert "loader share of a default training step" in capsys.readouterr().out
+    assert json.loads((tmp_path / "data.json").read_text())["loader_share_of_step"]["fraction"] > 0

@@ -238,6 +238,7 @@ def test_run_sh_data_without_validation_split_fails_before_ranks_start(tmp_path)
                                          (["--micro-batch", "0"], "--micro-batch=0"),
                                          (["--budget-gib", "-1"], "--budget-gib=-1"),
                                          (["run.stepz=1"], "run.stepz"),
+                                         (["model.tie_group_size=4"], "--variants"),  # replaced by each gN
                                          # a ValueError traceback in every rank, exit 1
                                          (["--world", "1"], "parallel.expert_parallel_size=2")])
 def test_equal_memory_checks_before_ranks_start(argv, names):
@@ -265,7 +266,11 @@ def test_bench_data_damaged_data_dir(tmp_path):
                         str(shard), "truncated")
 
 
-@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz")])
+@pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz"),
+                                         # all three variants trained into one run directory
+                                         (["run.name=mine"], "run.name=mine"),
+                                         # every variant, untied included, trained and labelled g=2
+                                         (["model.overrides.tie_group_size=2"], "model.tie_group_size")])
 def test_tying_quality_checks_every_variant_first(argv, names):
     _assert_one_error_line(run_python(["benchmarks/tying_quality.py", *argv]), names)
 

@@ -20,6 +20,7 @@ from data_prep.corpus import clean_text, document_hash, split_of
 from data_prep.errors import DataError
 from data_prep.shards import load_manifest
 from data_prep.sources import DEFAULT_SOURCES, PinnedPackage, fetch_package, file_sha256
+from data_prep.streaming import open_streaming_dataset
 from data_prep.testing import FIXTURE_JSONL, FIXTURE_TXT, build_fixture_dataset, fixture_build_config
 from data_prep.tokenizer import load_tokenizer
 
@@ -137,6 +138,32 @@ def test_parquet_and_saved_hf_dataset_inputs(tmp_path: Path) -> None:
     assert splits["train"]["documents"] + splits["validation"]["documents"] == 32
 
 
+@pytest.mark.parametrize("values", [list(range(40)), [["a", "b"]] * 40])
+def test_parquet_text_column_that_is_not_strings_is_refused(values: list, tmp_path: Path) -> None:
+    """An int or list column was an AttributeError traceback from the text cleaner, exit 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": values}), path)
+    with pytest.raises(DataError, match=rf"^{path}: column 'text' must hold strings, got ") as raised:
+        build(BuildConfig(inputs=[str(path)], out_dir=str(tmp_path / "out"), vocab_size=384, progress=False))
+    assert "\n" not in str(raised.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("marker, content", [("state.json", "junk"), ("dataset_dict.json", "{}")])
+def test_damaged_saved_hf_dataset_is_refused(marker: str, content: str, tmp_path: Path) -> None:
+    """datasets.load_from_disk's FileNotFoundError / KeyError('splits') came out as a traceback, exit 1."""
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / marker).write_text(content)
+    with pytest.raises(DataError, match=rf"^{saved}: not a readable saved HF dataset \(") as raised:
+        build(BuildConfig(inputs=[str(saved)], out_dir=str(tmp_path / "out"), vocab_size=384, progress=False))
+    assert "\n" not in str(raised.value)
+    with pytest.raises(DataError, match="not a readable saved HF dataset"):
+        open_streaming_dataset(saved)
+
+
 def test_cli_builds_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     argv = ["--input", str(FIXTURE_JSONL), "--out", str(out), "--vocab-size", "384", "--val-fraction", "0.1",
@@ -220,6 +247,21 @@ def test_refuses_to_replace_a_folder_that_is_not_a_data_set(tmp_path: Path) -> N
     with pytest.raises(DataError, match="refusing to replace"):
         build(fixture_build_config(tmp_path))
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_out_or_cache_dir_under_a_file_is_one_line_exit_2(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out FILE/sub` and `--cache-dir FILE` were FileExistsError tracebacks, exit 1."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = ["--input", str(FIXTURE_JSONL), "--out", str(blocker / "out"), "--vocab-size", "512", "--no-progress"]
+    assert main(argv) == 2
+    expected = f"error: out_dir {blocker / 'out'}: cannot create the folder (File exists: {blocker})\n"
+    assert capsys.readouterr().err == expected
+    package = PinnedPackage(name="pkg", version="1.0", registry="pypi", filename="pkg-1.0.tar.gz", sha256="0" * 64,
+                            license="-", description="-")
+    with pytest.raises(DataError, match=f"cache_dir {blocker}: cannot create the folder"):
+        fetch_package(package, blocker)
 
 
 @pytest.mark.parametrize("registry", ["pypi", "npm"])

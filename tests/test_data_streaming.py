@@ -157,6 +157,16 @@ def test_bad_jsonl_line_names_file_and_line(tokenizer_path: Path, tmp_path: Path
     assert isinstance(DataError(message), ValueError)
 
 
+def test_parquet_text_column_that_is_not_strings_is_refused(tokenizer_path: Path, tmp_path: Path) -> None:
+    """An int column reached encode_batch: a TypeError traceback from every rank."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": list(range(40))}), path)
+    assert "column 'text' must hold strings, got int" in _stream_error(path, tokenizer_path)
+
+
 def test_non_utf8_text_file_names_file_and_line(tokenizer_path: Path, tmp_path: Path) -> None:
     path = tmp_path / "corpus.txt"
     path.write_bytes("fine line\n".encode() * 5 + b"bad \xff byte\n")

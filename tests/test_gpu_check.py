@@ -49,3 +49,15 @@ def test_help_shows_the_header() -> None:
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--help"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0 and "benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]" in proc.stdout
+
+
+@pytest.mark.parametrize("args, code, says", [(["--help"], 0, "benchmarks/fetch_gpu_wheels.sh\n"),
+                                              (["--dry-run"], 2, "unexpected argument '--dry-run'")])
+def test_fetch_gpu_wheels_help_and_bad_arguments_download_nothing(args: list[str], code: int, says: str) -> None:
+    """Arguments were ignored: `fetch_gpu_wheels.sh --help` built and downloaded every wheel into .whl/."""
+    whl = REPO / ".whl"
+    before = sorted(whl.iterdir()) if whl.is_dir() else None
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "fetch_gpu_wheels.sh"), *args], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == code and says in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert (sorted(whl.iterdir()) if whl.is_dir() else None) == before

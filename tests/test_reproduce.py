@@ -147,6 +147,20 @@ def test_document_lists_every_variant_and_states_every_claim() -> None:
     json.dumps(verdicts)  # goes into the results JSON as is
 
 
+def test_steps_runs_live_apart_and_the_document_says_their_steps() -> None:
+    """`--steps N` trained into runs/repro-cpu/ itself: `--steps 3` resumed a `--steps 1` run, the full suite
+    would have continued smoke runs' checkpoints, and the document still said "Every run: 300 steps"."""
+    smoke = load_config(*reproduce.overrides_for("cpu", "untied", 0, 3))
+    full = load_config(*reproduce.overrides_for("cpu", "untied", 0, None))
+    assert smoke.run_dir() != full.run_dir() and smoke.run.out_dir == "runs/repro-cpu-steps3"
+    params = {name: (1000, 500) for name in reproduce.VARIANTS}
+    results = _results(untied=[_run(8.9, None, 0)])
+    text, _ = reproduce.document(results, params, "cpu", [0], 3)
+    assert "`python benchmarks/reproduce.py --scale cpu --steps 3` from the runs under runs/repro-cpu-steps3/" in text
+    assert "Every run: 3 steps on the default corpus" in text and "300 steps" not in text
+    assert "Every run: 300 steps on the default corpus" in reproduce.document(results, params, "cpu", [0])[0]
+
+
 def test_an_evaluation_with_another_setting_is_not_reused(tmp_path) -> None:
     path = tmp_path / "step00000300.json"
     down = {"tasks": {t: {"score": 0.3} for t in TASKS}, "limit": reproduce.DOWNSTREAM_LIMIT,

@@ -28,6 +28,7 @@ import torch
 from trainer import engine as eng
 from trainer.argtypes import output_file, positive_int
 from trainer.config import REPO_ROOT, TrainConfig, load_config
+from trainer.data import ensure_data, make_source
 from trainer.launch import collect_from_cpu_ranks, report_from_cpu_ranks, torchrun_command
 from trainer.metrics import peak_flops
 from trainer.session import Session, describe, open_session, train_step
@@ -47,6 +48,24 @@ def collect_json(module_args: list[str], world: int, gpu: bool, out_dir: str) ->
     cmd, env = torchrun_command(world, ["-m", *module_args, "--json-raw", str(raw)], dict(os.environ))
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
     return json.loads(raw.read_text()) if proc.returncode == 0 and raw.is_file() else (proc.returncode or 1)
+
+
+def check_data(cfg: TrainConfig, world: int) -> None:
+    """Open the configured training data here, before any rank starts, as `./run.sh` does: with a
+    `data.source=shards|stream` override a missing or damaged data set is one `error:` line (a ValueError),
+    not a DataError traceback from every rank."""
+    ensure_data(cfg)
+    make_source(cfg.for_world(world), "train", 0, world)
+
+
+def refuse_overrides(overrides: list[str], keys: tuple[str, ...], who: str) -> None:
+    """A ValueError for a key=value among `keys`, which `who` sets itself per variant or cell: applied, it
+    would be replaced without a word (or relabel every variant). `model.overrides.<field>` counts as
+    `model.<field>`."""
+    for override in overrides:
+        key = override.split("=", 1)[0].strip().replace("model.overrides.", "model.", 1)
+        if key in keys:
+            raise ValueError(f"{override}: {who} sets {key} itself for each of its variants; leave it out")
 
 
 def timed_steps(s: Session, steps: int) -> float:
@@ -186,21 +205,27 @@ def mfu_note(basis: dict[str, Any]) -> str:
 
 def timing_main(argv: list[str] | None, doc: str | None, module: str, worker: Callable[[argparse.Namespace], None],
                 render: Callable[[Any], str], defaults: tuple[int, int, str, str], markdown: bool = False,
-                launcher_ranks: bool = False) -> int:
+                launcher_ranks: bool = False, check: Callable[[TrainConfig, list[str]], None] | None = None) -> int:
     """The `main` every side-by-side timing benchmark shares (`timing_parser`'s command line).
 
     Bad overrides end in one `error:` line and exit 2 before any rank starts; otherwise 2 CPU ranks run
     `module --worker`, and its table is printed and its JSON written (with `markdown`, the table also
     beside it as .md). `launcher_ranks`: a process already started as a rank by a launcher (torchrun on
-    GPUs) runs the worker itself, writing to `--json`.
+    GPUs) runs the worker itself, writing to `--json`. `check(cfg, overrides)`: the benchmark's own refusals
+    (a ValueError), also made before any rank starts.
     """
     steps, repeats, result, what = defaults
     args = timing_parser(doc, steps, repeats, result, what).parse_args(argv)
     in_rank = args.worker or (launcher_ranks and "RANK" in os.environ)
     try:
+        if markdown and Path(args.json).suffix == ".md":  # the table goes beside it as .md: it would replace the JSON
+            raise ValueError(f"--json {args.json}: the table is written beside the JSON as .md; name the JSON .json")
         cfg = load_config(None, DEFAULT_OVERRIDES + args.overrides)
         if not in_rank:
             cfg.for_world(2)  # the CPU ranks below: e.g. expert parallelism they cannot tile
+            check_data(cfg, 2)
+            if check is not None:
+                check(cfg, args.overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
