@@ -58,11 +58,11 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWA
 
 if ! "$py" -c "import deepspeed" >/dev/null 2>&1; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "gpu_check: deepspeed is not importable and .whl/ holds no wheels (run benchmarks/fetch_gpu_wheels.sh and carry .whl)" | tee -a "$log"
+    echo "gpu_check.sh: error: deepspeed is not importable and .whl/ holds no wheels (run benchmarks/fetch_gpu_wheels.sh and carry .whl)" | tee -a "$log" >&2
     exit 2
   fi
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >>"$log" 2>&1 \
-    || { echo "gpu_check: installing .whl/ failed (see $log)"; exit 2; }
+    || { echo "gpu_check.sh: error: installing .whl/ failed (see $log)" >&2; exit 2; }
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
