@@ -199,19 +199,29 @@ def _assert_usage_error(proc: subprocess.CompletedProcess, *names: str) -> None:
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], ["--steps=0"]), (["--tol", "nan"], ["--tol=nan"]),
                                          (["--cells", "gpu1", "--world", "0"], ["--world=0"])])
 def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
-    _assert_usage_error(run_python(["-m", "trainer.parity", *argv]), *names)
+    _assert_one_error_line(run_python(["-m", "trainer.parity", *argv]), *names)
 
 
 def test_parity_only_matching_no_cell_is_refused():
     """The ranks started, trained nothing and died with a DeepSpeed AssertionError traceback, exit 1."""
-    _assert_usage_error(run_python(["-m", "trainer.parity", "--cells", "muon", "--only", "nomatch"]),
-                        "--only=nomatch", "zero3-ep2-tied-muon")
+    _assert_one_error_line(run_python(["-m", "trainer.parity", "--cells", "muon", "--only", "nomatch"]),
+                           "--only=nomatch", "zero3-ep2-tied-muon")
+
+
+@pytest.mark.parametrize("argv, names", [(["-m", "trainer.parity", "--cells", "most"], "argument --cells"),
+                                         (["-m", "trainer.parity", "--bogus"], "--bogus"),
+                                         (["-m", "trainer.export", "runs/x", "--tol", "small"], "argument --tol"),
+                                         (["-m", "trainer.evaluate", "runs/x", "--limit", "ten"], "argument --limit"),
+                                         (["-m", "trainer.evaluate"], "required: target")])
+def test_argparse_refusals_are_one_error_line(argv, names):
+    """These three printed argparse's usage block and a `PROG: error:` line; every other tool says `error: ...`."""
+    _assert_one_error_line(run_python(argv), names)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_parity_gpu_without_a_gpu_is_refused():
     """It ran every cell on CPU under torchrun and labelled the report device 'gpu'."""
-    _assert_usage_error(run_python(["-m", "trainer.parity", "--cells", "quick", "--gpu"]), "--gpu")
+    _assert_one_error_line(run_python(["-m", "trainer.parity", "--cells", "quick", "--gpu"]), "--gpu")
 
 
 def test_data_build_bad_input_exits_2(tmp_path):

@@ -225,3 +225,11 @@ def test_out_that_is_an_earlier_export_or_empty_is_accepted(tmp_path) -> None:
     (tmp_path / "old" / CONFIG).write_text(json.dumps({"format": FORMAT}))
     check_out(tmp_path / "old")
 
+
+def test_bad_flag_value_is_one_error_line(tmp_path, capsys) -> None:
+    """argparse printed a usage block and `python -m trainer.export: error: ...`."""
+    with pytest.raises(SystemExit) as exc:
+        export.main([str(tmp_path), "--hf", "--hf-layout", "both"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: argument --hf-layout") and "\n" not in err, err

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.argtypes import output_file
+from trainer.argtypes import OneLineParser, output_file
 from trainer.config import REPO_ROOT
 
 TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
@@ -409,8 +409,8 @@ def _parse_tasks(value: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m trainer.evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", help="run directory, checkpoint directory or export directory")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated lm-eval tasks from trainer/eval_tasks, or 'none' (default: the paper's six)")

@@ -48,6 +48,7 @@ import torch
 
 from models.config import from_dict, layer_plan, tie_groups
 from models.transformer import MoETransformer, build_model
+from trainer.argtypes import OneLineParser
 
 FORMAT = "tiedmoe-export"
 VERSION = 1
@@ -394,8 +395,8 @@ def print_report(report: dict[str, Any], dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m trainer.export", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a trainer.train run directory (runs/<name>)")
     parser.add_argument("--tag", help="checkpoint tag under RUN_DIR/checkpoints (default: the one `latest` names)")
     parser.add_argument("--out", help="output directory (default: RUN_DIR/export/<tag>)")

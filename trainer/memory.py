@@ -21,13 +21,13 @@ import gc
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.accounting import activation_memory, layer_parts, rank_memory
 from trainer import engine as eng
-from trainer.argtypes import output_file
+from trainer.argtypes import OneLineParser, output_file
 from trainer.config import REPO_ROOT, load_config
 from trainer.metrics import dumps, memory_gib
 
@@ -310,14 +310,6 @@ def measure_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments end with one `error: ...` line and exit 2 (argparse would add a usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
