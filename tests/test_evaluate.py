@@ -291,3 +291,45 @@ def test_unknown_downstream_task_is_refused_before_ranks_start(tmp_path) -> None
                  f"run.out_dir={tmp_path}"], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown task 'no_such_task'"), proc.stderr[-2000:]
+
+
+def test_damaged_export_config_and_tokenizer_are_named(tmp_path, capsys) -> None:
+    """A config.json without model_config (KeyError) or with a non-object source (AttributeError) was a traceback,
+    exit 1; a damaged tokenizer.json / tokenizer_config.json was 'error: Expecting value: line 1 column 1' naming no
+    file; a field out of range named the field but not the file holding it."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    config, good = out / "config.json", (out / "config.json").read_text()
+
+    def edit(change) -> None:
+        meta = json.loads(good)
+        change(meta)
+        config.write_text(json.dumps(meta))
+
+    edit(lambda m: m.pop("model_config"))
+    _fails(capsys, [str(out), "--tasks", "none"], f"{config}: model_config: expected an object")
+    edit(lambda m: m.update(source="somewhere"))
+    _fails(capsys, [str(out), "--tasks", "none"], f"{config}: source: expected an object")
+    edit(lambda m: m["model_config"].update(d_model=-5))
+    _fails(capsys, [str(out), "--tasks", "none"], f"{config}: model.d_model=-5")
+    config.write_text(good)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        saved = (out / name).read_text()
+        (out / name).write_text("garbage")
+        _fails(capsys, [str(out), "--tasks", "none"], f"tokenizer {out / 'tokenizer.json'}")
+        (out / name).write_text(saved)
+
+
+def test_damaged_hf_directory_is_named(tmp_path, capsys) -> None:
+    """--hf on an hf/ whose weights or config.json were damaged: a SafetensorError / OSError traceback, exit 1."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    (out / "hf").mkdir()
+    (out / "hf" / "config.json").write_text("garbage")
+    _fails(capsys, [str(out), "--tasks", "none", "--hf"], f"--hf: {out / 'hf'}: cannot be loaded by transformers")
+
+
+@pytest.mark.parametrize("tasks", [",", "", " , "])
+def test_tasks_naming_no_task_is_refused(tmp_path, capsys, tasks) -> None:
+    """`--tasks ,` scored no task and said nothing; 'none' is the documented way to skip them."""
+    _fails(capsys, [str(tmp_path), "--tasks", tasks], "expected comma-separated task names, or 'none'")

@@ -73,9 +73,11 @@ def _is_export(path: Path) -> bool:
 
 
 def _export_target(export_dir: Path) -> Target:
-    from trainer.export import CONFIG
+    from trainer.export import CONFIG, read_config
 
-    source = json.loads((export_dir / CONFIG).read_text()).get("source", {})
+    source = read_config(export_dir).get("source") or {}
+    if not isinstance(source, dict):
+        raise ValueError(f"{export_dir / CONFIG}: source: expected an object (run_dir, tag, ...)")
     run_dir = Path(source["run_dir"]) if source.get("run_dir") else None
     run_dir = run_dir if run_dir is not None and (run_dir / "config.yaml").is_file() else None
     return Target(export_dir, run_dir, source.get("tag") or export_dir.name)
@@ -149,7 +151,11 @@ def load_tokenizer(export_dir: Path, model_vocab: int) -> Any:
         note = (json.loads((export_dir / CONFIG).read_text()).get("tokenizer") or {}).get("note", "")
         raise ValueError(f"export {export_dir}: has no tokenizer{f' ({note})' if note else ''}; "
                          f"evaluation needs text")
-    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    except Exception as err:  # noqa: BLE001 - JSON, tokenizers' Rust and transformers errors all mean a damaged file
+        raise ValueError(f"tokenizer {export_dir / 'tokenizer.json'} (with tokenizer_config.json): unreadable "
+                         f"({type(err).__name__}: {str(err)[:200]})") from None
     if len(tokenizer) > model_vocab:
         raise ValueError(f"tokenizer {export_dir / 'tokenizer.json'}: vocab {len(tokenizer)} does not fit the "
                          f"model's vocab_size {model_vocab}")
@@ -188,7 +194,11 @@ def load_hf(export_dir: Path) -> nn.Module:
 
     if not (export_dir / "hf" / "config.json").is_file():
         raise ValueError(f"--hf: export {export_dir} has no hf/ (export it with --hf)")
-    return AutoModelForCausalLM.from_pretrained(str(export_dir / "hf"), trust_remote_code=True).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(export_dir / "hf"), trust_remote_code=True).eval()
+    except Exception as err:  # noqa: BLE001 - safetensors, JSON and transformers errors all mean a damaged hf/
+        raise ValueError(f"--hf: {export_dir / 'hf'}: cannot be loaded by transformers "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,9 +413,13 @@ def compare(paths: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def _parse_tasks(value: str) -> list[str]:
-    if value.strip().lower() in ("", "none"):
+    """'none' is no task; anything else must name at least one (',' or '' would silently score none)."""
+    if value.strip().lower() == "none":
         return []
-    return [t.strip() for t in value.split(",") if t.strip()]
+    tasks = [t.strip() for t in value.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks={value!r}: expected comma-separated task names, or 'none'")
+    return tasks
 
 
 def _parser() -> argparse.ArgumentParser:

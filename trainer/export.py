@@ -71,10 +71,15 @@ def load_exported(out_dir: str | Path) -> MoETransformer:
     from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
-    meta = json.loads((out_dir / CONFIG).read_text())
+    meta = read_config(out_dir)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{out_dir / CONFIG}: not a tiedmoe export (format={meta.get('format')!r})")
-    model_cfg = from_dict(meta["model_config"])
+    if not isinstance(meta.get("model_config"), dict):
+        raise ValueError(f"{out_dir / CONFIG}: model_config: expected an object of model fields")
+    try:
+        model_cfg = from_dict(meta["model_config"])
+    except ValueError as err:  # a hand-edited field: say which file holds it
+        raise ValueError(f"{out_dir / CONFIG}: {err}") from None
     plan = [dataclasses.asdict(p) for p in layer_plan(model_cfg)]
     if meta.get("layer_plan") is not None and meta["layer_plan"] != plan:
         raise ValueError(f"{out_dir / CONFIG}: its layer_plan disagrees with the one its model_config gives")
@@ -89,6 +94,18 @@ def load_exported(out_dir: str | Path) -> MoETransformer:
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
         raise ValueError(f"{out_dir / WEIGHTS}: does not fit {out_dir / CONFIG} ({first[:200]})") from None
     return model.eval()
+
+
+def read_config(out_dir: str | Path) -> dict[str, Any]:
+    """An export's `config.json` as an object; a missing, unreadable or foreign file is a ValueError naming it."""
+    path = Path(out_dir) / CONFIG
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object (a trainer.export config)")
+    return meta
 
 
 def export_config(model_cfg: Any, source: dict[str, Any]) -> dict[str, Any]:
