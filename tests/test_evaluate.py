@@ -333,3 +333,16 @@ def test_damaged_hf_directory_is_named(tmp_path, capsys) -> None:
 def test_tasks_naming_no_task_is_refused(tmp_path, capsys, tasks) -> None:
     """`--tasks ,` scored no task and said nothing; 'none' is the documented way to skip them."""
     _fails(capsys, [str(tmp_path), "--tasks", tasks], "expected comma-separated task names, or 'none'")
+
+
+def test_more_shots_than_a_task_has_names_the_flags(tmp_path, capsys) -> None:
+    """lm-eval's own 'error: Sample larger than population or is negative' named neither the task nor the flag."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    from trainer import evaluate
+
+    assert evaluate.main([str(out), "--tasks", "winogrande", "--limit", "1", "--num-fewshot", "5000", "--out",
+                          str(tmp_path / "r.json")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after lm-eval's progress bars
+    assert last.startswith("error: lm-eval refused --tasks winogrande --num-fewshot 5000"), last
+    assert not (tmp_path / "r.json").exists()

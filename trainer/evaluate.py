@@ -279,8 +279,12 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], num_fewshot: i
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_len, backend="causal")
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=False)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=False)
+    except ValueError as err:  # e.g. more shots than a task has examples: 'Sample larger than population'
+        raise ValueError(f"lm-eval refused --tasks {','.join(tasks)} --num-fewshot {num_fewshot} "
+                         f"(a task may have fewer examples to draw shots from): {err}") from None
     scores = {}
     for task in tasks:
         row = out["results"][task]
