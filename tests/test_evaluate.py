@@ -346,3 +346,11 @@ def test_more_shots_than_a_task_has_names_the_flags(tmp_path, capsys) -> None:
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after lm-eval's progress bars
     assert last.startswith("error: lm-eval refused --tasks winogrande --num-fewshot 5000"), last
     assert not (tmp_path / "r.json").exists()
+
+
+def test_default_result_place_that_cannot_be_written_is_refused_before_scoring(tmp_path, capsys) -> None:
+    """With a file named `eval` beside the export, the whole evaluation ran, then mkdir raised FileExistsError."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    (tmp_path / "eval").write_text("not a folder")
+    _fails(capsys, [str(out), "--tasks", "none"], f"result file: cannot write '{tmp_path / 'eval' / 'export.json'}'")

@@ -475,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         tasks = _parse_tasks(args.tasks)
         check_tasks(tasks)
         target = resolve_target(args.target)
+        if not args.out:  # the default place too is checked before scoring, as --out is
+            try:
+                output_file(str(target.result_path()))
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"result file: {err} (choose another with --out)") from None
         result = evaluate(target, tasks, args.num_fewshot, args.limit, args.batch_size, args.val_tokens, args.hf)
     except ValueError as err:
         print(_error(err), file=sys.stderr)

@@ -1,6 +1,6 @@
 """Export a training run's DeepSpeed checkpoint as a plain model (and optionally a Hugging Face one).
 
-    python -m trainer.export RUN_DIR [--tag TAG] [--out DIR] [--hf] [--tol T]
+    python -m trainer.export RUN_DIR [--tag TAG] [--out DIR] [--hf [--hf-layout tied|copied]] [--tol T]
 
 Reads `RUN_DIR/config.yaml` and `RUN_DIR/checkpoints/<TAG>` (default: the tag `latest` names), starts
 as many CPU ranks as wrote the checkpoint, and on each rebuilds the engine exactly as training did
