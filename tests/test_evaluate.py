@@ -354,3 +354,31 @@ def test_default_result_place_that_cannot_be_written_is_refused_before_scoring(t
     out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
     (tmp_path / "eval").write_text("not a folder")
     _fails(capsys, [str(out), "--tasks", "none"], f"result file: cannot write '{tmp_path / 'eval' / 'export.json'}'")
+
+
+def test_hf_on_a_run_exports_with_hf(tmp_path, monkeypatch) -> None:
+    """`trainer.evaluate RUN --hf` exported without hf/, then refused that export: 'has no hf/ (export it with
+    --hf)'. Now the export it makes (or replaces, when the one there has no hf/) has hf/."""
+    from trainer import evaluate, export
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  source: random\n")
+    calls = []
+
+    def fake_resolve(run_dir, tag, hf=False):
+        calls.append(("resolve", hf))
+        return export.Source(Path(run_dir), Path(run_dir) / "checkpoints", "step00000002", 2, 2, None)
+
+    def fake_run_export(run_dir, tag=None, out=None, hf=False, *args, **kwargs):
+        calls.append(("export", hf))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(export, "resolve", fake_resolve)
+    monkeypatch.setattr(export, "run_export", fake_run_export)
+    monkeypatch.setattr(evaluate, "_reusable", lambda out: True)  # an export is there, without hf/
+    with pytest.raises(ValueError, match="stop here"):
+        evaluate.resolve_target(run, hf=True)
+    assert calls == [("resolve", True), ("export", True)]  # resolve(hf=True) refuses what HF cannot express
+    assert evaluate.resolve_target(run).export_dir == run / "export" / "step00000002"  # without --hf: reused
+    assert calls[2:] == [("resolve", False)]

@@ -94,33 +94,38 @@ def _reusable(export_dir: Path) -> bool:
         return False
 
 
-def _exported(run_dir: Path, tag: str | None) -> Target:
-    """The run's export of `tag` (default: latest), made now with the export code if not there yet."""
+def _exported(run_dir: Path, tag: str | None, hf: bool = False) -> Target:
+    """The run's export of `tag` (default: latest), made now with the export code if not there yet.
+
+    With `hf` the export must have `hf/` (made with it when missing): `--hf` on a run used to export
+    without it and then refuse the export it had just made.
+    """
     from trainer import export
 
-    src = export.resolve(run_dir, tag)
+    src = export.resolve(run_dir, tag, hf)
     out = src.run_dir / "export" / src.tag
-    if _reusable(out):
+    if _reusable(out) and (not hf or (out / "hf" / "config.json").is_file()):
         print(f"using the export {out}", file=sys.stderr)
         return Target(out, src.run_dir, src.tag)
     print(f"exporting {src.ckpt_dir / src.tag} -> {out} ...", file=sys.stderr)
-    ok, _, dest = export.run_export(src.run_dir, src.tag)
+    ok, _, dest = export.run_export(src.run_dir, src.tag, hf=hf)
     if not ok:
         raise RuntimeError(f"export of {src.ckpt_dir / src.tag} failed its parity check; see {dest}")
     return Target(dest, src.run_dir, src.tag)
 
 
-def resolve_target(path: str | Path) -> Target:
-    """A run directory, a checkpoint directory or an export directory; ValueError for anything else."""
+def resolve_target(path: str | Path, hf: bool = False) -> Target:
+    """A run directory, a checkpoint directory or an export directory; ValueError for anything else.
+    `hf`: a run or checkpoint is exported with `hf/` (evaluate --hf scores it)."""
     path = Path(path).resolve()
     if not path.exists():
         raise ValueError(f"{path}: not found")
     if _is_export(path):
         return _export_target(path)
     if (path / "config.yaml").is_file():
-        return _exported(path, None)
+        return _exported(path, None, hf)
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
-        return _exported(path.parent.parent, path.name)
+        return _exported(path.parent.parent, path.name, hf)
     raise ValueError(f"{path}: not a run directory (config.yaml), checkpoint (runs/<name>/checkpoints/<tag>) "
                      f"or export (config.json of a trainer.export)")
 
@@ -474,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         tasks = _parse_tasks(args.tasks)
         check_tasks(tasks)
-        target = resolve_target(args.target)
+        target = resolve_target(args.target, args.hf)
         if not args.out:  # the default place too is checked before scoring, as --out is
             try:
                 output_file(str(target.result_path()))
