@@ -162,6 +162,13 @@ def test_memory_measure_bad_override_after_json_is_named(tmp_path):
     _assert_one_error_line(proc, "run.stepz")
 
 
+def test_memory_measure_layout_the_two_ranks_cannot_hold_is_refused_first(tmp_path):
+    """EP 4 on the 2 CPU ranks was an error printed by every rank, then torchrun's ChildFailedError dump, exit 1."""
+    proc = run_python(["-m", "trainer.memory", "measure", "parallel.expert_parallel_size=4", "--json",
+                       str(tmp_path / "m.json")])
+    _assert_one_error_line(proc, "parallel.expert_parallel_size=4")
+
+
 @pytest.mark.parametrize("command", [["measure"], ["plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8"]])
 def test_memory_json_that_is_a_directory_is_refused_first(tmp_path, command):
     """It was an IsADirectoryError traceback (exit 1) once the result was there: after the ranks measured."""

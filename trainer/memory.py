@@ -300,7 +300,9 @@ def measure_main(argv: list[str]) -> int:
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides applied to both variants")
     args = parser.parse_intermixed_args(argv)  # key=value before or after --json
-    load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
+    cfg = load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
+    if not args.worker:
+        cfg.for_world(2)  # the 2 CPU ranks below: e.g. an EP size they cannot tile (was an error in every rank, exit 1)
     if args.worker:
         worker(args)
         return 0
