@@ -300,3 +300,15 @@ def test_reproduce_dry_run_into_a_closed_pipe_is_quiet():
     proc = subprocess.run(f"{sys.executable} benchmarks/reproduce.py --dry-run | head -1", shell=True, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120, executable="/bin/bash")
     assert proc.stdout.startswith("== untied seed 0") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_memory_misspelt_command_is_named():
+    """`trainer.memory plna ...` said "override 'plna': expected key=value"."""
+    _assert_one_error_line(run_python(["-m", "trainer.memory", "plna", "olmoe"]), "'plna': unknown command",
+                           "measure, compare, plan, docs")
+
+
+def test_evaluate_compare_help():
+    """`compare --help` looked for a result file named '--help'."""
+    proc = run_python(["-m", "trainer.evaluate", "compare", "--help"])
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m trainer.evaluate compare"), proc.stderr

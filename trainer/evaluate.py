@@ -471,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if argv and argv[0] == "compare":
+            if any(a in ("-h", "--help") for a in argv[1:]):  # was read as a result path named '--help'
+                print("usage: python -m trainer.evaluate compare A [B ...]\n\nA, B: result JSON files, run "
+                      "directories (their newest eval/*.json) or evaluated exports; prints one markdown table.")
+                return 0
             if len(argv) < 2:
                 raise ValueError("compare: name at least one result (JSON file, run directory or export)")
             print(compare(argv[1:]))

@@ -317,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = ("measure", "compare", "plan", "docs")
     command, rest = (argv[0], argv[1:]) if argv and argv[0] in commands else ("measure", argv)
+    if argv and argv[0] not in commands and not argv[0].startswith("-") and "=" not in argv[0]:
+        print(f"error: {argv[0]!r}: unknown command (expected one of {', '.join(commands)}, or key=value "
+              f"overrides for measure)", file=sys.stderr)  # 'plna' was reported as an override without '='
+        return 2
     try:
         if command == "compare":
             from trainer.memory_compare import compare_main
