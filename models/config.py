@@ -8,6 +8,7 @@ config into a per-layer list saying which expert bank, router and attention each
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -87,6 +88,9 @@ class LayerPlan:
         return self.expert_owner is not None and self.expert_owner != self.index
 
 
+FLOAT_FIELDS = ("clip_qkv", "rope_theta", "norm_eps", "init_std")
+
+
 def _fail(name: str, value: Any, expected: str) -> None:
     raise ValueError(f"model.{name}={value!r}: expected {expected}")
 
@@ -104,6 +108,18 @@ def validate(cfg: ModelConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             _fail(name, value, "a non-negative integer")
+    for name in ("n_kv_heads", "head_dim"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            _fail(name, value, "an integer or null")
+    for name in FLOAT_FIELDS:  # a string or nan here was a TypeError in the range checks below, or NaN weights
+        value = getattr(cfg, name)
+        if not (value is None and name == "clip_qkv") and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            _fail(name, value, "a finite number" + (" or null" if name == "clip_qkv" else ""))
+    for name in ("tie_embeddings", "norm_topk_prob", "tie_router", "tie_attention"):
+        if not isinstance(getattr(cfg, name), bool):
+            _fail(name, getattr(cfg, name), "true or false")
     if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
         _fail("n_heads", cfg.n_heads, f"a divisor of d_model={cfg.d_model} (or set head_dim)")
     if cfg.head_dim is not None and (cfg.head_dim < 2 or cfg.head_dim % 2):
@@ -292,6 +308,17 @@ def from_dict(values: dict[str, Any]) -> ModelConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"model.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-    return ModelConfig(**values)
+    return ModelConfig(**{k: _as_float(v) if k in FLOAT_FIELDS else v for k, v in values.items()})
+
+
+def _as_float(value: Any) -> Any:
+    """PyYAML reads `2e-2` or `1e6` (no dot) as a string: `models.summary olmoe init_std=2e-2` must mean the number.
+    Anything else is left for `validate` to refuse."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 

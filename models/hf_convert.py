@@ -101,8 +101,10 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def param_bytes(model: nn.Module) -> dict[str, int]:
     """Parameter bytes of the two HF layouts: "tied" holds each tensor once, "copied" once per use."""
     unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    return {"tied": sum(unique.values()),
-            "copied": sum(t.numel() * t.element_size() for t in _hf_tensors(model).values())}
+    copied = _hf_tensors(model)
+    if model.config.tie_embeddings:  # both layouts tie lm_head to embed_tokens (tie_word_embeddings): held once
+        copied.pop("lm_head.weight")
+    return {"tied": sum(unique.values()), "copied": sum(t.numel() * t.element_size() for t in copied.values())}
 
 
 def _hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

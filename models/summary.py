@@ -58,7 +58,7 @@ def render_memory(preset: str, overrides: dict, world: int, ep: int, zero: int, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
+    if "-h" in argv or "--help" in argv:  # anywhere, as argparse allows (`olmoe --help` was an error)
         print(__doc__)
         return 0
     try:

@@ -162,6 +162,13 @@ def test_memory_measure_bad_override_after_json_is_named(tmp_path):
     _assert_one_error_line(proc, "run.stepz")
 
 
+def test_memory_measure_layout_the_two_ranks_cannot_hold_is_refused_first(tmp_path):
+    """EP 4 on the 2 CPU ranks was an error printed by every rank, then torchrun's ChildFailedError dump, exit 1."""
+    proc = run_python(["-m", "trainer.memory", "measure", "parallel.expert_parallel_size=4", "--json",
+                       str(tmp_path / "m.json")])
+    _assert_one_error_line(proc, "parallel.expert_parallel_size=4")
+
+
 @pytest.mark.parametrize("command", [["measure"], ["plan", "olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "8"]])
 def test_memory_json_that_is_a_directory_is_refused_first(tmp_path, command):
     """It was an IsADirectoryError traceback (exit 1) once the result was there: after the ranks measured."""
@@ -199,19 +206,29 @@ def _assert_usage_error(proc: subprocess.CompletedProcess, *names: str) -> None:
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], ["--steps=0"]), (["--tol", "nan"], ["--tol=nan"]),
                                          (["--cells", "gpu1", "--world", "0"], ["--world=0"])])
 def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
-    _assert_usage_error(run_python(["-m", "trainer.parity", *argv]), *names)
+    _assert_one_error_line(run_python(["-m", "trainer.parity", *argv]), *names)
 
 
 def test_parity_only_matching_no_cell_is_refused():
     """The ranks started, trained nothing and died with a DeepSpeed AssertionError traceback, exit 1."""
-    _assert_usage_error(run_python(["-m", "trainer.parity", "--cells", "muon", "--only", "nomatch"]),
-                        "--only=nomatch", "zero3-ep2-tied-muon")
+    _assert_one_error_line(run_python(["-m", "trainer.parity", "--cells", "muon", "--only", "nomatch"]),
+                           "--only=nomatch", "zero3-ep2-tied-muon")
+
+
+@pytest.mark.parametrize("argv, names", [(["-m", "trainer.parity", "--cells", "most"], "argument --cells"),
+                                         (["-m", "trainer.parity", "--bogus"], "--bogus"),
+                                         (["-m", "trainer.export", "runs/x", "--tol", "small"], "argument --tol"),
+                                         (["-m", "trainer.evaluate", "runs/x", "--limit", "ten"], "argument --limit"),
+                                         (["-m", "trainer.evaluate"], "required: target")])
+def test_argparse_refusals_are_one_error_line(argv, names):
+    """These three printed argparse's usage block and a `PROG: error:` line; every other tool says `error: ...`."""
+    _assert_one_error_line(run_python(argv), names)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_parity_gpu_without_a_gpu_is_refused():
     """It ran every cell on CPU under torchrun and labelled the report device 'gpu'."""
-    _assert_usage_error(run_python(["-m", "trainer.parity", "--cells", "quick", "--gpu"]), "--gpu")
+    _assert_one_error_line(run_python(["-m", "trainer.parity", "--cells", "quick", "--gpu"]), "--gpu")
 
 
 def test_data_build_bad_input_exits_2(tmp_path):
@@ -288,3 +305,15 @@ def test_reproduce_dry_run_into_a_closed_pipe_is_quiet():
     proc = subprocess.run(f"{sys.executable} benchmarks/reproduce.py --dry-run | head -1", shell=True, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120, executable="/bin/bash")
     assert proc.stdout.startswith("== untied seed 0") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_memory_misspelt_command_is_named():
+    """`trainer.memory plna ...` said "override 'plna': expected key=value"."""
+    _assert_one_error_line(run_python(["-m", "trainer.memory", "plna", "olmoe"]), "'plna': unknown command",
+                           "measure, compare, plan, docs")
+
+
+def test_evaluate_compare_help():
+    """`compare --help` looked for a result file named '--help'."""
+    proc = run_python(["-m", "trainer.evaluate", "compare", "--help"])
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m trainer.evaluate compare"), proc.stderr

@@ -291,3 +291,94 @@ def test_unknown_downstream_task_is_refused_before_ranks_start(tmp_path) -> None
                  f"run.out_dir={tmp_path}"], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown task 'no_such_task'"), proc.stderr[-2000:]
+
+
+def test_damaged_export_config_and_tokenizer_are_named(tmp_path, capsys) -> None:
+    """A config.json without model_config (KeyError) or with a non-object source (AttributeError) was a traceback,
+    exit 1; a damaged tokenizer.json / tokenizer_config.json was 'error: Expecting value: line 1 column 1' naming no
+    file; a field out of range named the field but not the file holding it."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    config, good = out / "config.json", (out / "config.json").read_text()
+
+    def edit(change) -> None:
+        meta = json.loads(good)
+        change(meta)
+        config.write_text(json.dumps(meta))
+
+    edit(lambda m: m.pop("model_config"))
+    _fails(capsys, [str(out), "--tasks", "none"], f"{config}: model_config: expected an object")
+    edit(lambda m: m.update(source="somewhere"))
+    _fails(capsys, [str(out), "--tasks", "none"], f"{config}: source: expected an object")
+    edit(lambda m: m["model_config"].update(d_model=-5))
+    _fails(capsys, [str(out), "--tasks", "none"], f"{config}: model.d_model=-5")
+    config.write_text(good)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        saved = (out / name).read_text()
+        (out / name).write_text("garbage")
+        _fails(capsys, [str(out), "--tasks", "none"], f"tokenizer {out / 'tokenizer.json'}")
+        (out / name).write_text(saved)
+
+
+def test_damaged_hf_directory_is_named(tmp_path, capsys) -> None:
+    """--hf on an hf/ whose weights or config.json were damaged: a SafetensorError / OSError traceback, exit 1."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    (out / "hf").mkdir()
+    (out / "hf" / "config.json").write_text("garbage")
+    _fails(capsys, [str(out), "--tasks", "none", "--hf"], f"--hf: {out / 'hf'}: cannot be loaded by transformers")
+
+
+@pytest.mark.parametrize("tasks", [",", "", " , "])
+def test_tasks_naming_no_task_is_refused(tmp_path, capsys, tasks) -> None:
+    """`--tasks ,` scored no task and said nothing; 'none' is the documented way to skip them."""
+    _fails(capsys, [str(tmp_path), "--tasks", tasks], "expected comma-separated task names, or 'none'")
+
+
+def test_more_shots_than_a_task_has_names_the_flags(tmp_path, capsys) -> None:
+    """lm-eval's own 'error: Sample larger than population or is negative' named neither the task nor the flag."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    from trainer import evaluate
+
+    assert evaluate.main([str(out), "--tasks", "winogrande", "--limit", "1", "--num-fewshot", "5000", "--out",
+                          str(tmp_path / "r.json")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after lm-eval's progress bars
+    assert last.startswith("error: lm-eval refused --tasks winogrande --num-fewshot 5000"), last
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_default_result_place_that_cannot_be_written_is_refused_before_scoring(tmp_path, capsys) -> None:
+    """With a file named `eval` beside the export, the whole evaluation ran, then mkdir raised FileExistsError."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    (tmp_path / "eval").write_text("not a folder")
+    _fails(capsys, [str(out), "--tasks", "none"], f"result file: cannot write '{tmp_path / 'eval' / 'export.json'}'")
+
+
+def test_hf_on_a_run_exports_with_hf(tmp_path, monkeypatch) -> None:
+    """`trainer.evaluate RUN --hf` exported without hf/, then refused that export: 'has no hf/ (export it with
+    --hf)'. Now the export it makes (or replaces, when the one there has no hf/) has hf/."""
+    from trainer import evaluate, export
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  source: random\n")
+    calls = []
+
+    def fake_resolve(run_dir, tag, hf=False):
+        calls.append(("resolve", hf))
+        return export.Source(Path(run_dir), Path(run_dir) / "checkpoints", "step00000002", 2, 2, None)
+
+    def fake_run_export(run_dir, tag=None, out=None, hf=False, *args, **kwargs):
+        calls.append(("export", hf))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(export, "resolve", fake_resolve)
+    monkeypatch.setattr(export, "run_export", fake_run_export)
+    monkeypatch.setattr(evaluate, "_reusable", lambda out: True)  # an export is there, without hf/
+    with pytest.raises(ValueError, match="stop here"):
+        evaluate.resolve_target(run, hf=True)
+    assert calls == [("resolve", True), ("export", True)]  # resolve(hf=True) refuses what HF cannot express
+    assert evaluate.resolve_target(run).export_dir == run / "export" / "step00000002"  # without --hf: reused
+    assert calls[2:] == [("resolve", False)]

@@ -184,3 +184,52 @@ def test_cli_reports_bad_input_in_one_line(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "trainer.export", str(tmp_path)], cwd=REPO_ROOT, env=_env(),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "\n" not in proc.stderr.strip()
+
+
+def test_tag_that_is_a_path_is_refused(tmp_path, capsys) -> None:
+    """`--tag ../checkpoints/step00000001` exported into run/export/../checkpoints/step00000001: it replaced (deleted)
+    that checkpoint with the export."""
+    _write_run(tmp_path / "run", [])
+    _write_run(tmp_path / "other", [], tag="step00000001")
+    for tag in ("../checkpoints/step00000002", "..", ".", f"{tmp_path / 'other' / 'checkpoints' / 'step00000001'}"):
+        _fails(capsys, [str(tmp_path / "run"), "--tag", tag], "expected the name of a folder")
+    assert (tmp_path / "other" / "checkpoints" / "step00000001" / "trainer_state_rank0.pt").is_file()
+
+
+def test_tag_that_is_a_file_says_so(tmp_path, capsys) -> None:
+    _write_run(tmp_path / "run", [])
+    _fails(capsys, [str(tmp_path / "run"), "--tag", "latest"], "is not a checkpoint folder")
+
+
+def test_out_that_publishing_would_destroy_is_refused_before_ranks_start(tmp_path, capsys) -> None:
+    """The export replaces OUT wholesale: an existing file, or a folder holding other things, was deleted (a file left
+    a stray `.NAME.old-PID` beside it), and a folder under a file was a FileExistsError traceback."""
+    _write_run(tmp_path / "run", [])
+    keep = tmp_path / "mine" / "notes.txt"
+    keep.parent.mkdir()
+    keep.write_text("keep me")
+    _fails(capsys, [str(tmp_path / "run"), "--out", str(keep.parent)], "non-empty directory that is not a trainer.export")
+    _fails(capsys, [str(tmp_path / "run"), "--out", str(keep)], f"{keep} is a file")
+    _fails(capsys, [str(tmp_path / "run"), "--out", str(keep / "export")], "cannot write in")
+    assert keep.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]
+    assert sorted(p.name for p in keep.parent.iterdir()) == ["notes.txt"]
+
+
+def test_out_that_is_an_earlier_export_or_empty_is_accepted(tmp_path) -> None:
+    from trainer.export import CONFIG, FORMAT, check_out
+
+    check_out(tmp_path / "new" / "dir")  # made on the way
+    (tmp_path / "empty").mkdir()
+    check_out(tmp_path / "empty")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / CONFIG).write_text(json.dumps({"format": FORMAT}))
+    check_out(tmp_path / "old")
+
+
+def test_bad_flag_value_is_one_error_line(tmp_path, capsys) -> None:
+    """argparse printed a usage block and `python -m trainer.export: error: ...`."""
+    with pytest.raises(SystemExit) as exc:
+        export.main([str(tmp_path), "--hf", "--hf-layout", "both"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: argument --hf-layout") and "\n" not in err, err

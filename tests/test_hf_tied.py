@@ -94,3 +94,13 @@ def test_default_layout_and_sizes() -> None:
     bank = 2 * 8 * 3 * tied.expert_ffn_dim * tied.d_model * 4
     assert sizes["copied"] - sizes["tied"] == bank
     assert param_bytes(build_model(untied))["tied"] == param_bytes(build_model(untied))["copied"]
+
+
+@pytest.mark.parametrize("layout", ["tied", "copied"])
+def test_sizes_count_tied_embeddings_once(tmp_path, layout: str) -> None:
+    """With tie_embeddings the copied layout's size counted lm_head besides embed_tokens, though HF holds them as
+    one tensor: export.json said copied 6,316,288 parameter bytes where the copied model loads 4,219,136."""
+    model = build_model(from_preset("olmoe_tiny", vocab_size=512, tie_group_size=2, tie_embeddings=True)).eval()
+    save_hf(model, tmp_path / "hf", layout)
+    hf = _load(tmp_path / "hf")
+    assert sum(p.numel() * p.element_size() for p in hf.parameters()) == param_bytes(model)[layout]

@@ -111,3 +111,41 @@ def test_compare_out_must_be_a_directory(runs_dir: Path, capsys: pytest.CaptureF
     code, _, err = memory_cli(["compare", str(runs_dir / "zero3-ep2-bf16" / "tied"), "--out",
                                str(tmp_path / "file")], capsys)
     assert code == 2 and err.startswith("error: --out=") and err.count("\n") == 1, err
+
+
+def test_compare_out_under_a_file_is_one_line(runs_dir: Path, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """`--out FILE/x` was a NotADirectoryError traceback, exit 1."""
+    (tmp_path / "file").write_text("")
+    code, _, err = memory_cli(["compare", str(runs_dir / "zero3-ep2-bf16" / "tied"), "--out",
+                               str(tmp_path / "file" / "x")], capsys)
+    assert code == 2 and err.startswith("error: --out=") and "cannot create" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r.pop("world_size"), "no 'world_size'"),  # was a KeyError traceback
+    (lambda r: r["per_rank"][1].update(total_bytes="12"), "per_rank[1].total_bytes='12': expected a number"),  # TypeError
+])
+def test_compare_hand_edited_report_is_named(edit, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report = fake_report("tied", "zero3-ep2-bf16")
+    report["per_rank"] = [dict(r) for r in report["per_rank"]]
+    edit(report)
+    (tmp_path / "memory_report.json").write_text(json.dumps(report))
+    code, _, err = memory_cli(["compare", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'memory_report.json'}: " in err and expected in err, err
+
+
+def test_compare_run_dir_that_is_a_file_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("")
+    code, _, err = memory_cli(["compare", str(tmp_path / "file")], capsys)
+    assert code == 2 and "not a directory" in err, err
+
+
+def test_docs_out_that_cannot_be_written_is_refused_before_training(runs_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """`--out FILE/memory.md` trained four runs (minutes), then failed with a FileExistsError traceback."""
+    (tmp_path / "file").write_text("")
+    for argv in (["--reuse-runs", "--runs-dir", str(runs_dir)], []):  # without --reuse-runs: refused before training
+        code, _, err = memory_cli(["docs", *argv, "--out", str(tmp_path / "file" / "memory.md")], capsys)
+        assert code == 2 and err.startswith("error: --out: cannot write") and err.count("\n") == 1, err
+    code, _, err = memory_cli(["docs", "--runs-dir", str(tmp_path / "file")], capsys)
+    assert code == 2 and "--runs-dir=" in err and "not a directory" in err, err

@@ -182,6 +182,30 @@ def test_summary_refuses_a_layout_that_cannot_exist(args: list[str], says: str |
     assert len(lines) == 1 and lines[0].startswith(says), result.stderr
 
 
+
+@pytest.mark.parametrize("override, says", [
+    ("init_std=nan", "model.init_std=nan: expected a finite number"),  # YAML's string 'nan': a TypeError traceback
+    ("rope_theta=x", "model.rope_theta='x': expected a finite number"),
+    ("norm_eps=.nan", "model.norm_eps=nan: expected a finite number"),  # was accepted: NaN in every norm
+    ("init_std=.inf", "model.init_std=inf: expected a finite number"),
+    ("tie_router=3", "model.tie_router=3: expected true or false"),  # was accepted as truthy
+    ("head_dim=x", "model.head_dim='x': expected an integer or null"),
+])
+def test_summary_refuses_non_numbers_in_one_line(override: str, says: str) -> None:
+    result = _summary("olmoe_tiny", override)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"error: {says}", result.stderr
+
+
+def test_exponent_without_a_dot_is_a_number() -> None:
+    """PyYAML reads `2e-2` as a string: `models.summary olmoe init_std=2e-2` (and `memory plan ... rope_theta=1e6`)
+    ended in a TypeError traceback."""
+    assert from_preset("olmoe_tiny", init_std="2e-2", rope_theta="1e6").init_std == 0.02
+    result = _summary("qwen3_moe_tiny", "rope_theta=1e6", "--help")
+    assert result.returncode == 0 and "python -m models.summary" in result.stdout, result.stderr  # --help after args
+    assert _summary("olmoe_tiny", "init_std=2e-2").returncode == 0
+
 # --- narrow equal-parameter baseline --------------------------------------------------------------
 
 def test_narrow_baseline_plan_gives_middle_layers_n_experts_over_factor() -> None:

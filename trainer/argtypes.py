@@ -4,8 +4,10 @@ rank starts or any measuring is done (ending in argparse's `error:` line and exi
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 
 def positive_int(text: str) -> int:
@@ -32,3 +34,12 @@ def output_file(text: str) -> str:
     except OSError as err:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {err.strerror or err}") from None
     return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end with one `error: ...` line and exit 2 (argparse would add a usage block, and its
+    `PROG: error:` line would not start with `error:` as every other refusal of the tools does)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)

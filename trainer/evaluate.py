@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.argtypes import output_file
+from trainer.argtypes import OneLineParser, output_file
 from trainer.config import REPO_ROOT
 
 TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
@@ -73,9 +73,11 @@ def _is_export(path: Path) -> bool:
 
 
 def _export_target(export_dir: Path) -> Target:
-    from trainer.export import CONFIG
+    from trainer.export import CONFIG, read_config
 
-    source = json.loads((export_dir / CONFIG).read_text()).get("source", {})
+    source = read_config(export_dir).get("source") or {}
+    if not isinstance(source, dict):
+        raise ValueError(f"{export_dir / CONFIG}: source: expected an object (run_dir, tag, ...)")
     run_dir = Path(source["run_dir"]) if source.get("run_dir") else None
     run_dir = run_dir if run_dir is not None and (run_dir / "config.yaml").is_file() else None
     return Target(export_dir, run_dir, source.get("tag") or export_dir.name)
@@ -92,33 +94,38 @@ def _reusable(export_dir: Path) -> bool:
         return False
 
 
-def _exported(run_dir: Path, tag: str | None) -> Target:
-    """The run's export of `tag` (default: latest), made now with the export code if not there yet."""
+def _exported(run_dir: Path, tag: str | None, hf: bool = False) -> Target:
+    """The run's export of `tag` (default: latest), made now with the export code if not there yet.
+
+    With `hf` the export must have `hf/` (made with it when missing): `--hf` on a run used to export
+    without it and then refuse the export it had just made.
+    """
     from trainer import export
 
-    src = export.resolve(run_dir, tag)
+    src = export.resolve(run_dir, tag, hf)
     out = src.run_dir / "export" / src.tag
-    if _reusable(out):
+    if _reusable(out) and (not hf or (out / "hf" / "config.json").is_file()):
         print(f"using the export {out}", file=sys.stderr)
         return Target(out, src.run_dir, src.tag)
     print(f"exporting {src.ckpt_dir / src.tag} -> {out} ...", file=sys.stderr)
-    ok, _, dest = export.run_export(src.run_dir, src.tag)
+    ok, _, dest = export.run_export(src.run_dir, src.tag, hf=hf)
     if not ok:
         raise RuntimeError(f"export of {src.ckpt_dir / src.tag} failed its parity check; see {dest}")
     return Target(dest, src.run_dir, src.tag)
 
 
-def resolve_target(path: str | Path) -> Target:
-    """A run directory, a checkpoint directory or an export directory; ValueError for anything else."""
+def resolve_target(path: str | Path, hf: bool = False) -> Target:
+    """A run directory, a checkpoint directory or an export directory; ValueError for anything else.
+    `hf`: a run or checkpoint is exported with `hf/` (evaluate --hf scores it)."""
     path = Path(path).resolve()
     if not path.exists():
         raise ValueError(f"{path}: not found")
     if _is_export(path):
         return _export_target(path)
     if (path / "config.yaml").is_file():
-        return _exported(path, None)
+        return _exported(path, None, hf)
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
-        return _exported(path.parent.parent, path.name)
+        return _exported(path.parent.parent, path.name, hf)
     raise ValueError(f"{path}: not a run directory (config.yaml), checkpoint (runs/<name>/checkpoints/<tag>) "
                      f"or export (config.json of a trainer.export)")
 
@@ -149,7 +156,11 @@ def load_tokenizer(export_dir: Path, model_vocab: int) -> Any:
         note = (json.loads((export_dir / CONFIG).read_text()).get("tokenizer") or {}).get("note", "")
         raise ValueError(f"export {export_dir}: has no tokenizer{f' ({note})' if note else ''}; "
                          f"evaluation needs text")
-    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    except Exception as err:  # noqa: BLE001 - JSON, tokenizers' Rust and transformers errors all mean a damaged file
+        raise ValueError(f"tokenizer {export_dir / 'tokenizer.json'} (with tokenizer_config.json): unreadable "
+                         f"({type(err).__name__}: {str(err)[:200]})") from None
     if len(tokenizer) > model_vocab:
         raise ValueError(f"tokenizer {export_dir / 'tokenizer.json'}: vocab {len(tokenizer)} does not fit the "
                          f"model's vocab_size {model_vocab}")
@@ -188,7 +199,11 @@ def load_hf(export_dir: Path) -> nn.Module:
 
     if not (export_dir / "hf" / "config.json").is_file():
         raise ValueError(f"--hf: export {export_dir} has no hf/ (export it with --hf)")
-    return AutoModelForCausalLM.from_pretrained(str(export_dir / "hf"), trust_remote_code=True).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(export_dir / "hf"), trust_remote_code=True).eval()
+    except Exception as err:  # noqa: BLE001 - safetensors, JSON and transformers errors all mean a damaged hf/
+        raise ValueError(f"--hf: {export_dir / 'hf'}: cannot be loaded by transformers "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,8 +284,12 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], num_fewshot: i
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_len, backend="causal")
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=False)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=False)
+    except ValueError as err:  # e.g. more shots than a task has examples: 'Sample larger than population'
+        raise ValueError(f"lm-eval refused --tasks {','.join(tasks)} --num-fewshot {num_fewshot} "
+                         f"(a task may have fewer examples to draw shots from): {err}") from None
     scores = {}
     for task in tasks:
         row = out["results"][task]
@@ -403,14 +422,18 @@ def compare(paths: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def _parse_tasks(value: str) -> list[str]:
-    if value.strip().lower() in ("", "none"):
+    """'none' is no task; anything else must name at least one (',' or '' would silently score none)."""
+    if value.strip().lower() == "none":
         return []
-    return [t.strip() for t in value.split(",") if t.strip()]
+    tasks = [t.strip() for t in value.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks={value!r}: expected comma-separated task names, or 'none'")
+    return tasks
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m trainer.evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", help="run directory, checkpoint directory or export directory")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated lm-eval tasks from trainer/eval_tasks, or 'none' (default: the paper's six)")
@@ -448,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if argv and argv[0] == "compare":
+            if any(a in ("-h", "--help") for a in argv[1:]):  # was read as a result path named '--help'
+                print("usage: python -m trainer.evaluate compare A [B ...]\n\nA, B: result JSON files, run "
+                      "directories (their newest eval/*.json) or evaluated exports; prints one markdown table.")
+                return 0
             if len(argv) < 2:
                 raise ValueError("compare: name at least one result (JSON file, run directory or export)")
             print(compare(argv[1:]))
@@ -456,7 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         tasks = _parse_tasks(args.tasks)
         check_tasks(tasks)
-        target = resolve_target(args.target)
+        target = resolve_target(args.target, args.hf)
+        if not args.out:  # the default place too is checked before scoring, as --out is
+            try:
+                output_file(str(target.result_path()))
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"result file: {err} (choose another with --out)") from None
         result = evaluate(target, tasks, args.num_fewshot, args.limit, args.batch_size, args.val_tokens, args.hf)
     except ValueError as err:
         print(_error(err), file=sys.stderr)

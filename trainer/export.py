@@ -1,6 +1,6 @@
 """Export a training run's DeepSpeed checkpoint as a plain model (and optionally a Hugging Face one).
 
-    python -m trainer.export RUN_DIR [--tag TAG] [--out DIR] [--hf] [--tol T]
+    python -m trainer.export RUN_DIR [--tag TAG] [--out DIR] [--hf [--hf-layout tied|copied]] [--tol T]
 
 Reads `RUN_DIR/config.yaml` and `RUN_DIR/checkpoints/<TAG>` (default: the tag `latest` names), starts
 as many CPU ranks as wrote the checkpoint, and on each rebuilds the engine exactly as training did
@@ -48,6 +48,7 @@ import torch
 
 from models.config import from_dict, layer_plan, tie_groups
 from models.transformer import MoETransformer, build_model
+from trainer.argtypes import OneLineParser
 
 FORMAT = "tiedmoe-export"
 VERSION = 1
@@ -70,10 +71,15 @@ def load_exported(out_dir: str | Path) -> MoETransformer:
     from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
-    meta = json.loads((out_dir / CONFIG).read_text())
+    meta = read_config(out_dir)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{out_dir / CONFIG}: not a tiedmoe export (format={meta.get('format')!r})")
-    model_cfg = from_dict(meta["model_config"])
+    if not isinstance(meta.get("model_config"), dict):
+        raise ValueError(f"{out_dir / CONFIG}: model_config: expected an object of model fields")
+    try:
+        model_cfg = from_dict(meta["model_config"])
+    except ValueError as err:  # a hand-edited field: say which file holds it
+        raise ValueError(f"{out_dir / CONFIG}: {err}") from None
     plan = [dataclasses.asdict(p) for p in layer_plan(model_cfg)]
     if meta.get("layer_plan") is not None and meta["layer_plan"] != plan:
         raise ValueError(f"{out_dir / CONFIG}: its layer_plan disagrees with the one its model_config gives")
@@ -88,6 +94,18 @@ def load_exported(out_dir: str | Path) -> MoETransformer:
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
         raise ValueError(f"{out_dir / WEIGHTS}: does not fit {out_dir / CONFIG} ({first[:200]})") from None
     return model.eval()
+
+
+def read_config(out_dir: str | Path) -> dict[str, Any]:
+    """An export's `config.json` as an object; a missing, unreadable or foreign file is a ValueError naming it."""
+    path = Path(out_dir) / CONFIG
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object (a trainer.export config)")
+    return meta
 
 
 def export_config(model_cfg: Any, source: dict[str, Any]) -> dict[str, Any]:
@@ -133,9 +151,12 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
         if tag is None:
             raise ValueError(f"run directory {run_dir}: no {ckpt_dir / checkpoint.LATEST} (no complete checkpoint "
                              f"yet); name one: trainer.export --tag TAG, trainer.evaluate {ckpt_dir}/TAG")
+    elif not _plain_name(tag):  # '../x' would export into (and replace) a directory outside export/
+        raise ValueError(f"checkpoint tag {tag!r}: expected the name of a folder under {ckpt_dir}, like step00000000")
     elif not (ckpt_dir / tag).is_dir():
         have = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
-        raise ValueError(f"checkpoint tag {tag!r}: {ckpt_dir / tag} does not exist (have: {', '.join(have) or 'none'})")
+        what = "is not a checkpoint folder" if (ckpt_dir / tag).exists() else "does not exist"
+        raise ValueError(f"checkpoint tag {tag!r}: {ckpt_dir / tag} {what} (have: {', '.join(have) or 'none'})")
     state_path = ckpt_dir / tag / "trainer_state_rank0.pt"
     if not state_path.is_file():
         raise ValueError(f"checkpoint {ckpt_dir / tag}: missing {state_path.name}")
@@ -154,6 +175,32 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
         checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg))
     cfg.for_world(world)  # the checkpoint's layout must still be a valid one for this config
     return Source(run_dir, ckpt_dir, tag, world, state.get("step"), cfg)
+
+
+def _plain_name(tag: str) -> bool:
+    """A single folder name: no separator and not '.' or '..' (the tag also names the export's folder)."""
+    return bool(tag) and tag not in (".", "..") and "/" not in tag and os.sep not in tag
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output that publishing would destroy or cannot create, before any rank starts.
+
+    `_publish` replaces `out` wholesale, which is right for an earlier export of the same run but would
+    delete a user's file or folder (`--out ~/models` with other things in it) without a word.
+    """
+    from trainer.evaluate import _is_export
+
+    for path in (out, out.with_name(out.name + ".failed")):
+        if path.is_file():
+            raise ValueError(f"--out {out}: {path} is a file, expected a new or an export directory")
+        if path.is_dir() and any(path.iterdir()) and not _is_export(path):
+            raise ValueError(f"--out {out}: {path} is a non-empty directory that is not a trainer.export "
+                             f"output (it would be replaced); choose a new directory")
+    try:  # the export is staged in a temporary folder beside `out`: that must work here
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out.parent).cleanup()
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write in {out.parent} ({err.strerror or err})") from None
 
 
 def check_hf(cfg: Any) -> None:
@@ -305,13 +352,15 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     from trainer.launch import spawn_cpu_ranks
     from trainer.export_tokenizer import check_fits, run_tokenizer
 
+    if out:  # a bad --out is refused first, as the command line is read
+        check_out(Path(out).resolve())
     src = resolve(run_dir, tag, hf)
     model_cfg = src.cfg.model_config()
     run_tok = run_tokenizer(src.cfg)
     check_fits(run_tok, model_cfg.vocab_size)  # before any rank starts
     layout = hf_layout or default_layout(model_cfg)
     out = Path(out).resolve() if out else src.run_dir / "export" / src.tag
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_out(out)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     start = time.perf_counter()
     try:
@@ -363,8 +412,8 @@ def print_report(report: dict[str, Any], dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m trainer.export", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a trainer.train run directory (runs/<name>)")
     parser.add_argument("--tag", help="checkpoint tag under RUN_DIR/checkpoints (default: the one `latest` names)")
     parser.add_argument("--out", help="output directory (default: RUN_DIR/export/<tag>)")

@@ -21,13 +21,13 @@ import gc
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.accounting import activation_memory, layer_parts, rank_memory
 from trainer import engine as eng
-from trainer.argtypes import output_file
+from trainer.argtypes import OneLineParser, output_file
 from trainer.config import REPO_ROOT, load_config
 from trainer.metrics import dumps, memory_gib
 
@@ -300,7 +300,9 @@ def measure_main(argv: list[str]) -> int:
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides applied to both variants")
     args = parser.parse_intermixed_args(argv)  # key=value before or after --json
-    load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
+    cfg = load_config(None, DEFAULT_OVERRIDES + args.overrides)  # fail fast on bad overrides
+    if not args.worker:
+        cfg.for_world(2)  # the 2 CPU ranks below: e.g. an EP size they cannot tile (was an error in every rank, exit 1)
     if args.worker:
         worker(args)
         return 0
@@ -311,18 +313,14 @@ def measure_main(argv: list[str]) -> int:
 # Command line
 # --------------------------------------------------------------------------------------------------
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments end with one `error: ...` line and exit 2 (argparse would add a usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = ("measure", "compare", "plan", "docs")
     command, rest = (argv[0], argv[1:]) if argv and argv[0] in commands else ("measure", argv)
+    if argv and argv[0] not in commands and not argv[0].startswith("-") and "=" not in argv[0]:
+        print(f"error: {argv[0]!r}: unknown command (expected one of {', '.join(commands)}, or key=value "
+              f"overrides for measure)", file=sys.stderr)  # 'plna' was reported as an override without '='
+        return 2
     try:
         if command == "compare":
             from trainer.memory_compare import compare_main

@@ -16,6 +16,8 @@ from typing import Any
 from trainer.memory import CATEGORIES, MIB, REPORT_JSON, OneLineParser
 
 COMPARE_MD, COMPARE_PNG = "memory_compare.md", "memory_compare.png"
+LAYOUT_KEYS = ("world_size", "zero_stage", "expert_parallel_size", "precision", "unique_params", "expert_banks",
+               "moe_layers")
 
 
 def rows() -> list[tuple[str, str]]:
@@ -28,7 +30,7 @@ def load_report(run_dir: str) -> dict[str, Any]:
     """One run's report; a missing directory or report is a ValueError naming it."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise ValueError(f"run directory {run_dir}: not found")
+        raise ValueError(f"run directory {run_dir}: {'not a directory' if path.exists() else 'not found'}")
     report = path / REPORT_JSON
     if not report.is_file():
         raise ValueError(f"run directory {run_dir}: no {REPORT_JSON} (written after the run's first optimizer step)")
@@ -39,6 +41,13 @@ def load_report(run_dir: str) -> dict[str, Any]:
     ranks = loaded.get("per_rank") if isinstance(loaded, dict) else None
     if not isinstance(ranks, list) or not ranks or not all(isinstance(r, dict) for r in ranks):
         raise ValueError(f"{report}: not a memory report (expected an object with a per_rank list of objects)")
+    for key in LAYOUT_KEYS:  # the table's layout lines read these: a hand-edited report is named, not a KeyError
+        if key not in loaded:
+            raise ValueError(f"{report}: not a memory report (no {key!r})")
+    for i, rank in enumerate(ranks):
+        for key, value in rank.items():
+            if key.endswith("_bytes") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{report}: per_rank[{i}].{key}={value!r}: expected a number of bytes")
     return loaded
 
 
@@ -111,7 +120,10 @@ def compare_main(argv: list[str]) -> int:
     out = Path(args.out if args.out is not None else args.run_dirs[0])
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out={args.out}: not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a folder under a file
+        raise ValueError(f"--out={args.out}: cannot create it ({err.strerror or err})") from None
     table = render_table(reports, names)
     print(table, end="")
     (out / COMPARE_MD).write_text(table)

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from trainer.argtypes import output_file
 from trainer.config import REPO_ROOT
 from trainer.memory import MIB, OneLineParser
 from trainer.memory_compare import column_names, figure, load_report, plot, render_table
@@ -246,6 +247,12 @@ def docs_main(argv: list[str]) -> int:
     out, runs_dir = Path(args.out), Path(args.runs_dir).resolve()
     if out.is_dir() or out.suffix != ".md":
         raise ValueError(f"--out={args.out}: expected a markdown file path (.md)")
+    try:  # checked (its folders made) now, not after minutes of training
+        output_file(args.out)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"--out: {err}") from None
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise ValueError(f"--runs-dir={args.runs_dir}: not a directory")
     if args.reuse_runs:
         for layout in LAYOUTS:  # every report checked before anything is written
             for variant in VARIANTS:

@@ -30,7 +30,7 @@ import torch
 
 from models.transformer import build_model
 from trainer import engine as eng
-from trainer.argtypes import output_file
+from trainer.argtypes import OneLineParser, output_file
 from trainer.bench import collect_json, run_pair
 from trainer.config import TrainConfig, load_config
 from trainer.data import make_source
@@ -292,7 +292,8 @@ def controls_ok(report: dict[str, Any], tol: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m trainer.parity", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", choices=["quick", "all", "muon", "gpu1"], default="all")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tol", type=float, default=1e-5)
