@@ -168,7 +168,7 @@ def plan_parser() -> OneLineParser:
     parser.add_argument("--zero", type=int, help="ZeRO stage (default: the config's, or 3)")
     parser.add_argument("--ep", type=int, help="expert-parallel size (default: the config's, or 1)")
     parser.add_argument("--micro-batch", type=int, dest="micro_batch", help="sequences per GPU (default: config, or 1)")
-    parser.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence (default: config, or 2048)")
+    parser.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence (default: config, or 2048 capped at max_seq_len)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: the config's, or bf16")
     parser.add_argument("--activation-checkpointing", dest="checkpointing", action=argparse.BooleanOptionalAction,
                         help="default: the config's, or off")
