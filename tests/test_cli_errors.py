@@ -283,3 +283,13 @@ def test_reproduce_dry_run_into_a_closed_pipe_is_quiet():
     proc = subprocess.run(f"{sys.executable} benchmarks/reproduce.py --dry-run | head -1", shell=True, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120, executable="/bin/bash")
     assert proc.stdout.startswith("== untied seed 0") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", ""])
+def test_run_sh_bad_cpu_rank_count_is_named(value):
+    """TIEDMOE_CPU_RANKS=0 started no rank and exited 0 (nothing trained); abc gave int()'s message."""
+    from trainer.launch import cpu_ranks
+
+    with pytest.raises(ValueError, match=f"TIEDMOE_CPU_RANKS={value!r}: expected a positive integer"):
+        cpu_ranks(value)
+    assert cpu_ranks("3") == 3

@@ -42,7 +42,19 @@ def local_ranks() -> tuple[int, dict[str, str]]:
         return torch.cuda.device_count(), env
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")
-    return int(env.get("TIEDMOE_CPU_RANKS", "2")), env
+    return cpu_ranks(env.get("TIEDMOE_CPU_RANKS", "2")), env
+
+
+def cpu_ranks(raw: str) -> int:
+    """`TIEDMOE_CPU_RANKS` as a rank count: 0 started no rank and exited 0 with nothing trained, and `abc`
+    failed with int()'s message, which does not name the variable."""
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"TIEDMOE_CPU_RANKS={raw!r}: expected a positive integer (CPU ranks to start; default 2)")
+    return count
 
 
 def torchrun_command(nproc: int, target: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
