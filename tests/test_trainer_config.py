@@ -525,3 +525,11 @@ def test_paper_recipe_configs():
         cfg.for_world(2)
     assert tied.model_config().tie_group_size == 2
     assert [p.n_experts for p in layer_plan(narrow.model_config())] == [8, 8, 4, 4, 4, 4, 8, 8]
+
+
+@pytest.mark.parametrize("override", ["optim.muon_ns_steps=0", "optim.adam_lr_ratio=-1", "optim.muon_momentum=5"])
+def test_muon_numbers_are_range_checked_under_any_optimizer(override):
+    """Under optim.name=adamw these were accepted and only failed once optim.name=muon joined them."""
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=f"^{key}="):
+        load_config(None, [override])

@@ -390,8 +390,8 @@ def _validate_muon(cfg: TrainConfig) -> None:
     """Muon's ranges; it runs at ZeRO 0-3, fp32 and bf16 (flat partitions are orthogonalised through
     `trainer.engine.attach_muon_layouts`), but its flat-partition path is untested with offload."""
     optim = cfg.optim
-    if optim.name != "muon":
-        return
+    # Ranged whatever optim.name is (the README: every number is range-checked): `optim.muon_ns_steps=0` under
+    # adamw was accepted, and failed only once optim.name=muon was added to the same command line.
     checks = [
         ("optim.muon_momentum", 0 <= optim.muon_momentum < 1, "a number in [0, 1)"),
         ("optim.muon_weight_decay", optim.muon_weight_decay >= 0, "a non-negative number"),
@@ -402,6 +402,8 @@ def _validate_muon(cfg: TrainConfig) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ValueError(f"{key}={getattr(optim, key.split('.')[1])!r}: expected {expected}")
+    if optim.name != "muon":
+        return
     zero = load_engine_settings(cfg).get("zero_optimization", {})
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key) and zero[key].get("device", "none") != "none":
