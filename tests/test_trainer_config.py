@@ -533,3 +533,10 @@ def test_muon_numbers_are_range_checked_under_any_optimizer(override):
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=f"^{key}="):
         load_config(None, [override])
+
+
+def test_a_key_given_twice_takes_the_last_value():
+    """Documented (README Configuration, ./run.sh --help): tests and tools append overrides to a base list."""
+    assert load_config(None, ["run.steps=4", "run.steps=6"]).run.steps == 6
+    assert load_config(None, ["model.tie_group_size=4", "model.overrides.tie_group_size=1"]).model.overrides == {
+        "tie_group_size": 1}

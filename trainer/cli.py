@@ -25,7 +25,8 @@ USAGE = """usage: ./run.sh [CONFIG.yaml] [key=value ...]   train (default config
        ./run.sh test [pytest args]             the test suite
        ./run.sh eval TARGET [...]              python -m trainer.evaluate (see its --help)
 CONFIG.yaml: a training config (trainer/configs/*.yaml); key=value: dotted overrides such as
-run.steps=50 or model.tie_group_size=4 (every field is commented in trainer/config.py)."""
+run.steps=50 or model.tie_group_size=4 (every field is commented in trainer/config.py; a key given twice:
+the last value wins)."""
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
