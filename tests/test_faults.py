@@ -221,6 +221,11 @@ def test_refused_resume_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
     errors = _errors(refused.stderr)
     assert len(errors) == 1 and "model.tie_group_size" in errors[0], refused.stderr[-3000:]
     assert _digest(tmp_path / "r") == before
+    # The same command again: run.stop_at_step, not a finished run, is why nothing is left to do (the hint
+    # was to start over with run.resume=never)
+    again = _run([f"run.out_dir={tmp_path}", "run.name=r", "run.steps=4", "run.stop_at_step=2"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already at step 2 of 4 (run.stop_at_step=2: raise or remove it to continue)" in again.stdout, again.stdout
 
 
 def test_resume_never_sets_the_previous_run_aside(tmp_path: Path) -> None:
