@@ -540,3 +540,13 @@ def test_a_key_given_twice_takes_the_last_value():
     assert load_config(None, ["run.steps=4", "run.steps=6"]).run.steps == 6
     assert load_config(None, ["model.tie_group_size=4", "model.overrides.tie_group_size=1"]).model.overrides == {
         "tie_group_size": 1}
+
+
+def test_run_out_dir_that_is_a_file_is_named(tmp_path):
+    """It was a NotADirectoryError traceback from rank 0 (exit 1)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = load_config(None, [f"run.out_dir={blocker}"])
+    with pytest.raises(ValueError, match=f"^run.out_dir='{blocker}': cannot create the run directory"):
+        cfg.make_run_dir()
+    assert load_config(None, [f"run.out_dir={tmp_path}", "run.name=r"]).make_run_dir() == tmp_path / "r"

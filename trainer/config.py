@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -175,6 +176,19 @@ class TrainConfig:
     def run_dir(self) -> Path:
         out = Path(self.run.out_dir)
         return (out if out.is_absolute() else REPO_ROOT / out) / self.run.name
+
+    def make_run_dir(self) -> Path:
+        """Create the run directory; a run.out_dir that is a file or not writable was an OSError traceback
+        from inside rank 0 (exit 1)."""
+        path = self.run_dir()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as err:
+            raise ValueError(f"run.out_dir={self.run.out_dir!r}: cannot create the run directory {path} "
+                             f"({err.strerror or err}); expected a writable folder") from None
+        return path
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -122,6 +122,7 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     make_source(cfg, "validation", 0, nproc)
     if cfg.run.downstream_every:
         check_tasks([t.strip() for t in cfg.run.downstream_tasks.split(",") if t.strip()])
+    cfg.make_run_dir()  # an unusable run.out_dir is one line here, not a traceback from rank 0
     return run_local_ranks(nproc, [sys.executable, str(REPO_ROOT / "run.sh"), *([config] if config else []),
                                    *overrides], env)
 

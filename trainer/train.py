@@ -99,7 +99,7 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
     run_dir = cfg.run_dir()
     if eng.rank() == 0:
         ensure_data(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.make_run_dir()
     eng.barrier()
     s = open_session(cfg)
     if s.rank == 0:
