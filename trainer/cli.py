@@ -19,6 +19,7 @@ from typing import Any
 from trainer.config import TrainConfig, load_config
 
 ERROR_DIR_ENV = "TIEDMOE_ERROR_DIR"  # where ranks started by trainer.launch leave their one-line error
+CALLER_CWD_ENV = "TIEDMOE_CALLER_CWD"  # the folder run.sh was called from (it then changes to the repo root)
 
 
 USAGE = """usage: ./run.sh [CONFIG.yaml] [key=value ...]   train (default config: trainer/configs/default.yaml)
@@ -46,11 +47,20 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
         args.append(arg)
     config = None
     if args and "=" not in args[0]:
-        config = args.pop(0)
+        config = _from_caller(args.pop(0))
     for arg in args:
         if "=" not in arg:
             raise ValueError(f"argument {arg!r}: expected key=value (only the first argument may be a config file)")
     return config, args
+
+
+def _from_caller(config: str) -> str:
+    """A relative config path as the caller meant it: run.sh changes to the repo root before Python starts,
+    so `../run.sh my.yaml` from another folder said 'not found'. Repo-relative paths still work."""
+    caller = os.environ.get(CALLER_CWD_ENV)
+    if caller and not Path(config).is_absolute() and (Path(caller) / config).exists():
+        return str(Path(caller) / config)
+    return config
 
 
 def main(argv: list[str]) -> int:
