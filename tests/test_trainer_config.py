@@ -109,6 +109,8 @@ def test_zero_stage_must_be_0_to_3(tmp_path):
     for stage in range(4):
         path = _write_ds_config(tmp_path, {"zero_optimization": {"stage": stage}})
         load_config(None, [f"parallel.ds_config={path}"])
+    path = _write_ds_config(tmp_path, {"zero_optimization": {"stage": True}})  # ran as ZeRO-1 (True == 1)
+    assert "zero_optimization.stage=True" in bad_overrides([f"parallel.ds_config={path}"], "parallel.ds_config")
 
 
 @pytest.mark.parametrize("key, value", [("train_batch_size", 8), ("gradient_accumulation_steps", 2),

@@ -444,6 +444,6 @@ def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
     if clash:
         raise ValueError(f"parallel.ds_config {path}: key {clash[0]!r} is set by the trainer config, remove it")
     stage = settings.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # `true` == 1 in Python: it ran as ZeRO-1
         raise ValueError(f"parallel.ds_config {path}: zero_optimization.stage={stage!r}, expected 0, 1, 2 or 3")
     return settings
