@@ -552,3 +552,13 @@ def test_run_out_dir_that_is_a_file_is_named(tmp_path):
     with pytest.raises(ValueError, match=f"^run.out_dir='{blocker}': cannot create the run directory"):
         cfg.make_run_dir()
     assert load_config(None, [f"run.out_dir={tmp_path}", "run.name=r"]).make_run_dir() == tmp_path / "r"
+
+
+def test_binary_config_or_ds_config_is_named(tmp_path):
+    """Both said only "'utf-8' codec can't decode byte 0xff ...", naming neither the file nor the setting."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match=f"^config file {blob}: unreadable, expected a UTF-8 YAML file"):
+        load_config(blob)
+    with pytest.raises(ValueError, match=f"^parallel.ds_config {blob}: unreadable, expected a UTF-8 JSON file"):
+        load_config(None, [f"parallel.ds_config={blob}"])

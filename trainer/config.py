@@ -287,6 +287,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ValueError(f"config file {path}: {'is a directory, expected a YAML file' if path.is_dir() else 'not found'}")
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except (OSError, UnicodeDecodeError) as err:  # a binary or unreadable file is named, not a bare codec error
+        raise ValueError(f"config file {path}: unreadable, expected a UTF-8 YAML file "
+                         f"({err.strerror if isinstance(err, OSError) else err.reason})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path}: invalid YAML ({yaml_problem(err)})") from None
     if not isinstance(raw, dict) or not raw:
@@ -433,6 +436,9 @@ def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config!r}: file {path} not found")
     try:
         settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:  # a binary or unreadable file named, not a bare codec error
+        raise ValueError(f"parallel.ds_config {path}: unreadable, expected a UTF-8 JSON file "
+                         f"({err.strerror if isinstance(err, OSError) else err.reason})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"parallel.ds_config {path}: invalid JSON ({err})") from None
     if not isinstance(settings, dict) or not isinstance(settings.get("zero_optimization", {}), dict):
