@@ -162,7 +162,8 @@ def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
                 print("error: interrupted while the ranks were starting (before the first step: nothing to save); "
                       "run the same command again to continue", file=sys.stderr)
             else:
-                print(f"error: a rank was killed by {_signal_name(-code)} (out of memory?)", file=sys.stderr)
+                hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+                print(f"error: a rank was killed by {_signal_name(-code)}{hint}", file=sys.stderr)
     if code < 0:
         return 130 if forwarded else 1
     return code
