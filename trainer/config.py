@@ -107,11 +107,11 @@ class RunSection:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: bf16 weights and activations, fp32 master weights
     log_every: int = 10  # progress line, metrics.jsonl and TensorBoard every N steps (and the last)
     eval_every: int = 0  # validation every N steps (0: only at the end)
-    eval_batches: int = 4
+    eval_batches: int = 4  # validation micro-batches per rank each time validation runs (the same ones every time)
     downstream_every: int = 0  # lm-eval downstream subset every N steps (0: off); logged as downstream/<task>
     downstream_tasks: str = "arc_easy,piqa"  # comma-separated, from trainer/eval_tasks (offline)
     downstream_limit: int = 20  # documents per task (a quick in-loop signal, not a benchmark)
-    downstream_fewshot: int = 3
+    downstream_fewshot: int = 3  # few-shot examples in each downstream prompt (lm-eval num_fewshot)
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest N kept (0: keep all)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run dir>/checkpoints/latest if present
