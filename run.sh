@@ -24,6 +24,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
 fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning}"
+export TIEDMOE_CALLER_CWD="$PWD"  # a relative CONFIG.yaml is the caller's, though we run from the repo root
 cd "$here"
 if [ "${1:-}" = "test" ]; then
   shift

@@ -317,3 +317,24 @@ def test_evaluate_compare_help():
     """`compare --help` looked for a result file named '--help'."""
     proc = run_python(["-m", "trainer.evaluate", "compare", "--help"])
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m trainer.evaluate compare"), proc.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", ""])
+def test_run_sh_bad_cpu_rank_count_is_named(value):
+    """TIEDMOE_CPU_RANKS=0 started no rank and exited 0 (nothing trained); abc gave int()'s message."""
+    from trainer.launch import cpu_ranks
+
+    with pytest.raises(ValueError, match=f"TIEDMOE_CPU_RANKS={value!r}: expected a positive integer"):
+        cpu_ranks(value)
+    assert cpu_ranks("3") == 3
+
+
+def test_run_sh_relative_config_is_the_callers(tmp_path, monkeypatch):
+    """run.sh changes to the repo root before Python starts: `../run.sh my.yaml` from another folder said
+    'config file my.yaml: not found'. Paths relative to the repo root keep working."""
+    from trainer.cli import CALLER_CWD_ENV, split_args
+
+    (tmp_path / "my.yaml").write_text("run:\n  steps: 3\n")
+    monkeypatch.setenv(CALLER_CWD_ENV, str(tmp_path))
+    assert split_args(["my.yaml", "run.steps=2"]) == (str(tmp_path / "my.yaml"), ["run.steps=2"])
+    assert split_args(["trainer/configs/tiny_qwen3.yaml"]) == ("trainer/configs/tiny_qwen3.yaml", [])

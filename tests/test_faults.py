@@ -221,6 +221,11 @@ def test_refused_resume_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
     errors = _errors(refused.stderr)
     assert len(errors) == 1 and "model.tie_group_size" in errors[0], refused.stderr[-3000:]
     assert _digest(tmp_path / "r") == before
+    # The same command again: run.stop_at_step, not a finished run, is why nothing is left to do (the hint
+    # was to start over with run.resume=never)
+    again = _run([f"run.out_dir={tmp_path}", "run.name=r", "run.steps=4", "run.stop_at_step=2"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already at step 2 of 4 (run.stop_at_step=2: raise or remove it to continue)" in again.stdout, again.stdout
 
 
 def test_resume_never_sets_the_previous_run_aside(tmp_path: Path) -> None:
@@ -237,3 +242,47 @@ def test_resume_never_sets_the_previous_run_aside(tmp_path: Path) -> None:
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "latest").read_text() == "step00000004"
     resumed = _run([f"run.out_dir={tmp_path}", "run.name=again", "run.steps=4"])
     assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stdout[-2000:]
+
+
+def test_rank_killed_by_a_signal_is_one_line(capsys) -> None:
+    """A rank that died of a signal (OOM killer, or SIGTERM before python set a handler) made the launcher exit 1
+    without a word."""
+    from trainer.launch import run_local_ranks
+
+    die = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    assert run_local_ranks(2, die, dict(os.environ)) == 1
+    assert capsys.readouterr().err.strip() == "error: a rank was killed by SIGKILL (out of memory?)"
+
+
+def test_signal_while_the_ranks_start_is_130_and_one_line() -> None:
+    """SIGTERM to the launcher while its ranks were still starting python (no handler yet) killed them and the
+    launcher exited 1 without a word; README: 130 and one `error:` line."""
+    code = ("import os, sys; from trainer.launch import run_local_ranks; "
+            "sys.exit(run_local_ranks(2, [sys.executable, '-c', 'import time; time.sleep(60)'], dict(os.environ)))")
+    job = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(PYTHONPATH=str(REPO_ROOT)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(psutil.Process(job.pid).children()) < 2:
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130, err[-3000:]
+    assert err.strip().startswith("error: interrupted while the ranks were starting") and "\n" not in err.strip(), err
+
+
+def test_a_signal_lost_while_the_engine_was_built_still_stops_the_loop() -> None:
+    """SIGTERM while DeepSpeed built the engine raised a KeyboardInterrupt inside a finalizer, which Python prints
+    and drops: the run trained to its last step as if never asked to stop. The loop now sees it."""
+    from trainer import preemption
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            preemption.interrupt(signal.SIGTERM, None)
+        stop = preemption.StopSignal()
+        try:
+            assert stop.received == "SIGTERM"
+        finally:
+            stop.restore()
+    finally:
+        preemption._pending.clear()

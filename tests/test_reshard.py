@@ -86,3 +86,19 @@ def test_layout_free_state_refuses_another_optimizer(tmp_path: Path, optim: str)
                ckpt_dir / "step00000003" / LAYOUT_FREE)
     with pytest.raises(ValueError, match=f"holds AdamW state, this run has optim.name='{optim}'"):
         resume_layout_free(SimpleNamespace(cfg=cfg, world=2, rank=0), ckpt_dir)
+
+
+@pytest.mark.parametrize("content", ["", "garbage", "step00000009"])
+def test_garbage_latest_is_left_to_the_resume_fallback(tmp_path: Path, content: str) -> None:
+    """An empty, garbage or dangling `latest` used to stop the run here (exit 2) before
+    `checkpoint.resume_tag` could fall back to the newest older tag that verifies, as the README says."""
+    from types import SimpleNamespace
+
+    from trainer import checkpoint
+    from trainer.reshard import resume_layout_free
+
+    ckpt_dir = tmp_path / "checkpoints"
+    (ckpt_dir / "step00000002").mkdir(parents=True)
+    (ckpt_dir / checkpoint.LATEST).write_text(content)
+    cfg = load_config(None, BASE)
+    assert resume_layout_free(SimpleNamespace(cfg=cfg, world=2, rank=0), ckpt_dir) is None

@@ -109,6 +109,8 @@ def test_zero_stage_must_be_0_to_3(tmp_path):
     for stage in range(4):
         path = _write_ds_config(tmp_path, {"zero_optimization": {"stage": stage}})
         load_config(None, [f"parallel.ds_config={path}"])
+    path = _write_ds_config(tmp_path, {"zero_optimization": {"stage": True}})  # ran as ZeRO-1 (True == 1)
+    assert "zero_optimization.stage=True" in bad_overrides([f"parallel.ds_config={path}"], "parallel.ds_config")
 
 
 @pytest.mark.parametrize("key, value", [("train_batch_size", 8), ("gradient_accumulation_steps", 2),
@@ -525,3 +527,38 @@ def test_paper_recipe_configs():
         cfg.for_world(2)
     assert tied.model_config().tie_group_size == 2
     assert [p.n_experts for p in layer_plan(narrow.model_config())] == [8, 8, 4, 4, 4, 4, 8, 8]
+
+
+@pytest.mark.parametrize("override", ["optim.muon_ns_steps=0", "optim.adam_lr_ratio=-1", "optim.muon_momentum=5"])
+def test_muon_numbers_are_range_checked_under_any_optimizer(override):
+    """Under optim.name=adamw these were accepted and only failed once optim.name=muon joined them."""
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=f"^{key}="):
+        load_config(None, [override])
+
+
+def test_a_key_given_twice_takes_the_last_value():
+    """Documented (README Configuration, ./run.sh --help): tests and tools append overrides to a base list."""
+    assert load_config(None, ["run.steps=4", "run.steps=6"]).run.steps == 6
+    assert load_config(None, ["model.tie_group_size=4", "model.overrides.tie_group_size=1"]).model.overrides == {
+        "tie_group_size": 1}
+
+
+def test_run_out_dir_that_is_a_file_is_named(tmp_path):
+    """It was a NotADirectoryError traceback from rank 0 (exit 1)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = load_config(None, [f"run.out_dir={blocker}"])
+    with pytest.raises(ValueError, match=f"^run.out_dir='{blocker}': cannot create the run directory"):
+        cfg.make_run_dir()
+    assert load_config(None, [f"run.out_dir={tmp_path}", "run.name=r"]).make_run_dir() == tmp_path / "r"
+
+
+def test_binary_config_or_ds_config_is_named(tmp_path):
+    """Both said only "'utf-8' codec can't decode byte 0xff ...", naming neither the file nor the setting."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match=f"^config file {blob}: unreadable, expected a UTF-8 YAML file"):
+        load_config(blob)
+    with pytest.raises(ValueError, match=f"^parallel.ds_config {blob}: unreadable, expected a UTF-8 JSON file"):
+        load_config(None, [f"parallel.ds_config={blob}"])

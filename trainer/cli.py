@@ -5,7 +5,8 @@ this rank; started directly it hands over to `trainer.launch`, which starts the 
 
 Exit codes: 0 done (or stopped by SIGTERM / SIGINT with a checkpoint saved), 2 bad input (config,
 data, checkpoint; one line `error: ...`), 3 training diverged (non-finite loss, run.on_nonfinite=stop),
-130 SIGTERM / SIGINT outside the training loop (while building or resuming: nothing to save).
+130 SIGTERM / SIGINT outside the training loop (while building or resuming: nothing to save), 1 a rank
+killed by a signal it cannot catch (SIGKILL: the out-of-memory killer).
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
-from trainer.config import load_config
+from trainer.config import TrainConfig, load_config
 
 ERROR_DIR_ENV = "TIEDMOE_ERROR_DIR"  # where ranks started by trainer.launch leave their one-line error
+CALLER_CWD_ENV = "TIEDMOE_CALLER_CWD"  # the folder run.sh was called from (it then changes to the repo root)
 
 
 USAGE = """usage: ./run.sh [CONFIG.yaml] [key=value ...]   train (default config: trainer/configs/default.yaml)
        ./run.sh test [pytest args]             the test suite
        ./run.sh eval TARGET [...]              python -m trainer.evaluate (see its --help)
 CONFIG.yaml: a training config (trainer/configs/*.yaml); key=value: dotted overrides such as
-run.steps=50 or model.tie_group_size=4 (every field is commented in trainer/config.py)."""
+run.steps=50 or model.tie_group_size=4 (every field is commented in trainer/config.py; a key given twice:
+the last value wins)."""
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -44,11 +48,20 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
         args.append(arg)
     config = None
     if args and "=" not in args[0]:
-        config = args.pop(0)
+        config = _from_caller(args.pop(0))
     for arg in args:
         if "=" not in arg:
             raise ValueError(f"argument {arg!r}: expected key=value (only the first argument may be a config file)")
     return config, args
+
+
+def _from_caller(config: str) -> str:
+    """A relative config path as the caller meant it: run.sh changes to the repo root before Python starts,
+    so `../run.sh my.yaml` from another folder said 'not found'. Repo-relative paths still work."""
+    caller = os.environ.get(CALLER_CWD_ENV)
+    if caller and not Path(config).is_absolute() and (Path(caller) / config).exists():
+        return str(Path(caller) / config)
+    return config
 
 
 def main(argv: list[str]) -> int:
@@ -65,17 +78,45 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         return _fail(err, 2, in_rank)
     # torch and DeepSpeed take seconds to import: a bad command line or config is refused before that.
+    # A signal during those imports is only recorded (a KeyboardInterrupt raised there can land in a finalizer,
+    # which prints a traceback and drops it: the run went on), then acted on once they are done; from there
+    # SIGTERM ends the process as Ctrl-C does, with one line and 130, until the training loop (ranks) or the
+    # forwarding to the ranks (launcher) takes both signals over.
+    watched = [sig for sig in (signal.SIGTERM, signal.SIGINT)
+               if signal.getsignal(sig) is not signal.SIG_IGN]  # SIGINT of a background job stays ignored
+    for sig in watched:
+        signal.signal(sig, _record)
+    try:
+        return _run(cfg, config, overrides, in_rank, watched)
+    except KeyboardInterrupt:
+        return _fail(INTERRUPTED, 130, in_rank)
+
+
+INTERRUPTED = ("interrupted outside the training loop (before its first step or after its last checkpoint); "
+               "run the same command again to continue")
+_received: list[int] = []  # signals that arrived while the heavy modules were imported
+
+
+def _record(signum: int, _frame: Any) -> None:
+    _received.append(signum)
+
+
+def _run(cfg: TrainConfig, config: str | None, overrides: list[str], in_rank: bool, watched: list[int]) -> int:
+    """Start the local ranks (no launcher around us) or train on this rank."""
     from trainer.train import TrainingDiverged
+    if not in_rank:
+        from trainer.launch import launch
+    else:
+        from trainer.engine import shutdown
+        from trainer.preemption import die_with_parent, interrupt
+        from trainer.train import train
+    for sig in watched:
+        signal.signal(sig, interrupt if in_rank else signal.default_int_handler)
+    if _received:
+        raise KeyboardInterrupt
     try:
         if not in_rank:
-            from trainer.launch import launch
             return launch(cfg, config, overrides)
-        from trainer.engine import shutdown
-        from trainer.preemption import die_with_parent
-        from trainer.train import train
-        # Outside the loop (building, resuming, the final validation) SIGTERM ends the rank as Ctrl-C does,
-        # with one line, instead of killing it without a word; the loop records it and saves.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
         die_with_parent()
         train(cfg)
         shutdown()  # does not return
@@ -84,9 +125,6 @@ def main(argv: list[str]) -> int:
         return _fail(err, 2, in_rank)
     except TrainingDiverged as err:
         return _fail(err, 3, in_rank)
-    except KeyboardInterrupt:
-        return _fail("interrupted outside the training loop (before its first step or after its last checkpoint); "
-                     "run the same command again to continue", 130, in_rank)
 
 
 def _fail(err: object, code: int, in_rank: bool) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -106,11 +107,11 @@ class RunSection:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: bf16 weights and activations, fp32 master weights
     log_every: int = 10  # progress line, metrics.jsonl and TensorBoard every N steps (and the last)
     eval_every: int = 0  # validation every N steps (0: only at the end)
-    eval_batches: int = 4
+    eval_batches: int = 4  # validation micro-batches per rank each time validation runs (the same ones every time)
     downstream_every: int = 0  # lm-eval downstream subset every N steps (0: off); logged as downstream/<task>
     downstream_tasks: str = "arc_easy,piqa"  # comma-separated, from trainer/eval_tasks (offline)
     downstream_limit: int = 20  # documents per task (a quick in-loop signal, not a benchmark)
-    downstream_fewshot: int = 3
+    downstream_fewshot: int = 3  # few-shot examples in each downstream prompt (lm-eval num_fewshot)
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest N kept (0: keep all)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run dir>/checkpoints/latest if present
@@ -175,6 +176,19 @@ class TrainConfig:
     def run_dir(self) -> Path:
         out = Path(self.run.out_dir)
         return (out if out.is_absolute() else REPO_ROOT / out) / self.run.name
+
+    def make_run_dir(self) -> Path:
+        """Create the run directory; a run.out_dir that is a file or not writable was an OSError traceback
+        from inside rank 0 (exit 1)."""
+        path = self.run_dir()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as err:
+            raise ValueError(f"run.out_dir={self.run.out_dir!r}: cannot create the run directory {path} "
+                             f"({err.strerror or err}); expected a writable folder") from None
+        return path
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -273,6 +287,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ValueError(f"config file {path}: {'is a directory, expected a YAML file' if path.is_dir() else 'not found'}")
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except (OSError, UnicodeDecodeError) as err:  # a binary or unreadable file is named, not a bare codec error
+        raise ValueError(f"config file {path}: unreadable, expected a UTF-8 YAML file "
+                         f"({err.strerror if isinstance(err, OSError) else err.reason})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path}: invalid YAML ({yaml_problem(err)})") from None
     if not isinstance(raw, dict) or not raw:
@@ -390,8 +407,8 @@ def _validate_muon(cfg: TrainConfig) -> None:
     """Muon's ranges; it runs at ZeRO 0-3, fp32 and bf16 (flat partitions are orthogonalised through
     `trainer.engine.attach_muon_layouts`), but its flat-partition path is untested with offload."""
     optim = cfg.optim
-    if optim.name != "muon":
-        return
+    # Ranged whatever optim.name is (the README: every number is range-checked): `optim.muon_ns_steps=0` under
+    # adamw was accepted, and failed only once optim.name=muon was added to the same command line.
     checks = [
         ("optim.muon_momentum", 0 <= optim.muon_momentum < 1, "a number in [0, 1)"),
         ("optim.muon_weight_decay", optim.muon_weight_decay >= 0, "a non-negative number"),
@@ -402,6 +419,8 @@ def _validate_muon(cfg: TrainConfig) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ValueError(f"{key}={getattr(optim, key.split('.')[1])!r}: expected {expected}")
+    if optim.name != "muon":
+        return
     zero = load_engine_settings(cfg).get("zero_optimization", {})
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key) and zero[key].get("device", "none") != "none":
@@ -417,6 +436,9 @@ def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config!r}: file {path} not found")
     try:
         settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:  # a binary or unreadable file named, not a bare codec error
+        raise ValueError(f"parallel.ds_config {path}: unreadable, expected a UTF-8 JSON file "
+                         f"({err.strerror if isinstance(err, OSError) else err.reason})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"parallel.ds_config {path}: invalid JSON ({err})") from None
     if not isinstance(settings, dict) or not isinstance(settings.get("zero_optimization", {}), dict):
@@ -428,6 +450,6 @@ def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
     if clash:
         raise ValueError(f"parallel.ds_config {path}: key {clash[0]!r} is set by the trainer config, remove it")
     stage = settings.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # `true` == 1 in Python: it ran as ZeRO-1
         raise ValueError(f"parallel.ds_config {path}: zero_optimization.stage={stage!r}, expected 0, 1, 2 or 3")
     return settings

@@ -42,7 +42,19 @@ def local_ranks() -> tuple[int, dict[str, str]]:
         return torch.cuda.device_count(), env
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")
-    return int(env.get("TIEDMOE_CPU_RANKS", "2")), env
+    return cpu_ranks(env.get("TIEDMOE_CPU_RANKS", "2")), env
+
+
+def cpu_ranks(raw: str) -> int:
+    """`TIEDMOE_CPU_RANKS` as a rank count: 0 started no rank and exited 0 with nothing trained, and `abc`
+    failed with int()'s message, which does not name the variable."""
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"TIEDMOE_CPU_RANKS={raw!r}: expected a positive integer (CPU ranks to start; default 2)")
+    return count
 
 
 def torchrun_command(nproc: int, target: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -110,6 +122,7 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     make_source(cfg, "validation", 0, nproc)
     if cfg.run.downstream_every:
         check_tasks([t.strip() for t in cfg.run.downstream_tasks.split(",") if t.strip()])
+    cfg.make_run_dir()  # an unusable run.out_dir is one line here, not a traceback from rank 0
     return run_local_ranks(nproc, [sys.executable, str(REPO_ROOT / "run.sh"), *([config] if config else []),
                                    *overrides], env)
 
@@ -129,7 +142,8 @@ def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
                 "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port)}
         ranks = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-        previous = {sig: signal.signal(sig, _forward_to(ranks)) for sig in (signal.SIGTERM, signal.SIGINT)}
+        forwarded: list[int] = []
+        previous = {sig: signal.signal(sig, _forward_to(ranks, forwarded)) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             code = _wait_for(ranks)
         finally:
@@ -141,11 +155,30 @@ def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
         reported = sorted(Path(errors).glob("rank*.txt"))
         if code and reported:
             print(reported[0].read_text().strip(), file=sys.stderr)
+        elif code < 0:
+            # A rank ended by a signal it had no handler for yet (python still starting, before trainer.cli sets
+            # one): the launcher used to exit 1 without a word.
+            if forwarded:
+                print("error: interrupted while the ranks were starting (before the first step: nothing to save); "
+                      "run the same command again to continue", file=sys.stderr)
+            else:
+                hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+                print(f"error: a rank was killed by {_signal_name(-code)}{hint}", file=sys.stderr)
+    if code < 0:
+        return 130 if forwarded else 1
     return code
 
 
-def _forward_to(ranks: list[subprocess.Popen]) -> Callable[[int, Any], None]:
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _forward_to(ranks: list[subprocess.Popen], forwarded: list[int]) -> Callable[[int, Any], None]:
     def forward(signum: int, _frame: Any) -> None:
+        forwarded.append(signum)
         for proc in ranks:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # ranks save at the end of the current step
@@ -154,8 +187,8 @@ def _forward_to(ranks: list[subprocess.Popen]) -> Callable[[int, Any], None]:
 
 
 def _wait_for(ranks: list[subprocess.Popen]) -> int:
-    """0 when every rank ends with 0; else the first failure's code, after killing the rest (they would
-    wait forever in a collective for the failed rank)."""
+    """0 when every rank ends with 0; else the first failure's code (2 first; -N: killed by signal N), after
+    killing the rest (they would wait forever in a collective for the failed rank)."""
     while True:
         codes = [proc.poll() for proc in ranks]
         failed = [c for c in codes if c not in (None, 0)]
@@ -163,7 +196,7 @@ def _wait_for(ranks: list[subprocess.Popen]) -> int:
             for proc in ranks:
                 if proc.poll() is None:
                     proc.kill()
-            return 2 if 2 in failed else (failed[0] if failed[0] > 0 else 1)
+            return 2 if 2 in failed else next((c for c in failed if c > 0), failed[0])
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)

@@ -18,11 +18,23 @@ from trainer import engine as eng
 _PR_SET_PDEATHSIG = 1
 
 
+_pending: list[str] = []  # signals `interrupt` saw before the loop
+
+
+def interrupt(signum: int, _frame: FrameType | None) -> None:
+    """Before and after the loop (building, resuming, final validation): stop as Ctrl-C does (exit 130), and
+    remember the signal: a KeyboardInterrupt raised inside a finalizer (some run while DeepSpeed builds the
+    engine) is printed and dropped, and the run went on to its last step as if never asked to stop;
+    `StopSignal` then stops it after the first step, with a checkpoint."""
+    _pending.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt
+
+
 class StopSignal:
     """Records SIGTERM / SIGINT instead of dying, while the loop runs."""
 
     def __init__(self) -> None:
-        self.received: str | None = None
+        self.received: str | None = _pending[-1] if _pending else None
         self._previous = {sig: signal.signal(sig, self._record) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:

@@ -47,7 +47,10 @@ def read_layout_free(path: Path) -> dict[str, Any]:
 def resume_layout_free(s: Session, ckpt_dir: Path) -> int | None:
     """When the latest checkpoint has a layout-free copy written for another layout than this run's,
     load it (every rank takes its slice) and return the step to continue from; else None."""
-    tag = checkpoint.latest_tag(ckpt_dir)
+    try:
+        tag = checkpoint.latest_tag(ckpt_dir)
+    except ValueError:  # empty or garbage `latest`: `checkpoint.resume_tag` falls back to an older tag and says so
+        return None
     path = ckpt_dir / tag / LAYOUT_FREE if tag else None
     if path is None or not path.is_file():
         return None

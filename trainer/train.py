@@ -99,7 +99,7 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
     run_dir = cfg.run_dir()
     if eng.rank() == 0:
         ensure_data(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.make_run_dir()
     eng.barrier()
     s = open_session(cfg)
     if s.rank == 0:
@@ -215,8 +215,11 @@ def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, st
     if start >= stop:
         progress.close()
         if s.rank == 0:
-            print(f"nothing to do: {run_dir / 'checkpoints'} is already at step {start} of {s.steps} "
-                  f"(set run.resume=never or another run.name to start over)", flush=True)
+            # below the run's length, only run.stop_at_step stops it: starting over is not the hint to give
+            hint = (f"run.stop_at_step={s.cfg.run.stop_at_step}: raise or remove it to continue" if start < s.steps
+                    else "set run.resume=never or another run.name to start over")
+            print(f"nothing to do: {run_dir / 'checkpoints'} is already at step {start} of {s.steps} ({hint})",
+                  flush=True)
         return result
     result.val_loss = validation_ce(s)
     write_run_report(s, run_dir)  # refreshed at the end (peak memory of the whole run)
