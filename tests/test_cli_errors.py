@@ -99,6 +99,20 @@ def test_reshard_bad_config_yaml_is_one_line(tmp_path):
                            "invalid YAML")
 
 
+@pytest.mark.parametrize("tag", ["../checkpoints", "step00000099", ""])
+def test_reshard_tag_must_name_a_checkpoint_folder(tmp_path, tag):
+    """'--tag ../x' would have written layout_free.pt into another folder of the run."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step00000002").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text((REPO_ROOT / "trainer" / "configs" / "default.yaml").read_text())
+    _assert_one_error_line(run_python(["-m", "trainer.reshard", str(run_dir), "--tag", tag]), f"--tag {tag!r}",
+                           "checkpoint folder")
+
+
+def test_reshard_bad_flag_is_one_line():
+    _assert_one_error_line(run_python(["-m", "trainer.reshard", "runs/x", "--tga", "step1"]), "--tga")
+
+
 def test_evaluate_run_without_checkpoint_names_what_to_pass(tmp_path):
     """trainer.evaluate has no --tag: the hint names the checkpoint directory it takes instead."""
     run_dir = tmp_path / "run"

@@ -23,6 +23,7 @@ import torch
 
 from trainer import checkpoint
 from trainer import engine as eng
+from trainer.argtypes import OneLineParser
 from trainer.config import TrainConfig, load_config, zero_stage
 from trainer.data import make_source
 from trainer.launch import spawn_cpu_ranks
@@ -110,6 +111,10 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
         raise ValueError(f"optim.name={cfg.optim.name!r}: resharding carries AdamW state only (Muon's "
                          f"momentum is not carried): resume the run on the layout that wrote it")
     ckpt_dir = run_dir / "checkpoints"
+    if tag is not None and (tag in ("", ".", "..") or "/" in tag or not (ckpt_dir / tag).is_dir()):
+        # '../x' would write layout_free.pt into another folder of the run
+        raise ValueError(f"--tag {tag!r}: expected the name of a checkpoint folder under {ckpt_dir}, like "
+                         f"{checkpoint.tag_for(0)}")
     tag = tag or checkpoint.latest_tag(ckpt_dir)
     if tag is None:
         raise ValueError(f"run directory {run_dir}: no complete checkpoint yet ({ckpt_dir / checkpoint.LATEST})")
@@ -125,8 +130,8 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.reshard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m trainer.reshard", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run directory (runs/<name>)")
     parser.add_argument("--tag", help="checkpoint tag (default: the one `latest` names)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
