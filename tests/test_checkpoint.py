@@ -147,3 +147,24 @@ def test_checkpoint_from_before_a_model_field_existed_resumes_with_its_default(t
     paper = load_config(None, ["data.source=random", "model.init=paper"])
     with pytest.raises(ValueError, match=r"model.init='normal', this run has 'paper'"):
         checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(paper))
+
+
+def test_prune_deletes_only_the_trainers_tags(tmp_path: Path) -> None:
+    """Old checkpoints were deleted by name prefix: a user's `step_best` folder went with them."""
+    for name in ("step00000001", "step00000002", "step00000003", "step_best"):
+        (tmp_path / name).mkdir()
+    checkpoint._prune(tmp_path, keep=1, current="step00000003")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000003", "step_best"]
+
+
+def test_resume_never_twice_in_one_second_keeps_both(tmp_path: Path, monkeypatch) -> None:
+    """replaced-<time>/ is named to the second: a second restart within it was a FileExistsError."""
+    from trainer import train
+
+    monkeypatch.setattr(train.time, "strftime", lambda _fmt: "20261202-101010")
+    for marker in ("first", "second"):
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / marker).touch()
+        train._set_aside_previous(tmp_path)
+    assert (tmp_path / "replaced-20261202-101010" / "checkpoints" / "first").exists()
+    assert (tmp_path / "replaced-20261202-101010-2" / "checkpoints" / "second").exists()

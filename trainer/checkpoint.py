@@ -316,7 +316,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], kee
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
     if keep <= 0:
         return
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+    # only the trainer's own tags: a user's folder such as `step_best_copy` is not ours to delete
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.fullmatch(p.name))
     for old in tags[:-keep]:
         if old != current:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)

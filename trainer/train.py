@@ -153,7 +153,12 @@ def _set_aside_previous(run_dir: Path) -> None:
     old = [run_dir / name for name in ("checkpoints", "tb") if (run_dir / name).exists()]
     if not old:
         return
-    aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    aside = run_dir / f"replaced-{stamp}"
+    suffix = 1
+    while aside.exists():  # two restarts within one second
+        suffix += 1
+        aside = run_dir / f"replaced-{stamp}-{suffix}"
     aside.mkdir()
     for path in old:
         path.rename(aside / path.name)
