@@ -233,3 +233,16 @@ def test_bad_flag_value_is_one_error_line(tmp_path, capsys) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: argument --hf-layout") and "\n" not in err, err
+
+
+def test_config_edited_after_the_checkpoint_is_named(tmp_path, capsys) -> None:
+    """The refusal ended with a training hint ('use another run.name or run.resume=never')."""
+    from trainer import checkpoint
+
+    _write_run(tmp_path / "run", [])
+    written_with = checkpoint.identity(load_config(None, ["data.source=random", "model.d_model=96"]))
+    for rank in range(2):
+        torch.save({"step": 2, "world_size": 2, "data": {}, "rng": {}, "identity": written_with},
+                   tmp_path / "run" / "checkpoints" / "step00000002" / f"trainer_state_rank{rank}.pt")
+    _fails(capsys, [str(tmp_path / "run")], "model.d_model=96, this run has 64; "
+           f"{(tmp_path / 'run' / 'config.yaml').resolve()} was edited after the checkpoint was written")

@@ -333,16 +333,17 @@ def _saved_value(saved: dict[str, Any], section: str, key: str) -> Any:
     return values.get(key)
 
 
-def check_identity(ckpt_dir: Path, tag: str, ident: dict[str, Any]) -> None:
+def check_identity(ckpt_dir: Path, tag: str, ident: dict[str, Any],
+                   hint: str = "use another run.name or run.resume=never") -> None:
     """Refuse, in one line, to resume a checkpoint written for another model or layout (before DeepSpeed
-    would fail deep inside its loader)."""
+    would fail deep inside its loader). `hint` ends a model / data mismatch: what the caller can do."""
     saved = read_trainer_state(ckpt_dir / tag / "trainer_state_rank0.pt").get("identity") or {}
     for section in ("model", "data"):
         for key, value in ident[section].items():
             was = _saved_value(saved, section, key)
             if was != value:
                 raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {section}.{key}={was!r}, this run "
-                                 f"has {value!r}; use another run.name or run.resume=never")
+                                 f"has {value!r}; {hint}")
     for key, field in (("expert_parallel_size", "parallel.expert_parallel_size"), ("zero_stage", "the ZeRO stage")):
         if key in saved and saved[key] != ident[key]:
             raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {field}={saved[key]}, this run has "

@@ -172,7 +172,9 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
                          f"trainer_state_rank{missing[0]}.pt is missing")
     checkpoint.verify_tag(ckpt_dir, tag, world)  # a truncated or corrupted file is named here, not in a rank
     if state.get("identity") is not None:  # config.yaml edited since the checkpoint was written?
-        checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg))
+        checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg),
+                                  hint=f"{run_dir / 'config.yaml'} was edited after the checkpoint was written: "
+                                       f"restore the value it was written with")
     cfg.for_world(world)  # the checkpoint's layout must still be a valid one for this config
     return Source(run_dir, ckpt_dir, tag, world, state.get("step"), cfg)
 
