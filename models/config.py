@@ -180,6 +180,10 @@ def tie_groups(cfg: ModelConfig) -> list[list[int]]:
     """Groups of MoE layer indices sharing one expert bank (singletons are untied layers)."""
     moe = moe_layers(cfg)
     if cfg.tie_groups is not None:
+        # Shape first: `tie_groups=5` or `tie_groups=[2,3]` (a flat list) was a TypeError traceback below.
+        if not isinstance(cfg.tie_groups, (list, tuple)) or any(
+                not isinstance(g, (list, tuple)) for g in cfg.tie_groups):
+            _fail("tie_groups", cfg.tie_groups, "a list of non-empty lists of layer indices, e.g. [[2, 3], [4, 5]]")
         groups = [list(g) for g in cfg.tie_groups]
         seen: set[int] = set()
         for group in groups:

@@ -190,6 +190,12 @@ def test_summary_refuses_a_layout_that_cannot_exist(args: list[str], says: str |
     ("init_std=.inf", "model.init_std=inf: expected a finite number"),
     ("tie_router=3", "model.tie_router=3: expected true or false"),  # was accepted as truthy
     ("head_dim=x", "model.head_dim='x': expected an integer or null"),
+    # not a list of lists: were TypeError tracebacks ('int' object is not iterable)
+    ("tie_groups=5", "model.tie_groups=5: expected a list of non-empty lists of layer indices, e.g. [[2, 3], [4, 5]]"),
+    ("tie_groups=[2,3]",
+     "model.tie_groups=[2, 3]: expected a list of non-empty lists of layer indices, e.g. [[2, 3], [4, 5]]"),
+    ("tie_groups=[[2,3],4]",
+     "model.tie_groups=[[2, 3], 4]: expected a list of non-empty lists of layer indices, e.g. [[2, 3], [4, 5]]"),
 ])
 def test_summary_refuses_non_numbers_in_one_line(override: str, says: str) -> None:
     result = _summary("olmoe_tiny", override)
