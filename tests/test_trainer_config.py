@@ -275,6 +275,18 @@ def test_data_vocab_larger_than_model_vocab(fixture_shards):
         assert int(batch["input_ids"].max()) < FIXTURE_VOCAB_SIZE
 
 
+@pytest.mark.parametrize("tokenizer, what", [("missing.json", "no such file"), ("bad.json", "not a tokenizers JSON")])
+def test_stream_tokenizer_error_names_the_config_key(tmp_path, tokenizer, what):
+    # The loader's message named the path only ("tokenizer /x.json: no such file"); the user edits data.tokenizer.
+    (tmp_path / "train.jsonl").write_text('{"text": "hello world"}\n')
+    (tmp_path / "bad.json").write_text("not json")
+    cfg = load_config(None, ["data.source=stream", f"data.stream_train={tmp_path / 'train.jsonl'}",
+                             f"data.tokenizer={tmp_path / tokenizer}"])
+    with pytest.raises(ValueError) as info:
+        make_source(cfg, "train", 0, 1)
+    assert str(info.value).startswith(f"data.tokenizer='{tmp_path / tokenizer}': ") and what in str(info.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # parsing
 
