@@ -391,3 +391,24 @@ def test_hf_on_a_run_exports_with_hf(tmp_path, monkeypatch) -> None:
     assert calls == [("resolve", True), ("export", True)]  # resolve(hf=True) refuses what HF cannot express
     assert evaluate.resolve_target(run).export_dir == run / "export" / "step00000002"  # without --hf: reused
     assert calls[2:] == [("resolve", False)]
+
+
+def test_downstream_fewshot_refused_by_lm_eval_names_the_config_key(monkeypatch) -> None:
+    """More shots than a task has examples: lm-eval's refusal named evaluate's --num-fewshot, not the run's key."""
+    from types import SimpleNamespace
+
+    from models.transformer import build_model
+    from trainer import downstream
+
+    cfg = load_config(None, ["run.downstream_every=1", "run.downstream_fewshot=5000", "run.downstream_tasks=piqa"])
+    model_cfg = cfg.model_config()
+    monkeypatch.setattr(downstream.eng, "gather_state_dict", lambda *a, **k: build_model(model_cfg).state_dict())
+    monkeypatch.setattr(downstream.eng, "barrier", lambda: None)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("lm-eval refused --tasks piqa --num-fewshot 5000 (...): Sample larger than population")
+
+    monkeypatch.setattr(downstream, "run_tasks", refuse)
+    s = SimpleNamespace(cfg=cfg, model_cfg=model_cfg, rank=0, engine=None)
+    with pytest.raises(ValueError, match=r"^run.downstream_fewshot=5000 \(run.downstream_tasks='piqa'\): lm-eval"):
+        downstream.scores(s, tokenizer=None)

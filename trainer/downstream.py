@@ -55,8 +55,12 @@ def scores(s: Session, tokenizer: Any) -> dict[str, float] | None:
         model.eval()
         max_len = min(s.cfg.data.seq_len, s.model_cfg.max_seq_len)
         run = s.cfg.run
-        per_task = run_tasks(LogitsModel(model, max_len), tokenizer, tasks_of(s), run.downstream_fewshot,
-                             run.downstream_limit, batch_size=8, max_len=max_len)
+        try:
+            per_task = run_tasks(LogitsModel(model, max_len), tokenizer, tasks_of(s), run.downstream_fewshot,
+                                 run.downstream_limit, batch_size=8, max_len=max_len)
+        except ValueError as err:  # it names evaluate's flags (--num-fewshot); a training run sets these keys
+            raise ValueError(f"run.downstream_fewshot={run.downstream_fewshot} (run.downstream_tasks="
+                             f"{run.downstream_tasks!r}): {err}") from None
         result = {task: row["score"] for task, row in per_task.items()}
         result["mean"] = sum(result.values()) / len(per_task)
     eng.barrier()
