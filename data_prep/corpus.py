@@ -111,6 +111,10 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: unreadable ({err})") from None
 
 
+# Where the field is set: a build config, `python -m data_prep.build --text-field`, or a training run's
+# `data.text_field` (the stream loader raises this inside the trainer, so the trainer's key is named too).
+SET_TEXT_FIELD = "set text_field / --text-field (data.text_field when training)"
+
 def record_text(record: object, text_field: str, where: str) -> str:
     """The text of one JSON record ("" for null); a DataError naming `where` if the field is absent or
     not a string."""
@@ -118,7 +122,7 @@ def record_text(record: object, text_field: str, where: str) -> str:
         raise DataError(f"{where}: expected a JSON object with field {text_field!r}, got {type(record).__name__}")
     if text_field not in record:
         fields = ", ".join(sorted(map(str, record))[:10])
-        raise DataError(f"{where}: no field {text_field!r} (fields: {fields}); set text_field / --text-field")
+        raise DataError(f"{where}: no field {text_field!r} (fields: {fields}); {SET_TEXT_FIELD}")
     value = record[text_field]
     if value is None:
         return ""
@@ -175,7 +179,7 @@ def column_text(value: object, text_field: str, where: str) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{where}: column {text_field!r} must hold strings, got {type(value).__name__} "
-                        f"({value!r:.40}); set text_field / --text-field")
+                        f"({value!r:.40}); {SET_TEXT_FIELD}")
     return value
 
 
@@ -193,7 +197,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
         raise DataError(f"{path}: not a readable parquet file ({err})") from err
     if text_field not in parquet.schema_arrow.names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
-                        "set text_field / --text-field")
+                        f"{SET_TEXT_FIELD}")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             yield column_text(value, text_field, str(path))
@@ -219,7 +223,7 @@ def _read_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
     for part in parts:
         if text_field not in part.column_names:
             raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(part.column_names)}); "
-                            "set text_field / --text-field")
+                            f"{SET_TEXT_FIELD}")
         for row in part.select_columns([text_field]).iter(batch_size=1024):
             for value in row[text_field]:
                 yield column_text(value, text_field, str(path))

@@ -118,8 +118,9 @@ def test_text_files_and_saved_datasets(tokenizer_path: Path, tmp_path: Path) -> 
 
 
 def test_bad_inputs(tokenizer_path: Path, sonnets: Path, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="no field 'body'"):
+    with pytest.raises(DataError, match="no field 'body'") as raised:
         StreamingTokenLoader(sonnets, tokenizer_path, SEQ_LEN, 1, text_field="body").next_batch()
+    assert "data.text_field" in str(raised.value)  # raised inside a training run too: name the trainer's key
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": ""}) + "\n")
     with pytest.raises(DataError, match="got no text in field 'text'"):

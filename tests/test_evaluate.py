@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
-from trainer.config import REPO_ROOT
+from trainer.config import REPO_ROOT, load_config
 
 TEXT = "And God said, Let there be light: and there was light.\n\nShall I compare thee to a summer's day?"
 
@@ -290,7 +290,16 @@ def test_unknown_downstream_task_is_refused_before_ranks_start(tmp_path) -> None
     proc = _run(["run.sh", "run.downstream_every=2", "run.downstream_tasks=arc_easy,no_such_task",
                  f"run.out_dir={tmp_path}"], timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown task 'no_such_task'"), proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run.downstream_tasks='arc_easy,no_such_task': unknown task 'no_such_task'"), last
+
+
+def test_downstream_task_error_names_the_config_key() -> None:
+    """check_tasks said "unknown task 'x'": right for evaluate's --tasks, but a training run sets run.downstream_tasks."""
+    from trainer.downstream import check_task_names
+
+    with pytest.raises(ValueError, match=r"^run.downstream_tasks='piqa, nope': unknown task 'nope'"):
+        check_task_names(load_config(None, ["run.downstream_every=1", "run.downstream_tasks=piqa, nope"]))
 
 
 def test_damaged_export_config_and_tokenizer_are_named(tmp_path, capsys) -> None:
@@ -382,3 +391,24 @@ def test_hf_on_a_run_exports_with_hf(tmp_path, monkeypatch) -> None:
     assert calls == [("resolve", True), ("export", True)]  # resolve(hf=True) refuses what HF cannot express
     assert evaluate.resolve_target(run).export_dir == run / "export" / "step00000002"  # without --hf: reused
     assert calls[2:] == [("resolve", False)]
+
+
+def test_downstream_fewshot_refused_by_lm_eval_names_the_config_key(monkeypatch) -> None:
+    """More shots than a task has examples: lm-eval's refusal named evaluate's --num-fewshot, not the run's key."""
+    from types import SimpleNamespace
+
+    from models.transformer import build_model
+    from trainer import downstream
+
+    cfg = load_config(None, ["run.downstream_every=1", "run.downstream_fewshot=5000", "run.downstream_tasks=piqa"])
+    model_cfg = cfg.model_config()
+    monkeypatch.setattr(downstream.eng, "gather_state_dict", lambda *a, **k: build_model(model_cfg).state_dict())
+    monkeypatch.setattr(downstream.eng, "barrier", lambda: None)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("lm-eval refused --tasks piqa --num-fewshot 5000 (...): Sample larger than population")
+
+    monkeypatch.setattr(downstream, "run_tasks", refuse)
+    s = SimpleNamespace(cfg=cfg, model_cfg=model_cfg, rank=0, engine=None)
+    with pytest.raises(ValueError, match=r"^run.downstream_fewshot=5000 \(run.downstream_tasks='piqa'\): lm-eval"):
+        downstream.scores(s, tokenizer=None)

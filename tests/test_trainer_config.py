@@ -275,6 +275,18 @@ def test_data_vocab_larger_than_model_vocab(fixture_shards):
         assert int(batch["input_ids"].max()) < FIXTURE_VOCAB_SIZE
 
 
+@pytest.mark.parametrize("tokenizer, what", [("missing.json", "no such file"), ("bad.json", "not a tokenizers JSON")])
+def test_stream_tokenizer_error_names_the_config_key(tmp_path, tokenizer, what):
+    # The loader's message named the path only ("tokenizer /x.json: no such file"); the user edits data.tokenizer.
+    (tmp_path / "train.jsonl").write_text('{"text": "hello world"}\n')
+    (tmp_path / "bad.json").write_text("not json")
+    cfg = load_config(None, ["data.source=stream", f"data.stream_train={tmp_path / 'train.jsonl'}",
+                             f"data.tokenizer={tmp_path / tokenizer}"])
+    with pytest.raises(ValueError) as info:
+        make_source(cfg, "train", 0, 1)
+    assert str(info.value).startswith(f"data.tokenizer='{tmp_path / tokenizer}': ") and what in str(info.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # parsing
 
@@ -562,3 +574,14 @@ def test_binary_config_or_ds_config_is_named(tmp_path):
         load_config(blob)
     with pytest.raises(ValueError, match=f"^parallel.ds_config {blob}: unreadable, expected a UTF-8 JSON file"):
         load_config(None, [f"parallel.ds_config={blob}"])
+
+
+def test_run_tokens_rounds_to_whole_steps_and_says_so():
+    # default: 8 x 2 ranks x 128 = 2048 tokens per step; 5000 tokens is 2 steps = 4096 tokens, printed at start
+    cfg = load_config(None, ["run.tokens=5000", "run.steps=50"])
+    assert cfg.total_steps(2) == 2
+    note = cfg.tokens_note(2)
+    assert "2 steps of 2,048 tokens = 4,096 tokens, not 5,000" in note and "run.steps=50 is not used" in note
+    assert "not 4,096" not in load_config(None, ["run.tokens=4096"]).tokens_note(2)
+    assert load_config(None, ["run.tokens=10"]).total_steps(2) == 1  # at least one step
+    assert load_config(None, []).tokens_note(2) is None

@@ -102,7 +102,7 @@ class RunSection:
     name: str = "default"  # the run directory is out_dir/name (a plain folder name)
     out_dir: str = "runs"  # relative to the repo root unless absolute
     steps: int = 100  # optimizer steps of the whole run (the schedule's length)
-    tokens: int | None = None  # alternative to steps: train this many tokens
+    tokens: int | None = None  # alternative to steps (replaces it): this many tokens, in whole steps (rounded down)
     seed: int = 0  # model init, data order and random tokens
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: bf16 weights and activations, fp32 master weights
     log_every: int = 10  # progress line, metrics.jsonl and TensorBoard every N steps (and the last)
@@ -172,6 +172,17 @@ class TrainConfig:
         if self.run.tokens is None:
             return self.run.steps
         return max(1, self.run.tokens // self.tokens_per_step(world_size))
+
+    def tokens_note(self, world_size: int) -> str | None:
+        """What `run.tokens` became at this world size, when it is set: whole optimizer steps (rounded down,
+        at least 1) replace `run.steps`, so the tokens actually trained can differ from the number asked
+        for; the start of a run prints this line rather than changing the budget silently."""
+        if self.run.tokens is None:
+            return None
+        steps, per_step = self.total_steps(world_size), self.tokens_per_step(world_size)
+        exact = "" if steps * per_step == self.run.tokens else f", not {self.run.tokens:,} (whole steps only)"
+        return (f"run.tokens={self.run.tokens}: {steps} steps of {per_step:,} tokens = {steps * per_step:,} "
+                f"tokens{exact}; run.steps={self.run.steps} is not used")
 
     def run_dir(self) -> Path:
         out = Path(self.run.out_dir)

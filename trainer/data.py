@@ -11,6 +11,7 @@ from data_prep.build import DEFAULT_OUT_DIR, ensure_default_dataset
 from data_prep.errors import DataError
 from data_prep.loader import TokenWindowLoader, check_vocab
 from data_prep.streaming import StreamingTokenLoader, open_streaming_dataset
+from data_prep.tokenizer import load_tokenizer
 from trainer.config import REPO_ROOT, TrainConfig
 
 
@@ -84,7 +85,12 @@ def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> Bat
             dataset = open_streaming_dataset(str(repo_path(files)), cfg.data.text_field)
         except DataError as err:  # it names the path; the user edits the config key
             raise DataError(f"{key}={files!r}: {err}") from None
-        loader = StreamingTokenLoader(dataset, repo_path(cfg.data.tokenizer), cfg.data.seq_len,
+        tokenizer = repo_path(cfg.data.tokenizer)
+        try:
+            load_tokenizer(tokenizer)  # the loader's own error names the path only; the user edits data.tokenizer
+        except DataError as err:
+            raise DataError(f"data.tokenizer={cfg.data.tokenizer!r}: {err}") from None
+        loader = StreamingTokenLoader(dataset, tokenizer, cfg.data.seq_len,
                                       cfg.batch.micro_batch_size, rank=rank, world_size=world_size,
                                       seed=cfg.run.seed, text_field=cfg.data.text_field)
         if loader.vocab_size > model_vocab:

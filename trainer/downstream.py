@@ -13,6 +13,7 @@ from typing import Any
 
 from models.transformer import build_model
 from trainer import engine as eng
+from trainer.config import TrainConfig
 from trainer.evaluate import LogitsModel, check_tasks, run_tasks
 from trainer.export_tokenizer import run_tokenizer
 from trainer.session import Session
@@ -22,9 +23,18 @@ def tasks_of(s: Session) -> list[str]:
     return [t.strip() for t in s.cfg.run.downstream_tasks.split(",") if t.strip()]
 
 
+def check_task_names(cfg: TrainConfig) -> None:
+    """run.downstream_tasks names shipped tasks whose data is installed; the one-line ValueError names the
+    config key (check_tasks alone said "unknown task 'x'", which a training command line does not spell)."""
+    try:
+        check_tasks([t.strip() for t in cfg.run.downstream_tasks.split(",") if t.strip()])
+    except ValueError as err:
+        raise ValueError(f"run.downstream_tasks={cfg.run.downstream_tasks!r}: {err}") from None
+
+
 def check(s: Session) -> Any:
     """Tasks and tokenizer usable (one-line ValueError otherwise); returns the tokenizer (rank 0)."""
-    check_tasks(tasks_of(s))
+    check_task_names(s.cfg)
     rt = run_tokenizer(s.cfg)
     if rt.path is None:
         raise ValueError(f"run.downstream_every={s.cfg.run.downstream_every}: {rt.note}")
@@ -45,8 +55,12 @@ def scores(s: Session, tokenizer: Any) -> dict[str, float] | None:
         model.eval()
         max_len = min(s.cfg.data.seq_len, s.model_cfg.max_seq_len)
         run = s.cfg.run
-        per_task = run_tasks(LogitsModel(model, max_len), tokenizer, tasks_of(s), run.downstream_fewshot,
-                             run.downstream_limit, batch_size=8, max_len=max_len)
+        try:
+            per_task = run_tasks(LogitsModel(model, max_len), tokenizer, tasks_of(s), run.downstream_fewshot,
+                                 run.downstream_limit, batch_size=8, max_len=max_len)
+        except ValueError as err:  # it names evaluate's flags (--num-fewshot); a training run sets these keys
+            raise ValueError(f"run.downstream_fewshot={run.downstream_fewshot} (run.downstream_tasks="
+                             f"{run.downstream_tasks!r}): {err}") from None
         result = {task: row["score"] for task, row in per_task.items()}
         result["mean"] = sum(result.values()) / len(per_task)
     eng.barrier()

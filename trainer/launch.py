@@ -26,7 +26,7 @@ import torch
 from trainer.cli import ERROR_DIR_ENV
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
-from trainer.evaluate import check_tasks
+from trainer.downstream import check_task_names
 
 
 def _free_port() -> int:
@@ -121,7 +121,7 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     make_source(cfg, "train", 0, nproc)
     make_source(cfg, "validation", 0, nproc)
     if cfg.run.downstream_every:
-        check_tasks([t.strip() for t in cfg.run.downstream_tasks.split(",") if t.strip()])
+        check_task_names(cfg)
     cfg.make_run_dir()  # an unusable run.out_dir is one line here, not a traceback from rank 0
     return run_local_ranks(nproc, [sys.executable, str(REPO_ROOT / "run.sh"), *([config] if config else []),
                                    *overrides], env)

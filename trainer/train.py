@@ -107,6 +107,9 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
         print(f"run dir {run_dir}  world {s.world}  ZeRO {s.engine.zero_optimization_stage()}  EP "
               f"{s.cfg.parallel.expert_parallel_size}  unique params {acc.unique_params:,}  expert banks "
               f"{acc.expert_banks}/{acc.moe_layers}", flush=True)
+        note = s.cfg.tokens_note(s.world)
+        if note:
+            print(note, flush=True)
     return s, run_dir
 
 
