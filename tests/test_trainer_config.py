@@ -585,3 +585,15 @@ def test_run_tokens_rounds_to_whole_steps_and_says_so():
     assert "not 4,096" not in load_config(None, ["run.tokens=4096"]).tokens_note(2)
     assert load_config(None, ["run.tokens=10"]).total_steps(2) == 1  # at least one step
     assert load_config(None, []).tokens_note(2) is None
+
+
+def test_reference_run_resolves_global_batch_tokens():
+    """The plain-PyTorch reference read batch.grad_accum as given: with batch.global_batch_tokens (grad_accum
+    derived per world size) it trained one micro-batch per step where the trainer trains two."""
+    from trainer.reference import reference_run
+
+    common = ["data.source=random", "data.seq_len=16", "batch.micro_batch_size=2", "model.vocab_size=256",
+              "run.steps=2"]
+    by_accum = reference_run(load_config(None, common + ["batch.grad_accum=2"]), 2).losses
+    by_tokens = reference_run(load_config(None, common + ["batch.global_batch_tokens=128"]), 2).losses
+    assert by_tokens == by_accum

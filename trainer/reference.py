@@ -63,6 +63,7 @@ def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
     start: continue from a layout-free training state (`engine.gather_training_state` plus "step" and
     per-rank "data", as `trainer.reshard` writes it) instead of step 0.
     """
+    cfg = cfg.for_world(world_size)  # batch.global_batch_tokens -> this world size's grad_accum, as the trainer
     model_cfg = cfg.model_config()
     model = build_model(model_cfg, seed=cfg.run.seed)
     if untie_after_init:
