@@ -259,8 +259,10 @@ def plan_notes(cfg: ModelConfig) -> list[str]:
                 untied = " (so it stays untied)" if len(last) == 1 else ""
                 notes.append(f"last tie group {last} has {len(last)} layers, fewer than "
                              f"tie_group_size={cfg.tie_group_size}{untied}")
-    if cfg.widen_factor > 1 and not groups:
-        notes.append("widen_factor has no effect: no tied layers")
+    if not groups:
+        unused = {"widen_factor": cfg.widen_factor > 1, "tie_router": cfg.tie_router,
+                  "tie_attention": cfg.tie_attention}
+        notes += [f"{name} has no effect: no tied layers" for name, is_set in unused.items() if is_set]
     return notes
 
 

@@ -177,3 +177,10 @@ def test_notes_when_tying_does_nothing() -> None:
     assert all(len(g) == 1 for g in tie_groups(cfg))
     notes = plan_notes(cfg)
     assert any("no layers are tied" in n for n in notes) and any("widen_factor has no effect" in n for n in notes)
+
+
+def test_tied_router_or_attention_without_tying_is_noted() -> None:
+    """tie_router / tie_attention on an untied model changed nothing without a word (widen_factor was noted)."""
+    cfg = from_preset("olmoe_tiny", tie_group_size=1, tie_router=True, tie_attention=True)
+    assert plan_notes(cfg) == ["tie_router has no effect: no tied layers", "tie_attention has no effect: no tied layers"]
+    assert plan_notes(from_preset("olmoe_tiny", tie_group_size=2, tie_router=True, tie_attention=True)) == []
