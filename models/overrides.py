@@ -27,6 +27,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def model_field_overrides(items: list[str]) -> dict[str, Any]:
+    """Overrides of one model's fields (`tie_group_size=4`); the trainer's spellings `model.tie_group_size=4`
+    and `model.overrides.tie_group_size=4` name the same field, so they are accepted too."""
+    out = {}
+    for key, value in parse_overrides(items).items():
+        out[key.removeprefix("model.").removeprefix("overrides.") if key.startswith("model.") else key] = value
+    return out
+
+
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
     """{"a.b": 1} -> {"a": {"b": 1}}."""
     tree: dict[str, Any] = {}

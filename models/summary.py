@@ -12,7 +12,7 @@ import sys
 
 from models.accounting import account, check_layout, rank_memory
 from models.config import from_preset, plan_notes, tie_groups, untied
-from models.overrides import parse_overrides
+from models.overrides import model_field_overrides
 
 
 def _fmt(n: float) -> str:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args = _parser().parse_intermixed_args(argv)  # key=value before or after the layout flags
-        overrides = parse_overrides(args.overrides)
+        overrides = model_field_overrides(args.overrides)
         layout = (1 if args.ep is None else args.ep, 3 if args.zero is None else args.zero, args.precision or "bf16")
         if args.world is None and (args.ep, args.zero, args.precision) != (None, None, None):
             raise ValueError("--ep, --zero and --precision describe a layout: give --world too")

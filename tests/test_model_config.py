@@ -249,3 +249,19 @@ def test_narrow_baseline_has_the_expert_parameters_of_the_tied_model(g: int) -> 
 def test_narrow_baseline_validation(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         from_preset("olmoe_tiny", **overrides)
+
+
+@pytest.mark.parametrize("key", ["model.tie_group_size", "model.overrides.tie_group_size"])
+def test_summary_takes_the_trainers_spelling_of_a_model_field(key: str) -> None:
+    """`model.tie_group_size=4` (as ./run.sh spells it) was 'model.model.tie_group_size: unknown field'."""
+    plain = _summary("olmoe", "tie_group_size=4")
+    prefixed = _summary("olmoe", f"{key}=4")
+    assert prefixed.returncode == 0, prefixed.stderr
+    assert prefixed.stdout.splitlines()[1:] == plain.stdout.splitlines()[1:]
+
+
+def test_memory_plan_takes_the_trainers_spelling_of_a_model_field() -> None:
+    from trainer.memory_plan import model_and_layout, plan_parser
+
+    args = plan_parser().parse_intermixed_args(["olmoe_tiny", "--gpus", "2", "--gpu-mem-gib", "80", "model.n_experts=16"])
+    assert model_and_layout(args)[1].n_experts == 16

@@ -20,7 +20,7 @@ from typing import Any
 
 from models.accounting import account, activation_memory, layer_parts, rank_memory
 from models.config import PRESETS, ModelConfig, from_preset, layer_plan, plan_notes
-from models.overrides import parse_overrides
+from models.overrides import model_field_overrides
 from trainer.argtypes import output_file
 from trainer.config import load_config, load_engine_settings
 from trainer.memory import GIB, OneLineParser
@@ -147,7 +147,7 @@ def model_and_layout(args: argparse.Namespace) -> tuple[str, ModelConfig, Layout
                     "precision": tc.run.precision, "checkpointing": tc.parallel.activation_checkpointing,
                     "reduce_bucket": int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET))}
     elif target in PRESETS:
-        cfg = from_preset(target, **parse_overrides(args.overrides))
+        cfg = from_preset(target, **model_field_overrides(args.overrides))
         defaults = {"zero": 3, "ep": 1, "micro_batch": 1, "seq_len": min(2048, cfg.max_seq_len),
                     "precision": "bf16", "checkpointing": False, "reduce_bucket": DEFAULT_REDUCE_BUCKET}
     else:
