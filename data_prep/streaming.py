@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from data_prep.corpus import column_text, json_records, load_saved_dataset, read_lines, record_text, resolve_inputs
+from data_prep.corpus import (SET_TEXT_FIELD, column_text, json_records, load_saved_dataset, read_lines, record_text,
+                              resolve_inputs)
 from data_prep.errors import DataError
 from data_prep.sources import file_sha256
 from data_prep.tokenizer import find_eos_id, load_tokenizer
@@ -161,7 +162,7 @@ class StreamingTokenLoader:
             if not isinstance(example, dict) or self.text_field not in example:
                 fields = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
                 raise DataError(f"dataset: example has no field {self.text_field!r} (fields: {fields}); "
-                                "set text_field")
+                                f"{SET_TEXT_FIELD}")
             text = column_text(example[self.text_field], self.text_field, "dataset")
             if text:
                 texts.append(text)

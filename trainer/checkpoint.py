@@ -77,6 +77,12 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def is_plain_name(tag: str) -> bool:
+    """A single folder name: no separator and not '.' or '..' (a tag names folders under the run, and
+    `../x` would reach outside them)."""
+    return bool(tag) and tag not in (".", "..") and "/" not in tag and os.sep not in tag
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
     """The tag `latest` names, or None when there is no `latest` (a fresh run). Names only; whether the
     tag's files are intact is `verify_tag`'s question."""

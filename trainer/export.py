@@ -151,7 +151,7 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
         if tag is None:
             raise ValueError(f"run directory {run_dir}: no {ckpt_dir / checkpoint.LATEST} (no complete checkpoint "
                              f"yet); name one: trainer.export --tag TAG, trainer.evaluate {ckpt_dir}/TAG")
-    elif not _plain_name(tag):  # '../x' would export into (and replace) a directory outside export/
+    elif not checkpoint.is_plain_name(tag):  # '../x' would export into (and replace) a directory outside export/
         raise ValueError(f"checkpoint tag {tag!r}: expected the name of a folder under {ckpt_dir}, like step00000000")
     elif not (ckpt_dir / tag).is_dir():
         have = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
@@ -177,11 +177,6 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
                                        f"restore the value it was written with")
     cfg.for_world(world)  # the checkpoint's layout must still be a valid one for this config
     return Source(run_dir, ckpt_dir, tag, world, state.get("step"), cfg)
-
-
-def _plain_name(tag: str) -> bool:
-    """A single folder name: no separator and not '.' or '..' (the tag also names the export's folder)."""
-    return bool(tag) and tag not in (".", "..") and "/" not in tag and os.sep not in tag
 
 
 def check_out(out: Path) -> None:
@@ -354,15 +349,17 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     from trainer.launch import spawn_cpu_ranks
     from trainer.export_tokenizer import check_fits, run_tokenizer
 
-    if out:  # a bad --out is refused first, as the command line is read
-        check_out(Path(out).resolve())
+    chosen = Path(out).resolve() if out else None
+    if chosen is not None:  # a bad --out is refused first, as the command line is read
+        check_out(chosen)
     src = resolve(run_dir, tag, hf)
     model_cfg = src.cfg.model_config()
     run_tok = run_tokenizer(src.cfg)
     check_fits(run_tok, model_cfg.vocab_size)  # before any rank starts
     layout = hf_layout or default_layout(model_cfg)
-    out = Path(out).resolve() if out else src.run_dir / "export" / src.tag
-    check_out(out)
+    out = chosen or src.run_dir / "export" / src.tag
+    if chosen is None:
+        check_out(out)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     start = time.perf_counter()
     try:

@@ -111,7 +111,7 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
         raise ValueError(f"optim.name={cfg.optim.name!r}: resharding carries AdamW state only (Muon's "
                          f"momentum is not carried): resume the run on the layout that wrote it")
     ckpt_dir = run_dir / "checkpoints"
-    if tag is not None and (tag in ("", ".", "..") or "/" in tag or not (ckpt_dir / tag).is_dir()):
+    if tag is not None and (not checkpoint.is_plain_name(tag) or not (ckpt_dir / tag).is_dir()):
         # '../x' would write layout_free.pt into another folder of the run
         raise ValueError(f"--tag {tag!r}: expected the name of a checkpoint folder under {ckpt_dir}, like "
                          f"{checkpoint.tag_for(0)}")
