@@ -6,6 +6,7 @@ subprocess) with one bad input, and stops at validation (no ranks start, no mode
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,12 +64,41 @@ def test_run_sh_ds_config_that_is_no_json_object(tmp_path, text, where):
 @pytest.mark.parametrize("stage, key, value, says", [(3, "reduce_scatterr", "true", "Extra inputs"),
                                                      (1, "overlap_comm", '"maybe"', "valid boolean")])
 def test_run_sh_ds_config_deepspeed_refuses_names_the_file(tmp_path, stage, key, value, says):
-    """DeepSpeed's schema check runs inside the ranks (zero.Init at ZeRO-3, initialize below): its error named
-    a pydantic class, not the file the user has to fix."""
+    """DeepSpeed's schema check ran inside the ranks (zero.Init at ZeRO-3, initialize below): its error named
+    a pydantic class, not the file the user has to fix; and rank 0 leaving with it while rank 1 still connected
+    its gloo group gave rank 1 a 'Connection reset by peer' traceback (CI, now and then). The launcher checks it
+    before any rank starts: no run folder is made."""
     ds_config = tmp_path / "ds.json"
     ds_config.write_text(f'{{"zero_optimization": {{"stage": {stage}, "{key}": {value}}}}}')
     _assert_one_error_line(run_python(["run.sh", f"parallel.ds_config={ds_config}", "run.steps=1", "data.source=random",
-                                       f"run.out_dir={tmp_path}"]), f"parallel.ds_config={ds_config}", key, says)
+                                       f"run.out_dir={tmp_path}/runs"]), f"parallel.ds_config={ds_config}", key, says)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ranks_check_the_ds_config_before_any_process_group(tmp_path):
+    """Under another launcher (`deepspeed run.sh`, torchrun) every rank refuses it alike, before a collective
+    that a peer's early exit could break."""
+    from trainer.launch import torchrun_command
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text('{"zero_optimization": {"stage": 3, "reduce_scatterr": true}}')
+    cmd, env = torchrun_command(2, ["run.sh", f"parallel.ds_config={ds_config}", "data.source=random",
+                                    f"run.out_dir={tmp_path}/runs"], {**os.environ, "DS_ACCELERATOR": "cpu"})
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("error: parallel.ds_config=")]
+    assert refusals and "reduce_scatterr" in refusals[0], proc.stderr[-3000:]  # torchrun may stop one first
+    assert "Connection reset" not in proc.stderr and "DistNetworkError" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # rank 0 makes the run folder after the process group exists
+
+
+def test_a_rank_failing_after_a_peer_reported_is_quiet(tmp_path, monkeypatch):
+    """The launcher prints the first rank's one-line error; a peer whose collective broke because that rank
+    left would add a traceback that hides it."""
+    from trainer import cli
+    monkeypatch.setenv(cli.ERROR_DIR_ENV, str(tmp_path))
+    assert not cli._peer_reported()
+    (tmp_path / "rank00000.txt").write_text("error: x\n")
+    assert cli._peer_reported()
 
 
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", "''", ".."])

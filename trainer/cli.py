@@ -125,6 +125,17 @@ def _run(cfg: TrainConfig, config: str | None, overrides: list[str], in_rank: bo
         return _fail(err, 2, in_rank)
     except TrainingDiverged as err:
         return _fail(err, 3, in_rank)
+    except Exception:
+        if in_rank and _peer_reported():  # a peer left with its error: this rank's collective broke with it
+            os._exit(1)
+        raise
+
+
+def _peer_reported() -> bool:
+    """Whether another rank started by `trainer.launch` already left with its one-line error (printed once by
+    the launcher): this rank's own failure is then only the broken connection, a traceback that hid it."""
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    return bool(error_dir) and any(Path(error_dir).glob("rank*.txt"))
 
 
 def _fail(err: object, code: int, in_rank: bool) -> int:

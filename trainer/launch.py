@@ -27,6 +27,7 @@ from trainer.cli import ERROR_DIR_ENV
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
 from trainer.downstream import check_task_names
+from trainer.engine.ds_config import check_deepspeed_config
 
 
 def _free_port() -> int:
@@ -115,6 +116,7 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     """Check everything that can be checked here, then start the local ranks on run.sh."""
     nproc, env = local_ranks()
     cfg.for_world(nproc)  # world-dependent errors before any process starts
+    check_deepspeed_config(cfg, nproc)  # DeepSpeed's own schema: inside the ranks it comes after the process groups
     ensure_data(cfg)
     # Open the data once here (vocab check, files, tokenizer, both splits): bad data fails before ranks start,
     # not at the final validation after every step was trained.

@@ -33,7 +33,8 @@ from torch import nn
 from models.transformer import MoETransformer
 from trainer.config import TrainConfig
 from trainer.engine.construction import build, tied_expert_parallel
-from trainer.engine.ds_config import autoep_settings, deepspeed_config, refusals_named, tie_aware_reuse_distance
+from trainer.engine.ds_config import (autoep_settings, check_deepspeed_config, deepspeed_config, refusals_named,
+                                      tie_aware_reuse_distance)
 from trainer.engine.measure import (GatherCounter, GradientWatch, deepspeed_estimates, global_grad_norm, grad_sq_norms,
                                     gradient_tensors, held_tensor, is_expert_param, local_expert_elements,
                                     local_param_elements, optimizer_tensors_by_kind, params_finite)
@@ -48,7 +49,7 @@ from trainer.optim import build_optimizer, joint_row_blocks, param_groups
 
 __all__ = [
     "ADAM_STATE_KEYS", "GatherCounter", "GradientWatch", "UpdateGate", "attach_muon_layouts", "autoep_settings",
-    "barrier", "build", "check_muon_layouts", "comm_device", "deepspeed_config", "deepspeed_estimates",
+    "barrier", "build", "check_deepspeed_config", "check_muon_layouts", "comm_device", "deepspeed_config", "deepspeed_estimates",
     "drop_idle_module_hooks",
     "gather_over_ranks", "gather_state_dict", "gather_training_state", "global_grad_norm", "grad_sq_norms",
     "gradient_tensors", "held_tensor", "init_distributed", "initialize", "is_expert_param", "launched_world_size",

@@ -25,6 +25,20 @@ def refusals_named(cfg: TrainConfig) -> Iterator[None]:
                          f"({err.title}: {detail})") from None
 
 
+def check_deepspeed_config(cfg: TrainConfig, world_size: int) -> None:
+    """DeepSpeed's own schema check of the config a run will hand it, before any process group exists.
+
+    Why: inside the ranks DeepSpeed checks it in `zero.Init` or `initialize`, after process groups are set
+    up; a rank that leaves there with the one-line error can reset a peer still connecting its gloo group,
+    which then dies with a traceback. Here it is one line from the launcher, or from every rank alike."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    resolved = cfg.for_world(world_size)
+    # DeepSpeedConfig takes the world as 1 without a process group: the batch sizes are given for one rank
+    with refusals_named(cfg):
+        DeepSpeedConfig(deepspeed_config(resolved, resolved.model_config(), 1))
+
+
 def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
     """Engine settings from the ds_config file plus what the trainer config (resolved for the world) owns."""
     settings = load_engine_settings(cfg)
