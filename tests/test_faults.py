@@ -286,3 +286,27 @@ def test_a_signal_lost_while_the_engine_was_built_still_stops_the_loop() -> None
             stop.restore()
     finally:
         preemption._pending.clear()
+
+
+PEER_IN_A_COLLECTIVE = """
+import os, time, torch, torch.distributed as dist
+from trainer.cli import _fail
+dist.init_process_group("gloo")
+if dist.get_rank() == 0:
+    time.sleep(1)
+    _fail("bad input found on rank 0 only", 2, True)
+dist.all_reduce(torch.ones(1))  # rank 1 waits here for rank 0, which never comes
+print("rank 1 got past the collective", flush=True)
+"""
+
+
+def test_a_rank_that_reports_an_error_leaves_after_its_peers_are_stopped() -> None:
+    """CI, now and then: rank 0 left with its one-line error while rank 1 was inside a gloo collective with it;
+    rank 1 saw the connection close and printed gloo's warning and a 'Connection reset by peer' traceback
+    before the launcher stopped it. The reporting rank now waits until the launcher has stopped the others."""
+    code = ("import os, sys; from trainer.launch import run_local_ranks; "
+            f"sys.exit(run_local_ranks(2, [sys.executable, '-c', {PEER_IN_A_COLLECTIVE!r}], dict(os.environ)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(PYTHONPATH=str(REPO_ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "error: bad input found on rank 0 only", proc.stderr[-3000:]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,14 @@ def _run(cfg: TrainConfig, config: str | None, overrides: list[str], in_rank: bo
         raise
 
 
+REPORTED_PAUSE_S = 1.0  # how long a rank that reported its error stays (the launcher polls every 0.1 s)
+
+
+def error_file_name(rank: int) -> str:
+    """Where a rank started by `trainer.launch` leaves its one-line error, inside `TIEDMOE_ERROR_DIR`."""
+    return f"rank{rank:05d}.txt"
+
+
 def _peer_reported() -> bool:
     """Whether another rank started by `trainer.launch` already left with its one-line error (printed once by
     the launcher): this rank's own failure is then only the broken connection, a traceback that hid it."""
@@ -148,7 +157,10 @@ def _fail(err: object, code: int, in_rank: bool) -> int:
     line = "error: " + " ".join(part.strip() for part in str(err).splitlines() if part.strip())
     error_dir = os.environ.get(ERROR_DIR_ENV)
     if in_rank and error_dir:
-        (Path(error_dir) / f"rank{int(os.environ['RANK']):05d}.txt").write_text(line + "\n")
+        path = Path(error_dir) / error_file_name(int(os.environ["RANK"]))
+        path.with_suffix(".tmp").write_text(line + "\n")
+        path.with_suffix(".tmp").replace(path)  # the launcher reads it as soon as it appears: never half-written
+        time.sleep(REPORTED_PAUSE_S)  # the launcher stops the peers while this rank's connections are still open
     else:
         print(line, file=sys.stderr)
     if in_rank:

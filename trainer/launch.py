@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from trainer.cli import ERROR_DIR_ENV
+from trainer.cli import ERROR_DIR_ENV, error_file_name
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
 from trainer.downstream import check_task_names
@@ -147,7 +147,7 @@ def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
         forwarded: list[int] = []
         previous = {sig: signal.signal(sig, _forward_to(ranks, forwarded)) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            code = _wait_for(ranks)
+            code = _wait_for(ranks, Path(errors))
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -188,10 +188,17 @@ def _forward_to(ranks: list[subprocess.Popen], forwarded: list[int]) -> Callable
     return forward
 
 
-def _wait_for(ranks: list[subprocess.Popen]) -> int:
+def _wait_for(ranks: list[subprocess.Popen], errors: Path | None = None) -> int:
     """0 when every rank ends with 0; else the first failure's code (2 first; -N: killed by signal N), after
-    killing the rest (they would wait forever in a collective for the failed rank)."""
+    killing the rest (they would wait forever in a collective for the failed rank).
+
+    A rank that leaves with a one-line error writes it to `errors` first and pauses (`trainer.cli._fail`): the
+    others are stopped then, while its connections are still open, so none of them sees a peer vanish in a
+    collective and prints gloo's warnings or a traceback next to the one line."""
     while True:
+        reporters = _reporting_ranks(errors, len(ranks))
+        if reporters:
+            return _stop_all_but(ranks, reporters)
         codes = [proc.poll() for proc in ranks]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
@@ -202,3 +209,27 @@ def _wait_for(ranks: list[subprocess.Popen]) -> int:
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
+
+
+def _reporting_ranks(errors: Path | None, nproc: int) -> list[int]:
+    if errors is None:
+        return []
+    return sorted(r for r in range(nproc) if (errors / error_file_name(r)).is_file())
+
+
+def _stop_all_but(ranks: list[subprocess.Popen], reporters: list[int]) -> int:
+    """Kill every rank that reported nothing, then let the reporters leave with their own exit code."""
+    for r, proc in enumerate(ranks):
+        if r not in reporters and proc.poll() is None:
+            proc.kill()
+    codes = []
+    for r in reporters:
+        try:
+            codes.append(ranks[r].wait(timeout=30))
+        except subprocess.TimeoutExpired:
+            ranks[r].kill()
+            codes.append(ranks[r].wait())
+    for proc in ranks:
+        proc.wait()
+    failed = [c for c in codes if c > 0]
+    return 2 if 2 in failed else (failed[0] if failed else 1)
