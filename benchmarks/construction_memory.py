@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from models.accounting import account  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
-from trainer.argtypes import output_file  # noqa: E402
+from trainer.argtypes import output_file, refuse_repeats  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.launch import collect_from_cpu_ranks, write_report  # noqa: E402
 from trainer.metrics import memory_gib, strict  # noqa: E402
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --paths {args.paths!r}: expected 'partitioned' and/or 'plain', comma-separated", file=sys.stderr)
         return 2
     try:
+        refuse_repeats("--paths", paths)
         cfg = load_config(None, DEFAULT_OVERRIDES + args.overrides).for_world(2)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from trainer import engine as eng  # noqa: E402
-from trainer.argtypes import output_file  # noqa: E402
+from trainer.argtypes import output_file, refuse_repeats  # noqa: E402
 from trainer.bench import (DEFAULT_OVERRIDES, _device, check_data, collect_json, refuse_overrides,  # noqa: E402
                            timed_steps)
 from trainer.config import TrainConfig, load_config  # noqa: E402
@@ -354,6 +354,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.gpu and not torch.cuda.is_available():
         raise ValueError("--gpu: no CUDA device is visible here; leave --gpu out to run on CPU ranks")
     refuse_overrides(args.overrides, ("model.tie_group_size",), "equal_memory.py (--variants)")
+    refuse_repeats("--variants", args.variants.split(","))
     for v in args.variants.split(","):
         variant_config(v, args.overrides).for_world(args.world)  # e.g. expert parallelism that --world cannot tile
     check_data(variant_config("untied", args.overrides), args.world)  # e.g. data.path=... with no data set there

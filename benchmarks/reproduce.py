@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from models.accounting import account  # noqa: E402
+from trainer.argtypes import refuse_repeats  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 SCALES: dict[str, list[str]] = {
@@ -590,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
               "the mean +- half-range; give each seed once", file=sys.stderr)
         return 2
     try:
+        refuse_repeats("--only", args.only or [])
         runs = plan(args.scale, list(VARIANTS), args.seeds, args.steps)  # bad overrides fail here, before training
     except ValueError as err:  # e.g. --steps 0 or --seeds -1, named by the config key they set
         print(f"error: {err}", file=sys.stderr)

@@ -38,7 +38,14 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     (TIMING_BENCHMARKS[0], ["--json", "benchmarks"], "--json"),  # a folder, not a file
     # the .md table / .png plot written beside the JSON would have replaced it
     (TIMING_BENCHMARKS[2], ["--json", "/tmp/peers.md"], "--json /tmp/peers.md"),
-    (["benchmarks/equal_memory.py"], ["--json", "/tmp/equal_memory.png"], "--json /tmp/equal_memory.png")]
+    (["benchmarks/equal_memory.py"], ["--json", "/tmp/equal_memory.png"], "--json /tmp/equal_memory.png")] + [
+    # a list entry given twice was measured (or scored) twice and counted twice
+    (["benchmarks/activation_memory.py"], ["--micro-batch", "2,4,2"], "--micro-batch 2,4,2: 2 is given twice"),
+    (["benchmarks/construction_memory.py"], ["--paths", "plain,partitioned,plain"],
+     "--paths plain,partitioned,plain: plain"),
+    (["benchmarks/equal_memory.py"], ["--variants", "untied,g2,g2"], "--variants untied,g2,g2: g2 is given twice"),
+    (["benchmarks/reproduce.py"], ["--dry-run", "--only", "g=2", "untied", "g=2"], "--only g=2,untied,g=2: g=2"),
+    (["-m", "trainer.evaluate"], ["runs/none", "--tasks", "piqa,arc_easy,piqa"], "--tasks piqa,arc_easy,piqa: piqa")]
 
 
 @pytest.mark.parametrize("command, bad, named", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)

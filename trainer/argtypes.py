@@ -1,4 +1,4 @@
-"""argparse types the tools share, so a bad count or output path is refused as it is parsed, before any
+"""argparse types and checks the tools share, so a bad count or output path is refused as it is parsed, before any
 rank starts or any measuring is done (ending in argparse's `error:` line and exit 2)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,6 +35,17 @@ def output_file(text: str) -> str:
     except OSError as err:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {err.strerror or err}") from None
     return text
+
+
+def refuse_repeats(flag: str, values: Sequence[object]) -> None:
+    """A list flag (sizes, cells, variants, tasks) naming one entry twice would measure or score it twice, and
+    count it twice in a mean: ValueError naming the flag and the repeated entry."""
+    seen: set[object] = set()
+    for value in values:
+        if value in seen:
+            shown = ",".join(str(v) for v in values)
+            raise ValueError(f"{flag} {shown}: {value} is given twice; give each entry once")
+        seen.add(value)
 
 
 class OneLineParser(argparse.ArgumentParser):

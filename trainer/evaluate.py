@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.argtypes import OneLineParser, output_file
+from trainer.argtypes import OneLineParser, output_file, refuse_repeats
 from trainer.config import REPO_ROOT
 
 TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
@@ -428,6 +428,7 @@ def _parse_tasks(value: str) -> list[str]:
     tasks = [t.strip() for t in value.split(",") if t.strip()]
     if not tasks:
         raise ValueError(f"--tasks={value!r}: expected comma-separated task names, or 'none'")
+    refuse_repeats("--tasks", tasks)  # scored twice, it would weigh twice in the macro average
     return tasks
 
 
