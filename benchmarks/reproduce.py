@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from models.accounting import account  # noqa: E402
-from trainer.argtypes import refuse_repeats  # noqa: E402
+from trainer.argtypes import reader_may_leave, refuse_repeats  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 SCALES: dict[str, list[str]] = {
@@ -598,10 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chosen = [r for r in runs if r.variant in (args.only or VARIANTS)]
     if args.dry_run:
-        try:
+        with reader_may_leave():  # `--dry-run | head`
             dry_run(chosen)
-        except BrokenPipeError:  # `--dry-run | head`: the reader left, nothing is wrong
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if not (args.table_only or args.no_train):
         for run in chosen:

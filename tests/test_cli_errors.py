@@ -351,6 +351,22 @@ def test_reproduce_dry_run_into_a_closed_pipe_is_quiet():
     assert proc.stdout.startswith("== untied seed 0") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("argv", [["-m", "models.summary", "-h"], ["-m", "models.summary", "olmoe"],
+                                  ["-m", "models.summary", "olmoe", "--world", "64", "--ep", "8"],
+                                  ["-m", "trainer.memory", "plan", "olmoe", "--gpus", "8", "--gpu-mem-gib", "80"],
+                                  ["-m", "trainer.evaluate", "compare", "--help"], ["run.sh", "--help"]],
+                         ids=" ".join)
+def test_output_into_a_closed_pipe_is_quiet(argv):
+    """`python -m models.summary -h | head -1` (and `memory plan`'s table) ended in a BrokenPipeError traceback,
+    exit 1, when the reader had left before the command printed. Here the reader leaves before Python starts."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and stderr == "", stderr[-3000:]
+
+
 def test_memory_misspelt_command_is_named():
     """`trainer.memory plna ...` said "override 'plna': expected key=value"."""
     _assert_one_error_line(run_python(["-m", "trainer.memory", "plna", "olmoe"]), "'plna': unknown command",

@@ -4,9 +4,11 @@ rank starts or any measuring is done (ending in argparse's `error:` line and exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -46,6 +48,18 @@ def refuse_repeats(flag: str, values: Sequence[object]) -> None:
             shown = ",".join(str(v) for v in values)
             raise ValueError(f"{flag} {shown}: {value} is given twice; give each entry once")
         seen.add(value)
+
+
+@contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """Around what a command prints to stdout: when its reader stops early (`... --help | head -1`), the rest
+    is not wanted and nothing is wrong, so the command goes on quietly instead of ending in a BrokenPipeError
+    traceback (stdout goes to /dev/null, so Python's flush at exit is quiet too)."""
+    try:
+        yield
+        sys.stdout.flush()  # the last buffered lines fail here, inside the block, not at interpreter exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.argtypes import OneLineParser, output_file, refuse_repeats
+from trainer.argtypes import OneLineParser, output_file, reader_may_leave, refuse_repeats
 from trainer.config import REPO_ROOT
 
 TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
@@ -473,12 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "compare":
             if any(a in ("-h", "--help") for a in argv[1:]):  # was read as a result path named '--help'
-                print("usage: python -m trainer.evaluate compare A [B ...]\n\nA, B: result JSON files, run "
-                      "directories (their newest eval/*.json) or evaluated exports; prints one markdown table.")
+                with reader_may_leave():
+                    print("usage: python -m trainer.evaluate compare A [B ...]\n\nA, B: result JSON files, run "
+                          "directories (their newest eval/*.json) or evaluated exports; prints one markdown table.")
                 return 0
             if len(argv) < 2:
                 raise ValueError("compare: name at least one result (JSON file, run directory or export)")
-            print(compare(argv[1:]))
+            table = compare(argv[1:])
+            with reader_may_leave():
+                print(table)
             return 0
         args = _parser().parse_args(argv)
         _check_args(args)
