@@ -379,6 +379,15 @@ def test_evaluate_compare_help():
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m trainer.evaluate compare"), proc.stderr
 
 
+def test_evaluate_help_lines_fit_120_columns():
+    """`--val-tokens`'s help was one 143-character line, however wide the terminal (argparse wraps at its width)."""
+    proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "1000", "DS_ACCELERATOR": "cpu"})
+    options = proc.stdout.split("\noptions:\n", 1)[1].splitlines()
+    assert proc.returncode == 0 and [line for line in options if len(line) > 120] == []
+    assert any("--val-tokens N" in line for line in options), proc.stdout  # as README spells it
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "abc", ""])
 def test_run_sh_bad_cpu_rank_count_is_named(value):
     """TIEDMOE_CPU_RANKS=0 started no rank and exited 0 (nothing trained); abc gave int()'s message."""
