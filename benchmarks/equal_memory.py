@@ -43,7 +43,7 @@ from trainer.bench import (DEFAULT_OVERRIDES, _device, check_data, collect_json,
                            timed_steps)
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
-from trainer.launch import write_report  # noqa: E402
+from trainer.launch import check_plot_beside, redraw, write_report_and_plot  # noqa: E402
 from trainer.metrics import peak_flops  # noqa: E402
 from trainer.session import Session, open_session, train_step  # noqa: E402
 
@@ -272,39 +272,6 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def report(result: dict[str, Any], json_path: str) -> int:
-    """Table, JSON, then the plot beside the JSON (.png)."""
-    code = write_report(result, render, json_path)
-    png = Path(json_path).with_suffix(".png")
-    if plot(result, png):
-        print(f"wrote {png}")
-    return code
-
-
-def replot(path: str) -> int:
-    """`--plot JSON`: redraw a result written earlier (one brought back from a GPU without matplotlib)."""
-    try:
-        result = json.loads(Path(path).read_text())
-        result["variants"], result["budget_gib_per_rank"]  # noqa: B018 - the keys the plot needs
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({err})", file=sys.stderr)
-        return 2
-    png = Path(path).with_suffix(".png")
-    try:  # the two keys above are in other JSON too; a row without what the plot reads is still not a result
-        drawn = plot(result, png)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({type(err).__name__}: {err})",
-              file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. a folder named like the PNG beside it
-        print(f"error: --plot {path}: cannot write {png} ({err.strerror or err})", file=sys.stderr)
-        return 2
-    if not drawn:
-        return 1
-    print(f"wrote {png}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="untied,g2,g4", help="untied and/or gN, comma-separated")
@@ -330,13 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     if args.plot:
-        return replot(args.plot)
+        return redraw(args.plot, plot, "equal_memory.py", ("variants", "budget_gib_per_rank"))
     try:
         check_args(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return report(measure(args), args.json)
+    return write_report_and_plot(measure(args), render, plot, args.json)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -349,8 +316,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-micro-batch={args.max_micro_batch}: expected at least --micro-batch={args.micro_batch}")
     if args.budget_gib is not None and not 0 < args.budget_gib < float("inf"):
         raise ValueError(f"--budget-gib={args.budget_gib}: expected a positive number")
-    if Path(args.json).suffix == ".png":  # the plot goes beside the JSON as .png: it would replace the JSON
-        raise ValueError(f"--json {args.json}: the plot is written beside the JSON as .png; name the JSON .json")
+    check_plot_beside(args.json)
     if args.gpu and not torch.cuda.is_available():
         raise ValueError("--gpu: no CUDA device is visible here; leave --gpu out to run on CPU ranks")
     refuse_overrides(args.overrides, ("model.tie_group_size",), "equal_memory.py (--variants)")
