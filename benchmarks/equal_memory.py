@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from trainer import engine as eng  # noqa: E402
-from trainer.argtypes import output_file, refuse_repeats  # noqa: E402
+from trainer.argtypes import OneLineParser, output_file, refuse_repeats  # noqa: E402
 from trainer.bench import (DEFAULT_OVERRIDES, _device, check_data, collect_json, refuse_overrides,  # noqa: E402
                            timed_steps)
 from trainer.config import TrainConfig, load_config  # noqa: E402
@@ -273,7 +273,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="untied,g2,g4", help="untied and/or gN, comma-separated")
     parser.add_argument("--micro-batch", type=int, default=8, help="the common micro-batch (equal batch)")
     parser.add_argument("--max-micro-batch", type=int, help="largest micro-batch probed (default 4x --micro-batch)")

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from models.accounting import account  # noqa: E402
-from trainer.argtypes import reader_may_leave, refuse_repeats  # noqa: E402
+from trainer.argtypes import OneLineParser, reader_may_leave, refuse_repeats  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 SCALES: dict[str, list[str]] = {
@@ -573,7 +573,7 @@ def dry_run(runs: list[Run]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS),

@@ -42,6 +42,7 @@ from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS
                               load_manifest)
 from data_prep.sources import DEFAULT_SOURCES, fetch_package, file_sha256
 from data_prep.tokenizer import EOS_TOKEN, find_eos_id, load_tokenizer, train_tokenizer, validate_vocab_size
+from trainer.argtypes import OneLineParser
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def ensure_default_dataset(out_dir: str | Path = DEFAULT_OUT_DIR, progress: bool
 
 def _parser() -> argparse.ArgumentParser:
     defaults = BuildConfig()
-    parser = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
                         help="text/jsonl/json/parquet files, globs, folders or saved HF datasets; "
                              "omit to build the default corpus")

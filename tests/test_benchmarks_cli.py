@@ -61,6 +61,22 @@ def test_bad_input_is_one_line_and_exit_2(command: list[str], bad: list[str], na
     assert error == [len(lines) - 1] and named in lines[-1], proc.stderr  # the last line, nothing after it
 
 
+@pytest.mark.parametrize("command", [["benchmarks/activation_memory.py", "--micro-batch", "x"],
+                                     ["benchmarks/construction_memory.py", "--until", "x"],
+                                     ["benchmarks/equal_memory.py", "--steps", "x"],
+                                     ["benchmarks/reproduce.py", "--seeds", "x"],
+                                     ["benchmarks/peers.py", "--steps", "x"], ["-m", "trainer.bench", "--nope"],
+                                     ["benchmarks/tying_quality.py", "--steps", "x"],
+                                     ["benchmarks/bench_data.py", "--batches", "x"],
+                                     ["-m", "data_prep.build", "--vocab-size", "x"]], ids=" ".join)
+def test_argparse_errors_are_one_line(command: list[str]) -> None:
+    """argparse's own refusals (a flag's type or choice) printed a usage block and `PROG: error: ...`, not the
+    one `error: ...` line every other refusal gives."""
+    proc = run_python(command)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command, cells", [(["benchmarks/decompose.py"], ["zero3-ep2", "hf_ddp"]),
                                             (["benchmarks/zero3_settings.py"], ["strict", "defaults"]),
