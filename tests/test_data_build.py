@@ -243,7 +243,8 @@ def test_cli_flag_that_does_not_apply_is_refused(flags: list[str], named: tuple[
     argv = [arg.replace("CACHE", str(tmp_path / "cache")) for arg in flags]
     env = {**os.environ, "TIEDMOE_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1", "npm_config_offline": "true"}
     proc = subprocess.run([sys.executable, "-m", "data_prep.build", *argv, "--out", str(tmp_path / "out"),
-                           "--no-progress"], cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=120)
+                           "--no-progress"], cwd=Path(__file__).resolve().parent.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     assert all(flag in lines[0] for flag in named), lines[0]

@@ -437,10 +437,13 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", help="run directory, checkpoint directory or export directory")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                        help="comma-separated lm-eval tasks from trainer/eval_tasks, or 'none' (default: the paper's six)")
+                        help="comma-separated lm-eval tasks from trainer/eval_tasks, or 'none' "
+                             "(default: the paper's six)")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N documents of each task")
-    parser.add_argument("--num-fewshot", type=int, default=DEFAULT_FEWSHOT, metavar="K", help="in-context examples (default 3)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per forward pass (default 16)")
+    parser.add_argument("--num-fewshot", type=int, default=DEFAULT_FEWSHOT, metavar="K",
+                        help="in-context examples (default 3)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="B",
+                        help="sequences per forward pass (default 16)")
     parser.add_argument("--val-tokens", type=int, metavar="N",
                         help="score the whole seq_len windows within N validation tokens, at least one (default: all)")
     parser.add_argument("--hf", action="store_true", help="score the export's hf/ model instead of ours")
