@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from models.accounting import activation_memory  # noqa: E402
 from models.transformer import MoETransformer, build_model  # noqa: E402
-from trainer.argtypes import output_file  # noqa: E402
+from trainer.argtypes import OneLineParser, output_file, refuse_repeats  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.launch import write_report  # noqa: E402
 from trainer.losses import RouterTap, training_loss  # noqa: E402
@@ -123,7 +123,7 @@ def positive_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--micro-batch", type=positive_list, help="micro-batch sizes, e.g. 2,4 (default: the config's)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=output_file, help="default benchmarks/results/activation_memory_<device>.json")
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     try:
+        refuse_repeats("--micro-batch", args.micro_batch or [])
         cfg = load_config(None, args.overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

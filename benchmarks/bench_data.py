@@ -1,14 +1,14 @@
 """Data pipeline throughput: tokenization (tokens/s) and loader cost per batch (ms).
 
-    python benchmarks/bench_data.py [--data-dir data/default] [--batches 50]
+    python benchmarks/bench_data.py [--data-dir data/default] [--batches 50] [--repeats 5] [--json OUT]
 
 Uses `data/default` when it has been built (else the test fixture, built into a temporary folder) and
-the fixture's text for tokenization. Prints a table and writes `benchmarks/results/data.json`.
+the fixture's text for tokenization. Prints a table and writes the JSON to `--json` (default
+`benchmarks/results/data.json`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -30,6 +30,7 @@ from data_prep.loader import TokenWindowLoader, load_manifest  # noqa: E402
 from data_prep.streaming import StreamingTokenLoader  # noqa: E402
 from data_prep.testing import FIXTURE_JSONL, FIXTURE_TXT, build_fixture_dataset  # noqa: E402
 from data_prep.tokenizer import load_tokenizer  # noqa: E402
+from trainer.argtypes import OneLineParser, output_file  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "data.json"
 
@@ -106,12 +107,14 @@ def loader_share_of_step(data_dir: Path, batches: int) -> dict | None:
             "fraction": loader_ms / step_ms, "source": bench.name}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, help="built data set (default: data/default, else the fixture)")
     parser.add_argument("--batches", type=int, default=50, help="loader batches timed (default 50)")
     parser.add_argument("--repeats", type=int, default=5, help="copies of the fixture text to tokenize")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=output_file, default=str(RESULTS), metavar="OUT",
+                        help="where the result goes (default: benchmarks/results/data.json)")
+    args = parser.parse_args(argv)
     if args.batches < 1 or args.repeats < 1:
         parser.error(f"--batches={args.batches} --repeats={args.repeats}: expected positive integers")
     if args.data_dir is not None and not (args.data_dir / "manifest.json").is_file():
@@ -139,12 +142,11 @@ def main() -> None:
     if share:
         print(f"loader share of a default training step ({share['shape']}, step {share['step_ms']:.0f} ms "
               f"from {share['source']}): {100 * share['fraction']:.4f}%")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     report = {"data_dir": str(data_dir), "cpu_count": os.cpu_count(), "python": platform.python_version(),
               "torch": torch.__version__, "tokenization": tokenize, "loaders": loaders,
               "loader_share_of_step": share}
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")  # its folders made when --json was read
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

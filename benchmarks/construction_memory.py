@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from models.accounting import account  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
-from trainer.argtypes import output_file  # noqa: E402
+from trainer.argtypes import OneLineParser, output_file, refuse_repeats  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.launch import collect_from_cpu_ranks, write_report  # noqa: E402
 from trainer.metrics import memory_gib, strict  # noqa: E402
@@ -106,7 +106,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", default="partitioned,plain", help="partitioned and/or plain, comma-separated")
     parser.add_argument("--json", type=output_file, default=str(REPO / "benchmarks" / "results" / "construction_memory_cpu.json"))
     parser.add_argument("--until", choices=["built", "ready"], default="ready",
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --paths {args.paths!r}: expected 'partitioned' and/or 'plain', comma-separated", file=sys.stderr)
         return 2
     try:
+        refuse_repeats("--paths", paths)
         cfg = load_config(None, DEFAULT_OVERRIDES + args.overrides).for_world(2)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -38,12 +38,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from trainer import engine as eng  # noqa: E402
-from trainer.argtypes import output_file  # noqa: E402
+from trainer.argtypes import OneLineParser, output_file, refuse_repeats  # noqa: E402
 from trainer.bench import (DEFAULT_OVERRIDES, _device, check_data, collect_json, refuse_overrides,  # noqa: E402
                            timed_steps)
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
-from trainer.launch import write_report  # noqa: E402
+from trainer.launch import check_plot_beside, redraw, write_report_and_plot  # noqa: E402
 from trainer.metrics import peak_flops  # noqa: E402
 from trainer.session import Session, open_session, train_step  # noqa: E402
 
@@ -272,41 +272,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def report(result: dict[str, Any], json_path: str) -> int:
-    """Table, JSON, then the plot beside the JSON (.png)."""
-    code = write_report(result, render, json_path)
-    png = Path(json_path).with_suffix(".png")
-    if plot(result, png):
-        print(f"wrote {png}")
-    return code
-
-
-def replot(path: str) -> int:
-    """`--plot JSON`: redraw a result written earlier (one brought back from a GPU without matplotlib)."""
-    try:
-        result = json.loads(Path(path).read_text())
-        result["variants"], result["budget_gib_per_rank"]  # noqa: B018 - the keys the plot needs
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({err})", file=sys.stderr)
-        return 2
-    png = Path(path).with_suffix(".png")
-    try:  # the two keys above are in other JSON too; a row without what the plot reads is still not a result
-        drawn = plot(result, png)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        print(f"error: --plot {path}: expected a JSON file written by equal_memory.py ({type(err).__name__}: {err})",
-              file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. a folder named like the PNG beside it
-        print(f"error: --plot {path}: cannot write {png} ({err.strerror or err})", file=sys.stderr)
-        return 2
-    if not drawn:
-        return 1
-    print(f"wrote {png}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="untied,g2,g4", help="untied and/or gN, comma-separated")
     parser.add_argument("--micro-batch", type=int, default=8, help="the common micro-batch (equal batch)")
     parser.add_argument("--max-micro-batch", type=int, help="largest micro-batch probed (default 4x --micro-batch)")
@@ -330,13 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     if args.plot:
-        return replot(args.plot)
+        return redraw(args.plot, plot, "equal_memory.py", ("variants", "budget_gib_per_rank"))
     try:
         check_args(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return report(measure(args), args.json)
+    return write_report_and_plot(measure(args), render, plot, args.json)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -349,11 +316,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-micro-batch={args.max_micro_batch}: expected at least --micro-batch={args.micro_batch}")
     if args.budget_gib is not None and not 0 < args.budget_gib < float("inf"):
         raise ValueError(f"--budget-gib={args.budget_gib}: expected a positive number")
-    if Path(args.json).suffix == ".png":  # the plot goes beside the JSON as .png: it would replace the JSON
-        raise ValueError(f"--json {args.json}: the plot is written beside the JSON as .png; name the JSON .json")
+    check_plot_beside(args.json)
     if args.gpu and not torch.cuda.is_available():
         raise ValueError("--gpu: no CUDA device is visible here; leave --gpu out to run on CPU ranks")
     refuse_overrides(args.overrides, ("model.tie_group_size",), "equal_memory.py (--variants)")
+    refuse_repeats("--variants", args.variants.split(","))
     for v in args.variants.split(","):
         variant_config(v, args.overrides).for_world(args.world)  # e.g. expert parallelism that --world cannot tile
     check_data(variant_config("untied", args.overrides), args.world)  # e.g. data.path=... with no data set there

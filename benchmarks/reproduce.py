@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from models.accounting import account  # noqa: E402
+from trainer.argtypes import OneLineParser, reader_may_leave, refuse_repeats  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 SCALES: dict[str, list[str]] = {
@@ -572,7 +573,7 @@ def dry_run(runs: list[Run]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS),
@@ -590,16 +591,15 @@ def main(argv: list[str] | None = None) -> int:
               "the mean +- half-range; give each seed once", file=sys.stderr)
         return 2
     try:
+        refuse_repeats("--only", args.only or [])
         runs = plan(args.scale, list(VARIANTS), args.seeds, args.steps)  # bad overrides fail here, before training
     except ValueError as err:  # e.g. --steps 0 or --seeds -1, named by the config key they set
         print(f"error: {err}", file=sys.stderr)
         return 2
     chosen = [r for r in runs if r.variant in (args.only or VARIANTS)]
     if args.dry_run:
-        try:
+        with reader_may_leave():  # `--dry-run | head`
             dry_run(chosen)
-        except BrokenPipeError:  # `--dry-run | head`: the reader left, nothing is wrong
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if not (args.table_only or args.no_train):
         for run in chosen:

@@ -1,11 +1,12 @@
 """Does tying cost quality? Untied vs tied g=2 vs tied g=4 on the default corpus, same everything else.
 
-    python benchmarks/tying_quality.py [--steps N] [key=value ...]
+    python benchmarks/tying_quality.py [--steps N] [--json OUT] [key=value ...]
+    python benchmarks/tying_quality.py --plot JSON       # redraw the PNG of a result written earlier
 
 A CPU-sized version of the paper's headline comparison: each variant trains with `./run.sh`'s default
 setup (2 ranks, ZeRO-3, expert parallel 2) for the same steps and tokens; the script prints unique
-parameters, unique FFN parameters and final validation cross-entropy, writes
-benchmarks/results/tying_quality_cpu.json and plots the curves to tying_quality_cpu.png.
+parameters, unique FFN parameters and final validation cross-entropy, writes the JSON to `--json`
+(default benchmarks/results/tying_quality_cpu.json) and plots the curves beside it (.png).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from models.accounting import account  # noqa: E402
+from trainer.argtypes import OneLineParser, output_file  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.launch import check_plot_beside, redraw, write_report_and_plot  # noqa: E402
 
 VARIANTS = {"untied": ["model.tie_group_size=1"], "tied g=2": ["model.tie_group_size=2"],
             "tied g=4": ["model.tie_group_size=4"]}
@@ -55,14 +58,31 @@ def run_variant(name: str, overrides: list[str], steps: int, extra: list[str]) -
             "ffn_reduction": acc.ffn_reduction, "summary": json.loads((run_dir / "summary.json").read_text())}
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
+def render(result: dict) -> str:
+    results = result["variants"]
+    base = results["untied"]
+    lines = [f"\n{'variant':<10} {'unique params':>14} {'unique FFN':>11} {'FFN saved':>10} {'val CE':>8} "
+             f"{'vs untied':>10}"]
+    for name, r in results.items():
+        val = r["val"][-1][1]
+        lines.append(f"{name:<10} {r['unique_params']:>14,} {r['unique_ffn_params']:>11,} "
+                     f"{100 * r['ffn_reduction']:>9.1f}% {val:>8.4f} {val - base['val'][-1][1]:>+10.4f}")
+    return "\n".join(lines)
 
+
+def plot(result: dict, path: Path) -> bool:
+    """Train and validation curves of every variant; False (and a note) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: matplotlib is not installed, no plot; `python benchmarks/tying_quality.py --plot "
+              f"{path.with_suffix('.json')}` draws it where it is", file=sys.stderr)
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
+    for name, r in result["variants"].items():
         label = f"{name} ({r['unique_ffn_params'] / 1e3:.0f}K unique FFN params)"
         ax_train.plot(*zip(*r["train"]), label=label)
         ax_val.plot(*zip(*r["val"]), marker="o", label=label)
@@ -74,14 +94,23 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle("Expert tying on the default corpus (tiny OLMoE-style, 2 CPU ranks, ZeRO-3, EP 2)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, metavar="N")
+    parser.add_argument("--json", type=output_file, metavar="OUT", default=str(RESULTS / "tying_quality_cpu.json"),
+                        help="result JSON; the plot goes beside it as .png (default: benchmarks/results/"
+                        "tying_quality_cpu.json)")
+    parser.add_argument("--plot", metavar="JSON", help="only draw JSON's plot (beside it, .png); trains nothing")
     parser.add_argument("overrides", nargs="*", help="applied to every variant")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.plot:
+        return redraw(args.plot, plot, "tying_quality.py", ("variants",))
     try:  # every variant's config before the first trains: a bad override is one line, exit 2
+        check_plot_beside(args.json)
         for override in args.overrides:  # set here per variant: applied to all, they would make them one
             key = override.split("=", 1)[0].strip().replace("model.overrides.", "model.", 1)
             if key in ("run.name", "model.tie_group_size"):
@@ -94,18 +123,8 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = {name: run_variant(name, o, args.steps, args.overrides) for name, o in VARIANTS.items()}
-    base = results["untied"]
-    print(f"\n{'variant':<10} {'unique params':>14} {'unique FFN':>11} {'FFN saved':>10} {'val CE':>8} {'vs untied':>10}")
-    for name, r in results.items():
-        val = r["val"][-1][1]
-        print(f"{name:<10} {r['unique_params']:>14,} {r['unique_ffn_params']:>11,} {100 * r['ffn_reduction']:>9.1f}% "
-              f"{val:>8.4f} {val - base['val'][-1][1]:>+10.4f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tying_quality_cpu.json").write_text(json.dumps({"steps": args.steps, "overrides": args.overrides,
-                                                                 "variants": results}, indent=1))
-    plot(results, RESULTS / "tying_quality_cpu.png")
-    print(f"wrote {RESULTS / 'tying_quality_cpu.json'} and {RESULTS / 'tying_quality_cpu.png'}")
-    return 0
+    return write_report_and_plot({"steps": args.steps, "overrides": args.overrides, "variants": results}, render,
+                                 plot, args.json)
 
 
 if __name__ == "__main__":

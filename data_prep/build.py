@@ -42,6 +42,7 @@ from data_prep.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS
                               load_manifest)
 from data_prep.sources import DEFAULT_SOURCES, fetch_package, file_sha256
 from data_prep.tokenizer import EOS_TOKEN, find_eos_id, load_tokenizer, train_tokenizer, validate_vocab_size
+from trainer.argtypes import OneLineParser
 
 log = logging.getLogger(__name__)
 
@@ -327,16 +328,16 @@ def ensure_default_dataset(out_dir: str | Path = DEFAULT_OUT_DIR, progress: bool
 
 def _parser() -> argparse.ArgumentParser:
     defaults = BuildConfig()
-    parser = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
                         help="text/jsonl/json/parquet files, globs, folders or saved HF datasets; "
                              "omit to build the default corpus")
     parser.add_argument("--out", help=f"output folder (default {DEFAULT_OUT_DIR} for the default corpus; "
                                       "required with --input)")
-    parser.add_argument("--text-field", default=defaults.text_field,
-                        help="jsonl/json field or parquet/HF column with the text (default: %(default)s)")
-    parser.add_argument("--txt-documents", choices=TXT_DOCUMENT_MODES, default=defaults.txt_documents,
-                        help="what a document is in .txt inputs (default: %(default)s)")
+    parser.add_argument("--text-field",  # default None: given for the default corpus, it is refused
+                        help=f"jsonl/json field or parquet/HF column with the text (default: {defaults.text_field})")
+    parser.add_argument("--txt-documents", choices=TXT_DOCUMENT_MODES,
+                        help=f"what a document is in .txt inputs (default: {defaults.txt_documents})")
     parser.add_argument("--vocab-size", type=int,
                         help=f"size of the trained BPE, a multiple of 64 (default: {defaults.vocab_size})")
     parser.add_argument("--tokenizer", help="tokenizers JSON file to use instead of training one")
@@ -354,21 +355,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_conflict(args: argparse.Namespace) -> str | None:
+    """A flag that does not apply to the rest of the command line, named with the flag it clashes with: it
+    would be ignored without a word (or, fingerprinted, force a rebuild of the same data)."""
+    if args.input and not args.out:
+        return "--out is required with --input (the default folder is for the default corpus)"
+    if args.tokenizer and args.vocab_size is not None:
+        return "--vocab-size is for a trained tokenizer; --tokenizer brings its own vocabulary"
+    if args.eos_token is not None and not args.tokenizer:
+        return (f"--eos-token is for a tokenizer given with --tokenizer; a trained tokenizer's end-of-text token is "
+                f"always {EOS_TOKEN!r}")
+    if args.input and args.cache_dir:
+        return "--cache-dir is the default corpus's package cache; with --input nothing is downloaded"
+    if not args.input:
+        for flag, value in (("--text-field", args.text_field), ("--txt-documents", args.txt_documents)):
+            if value is not None:
+                return (f"{flag} describes files given with --input; the default corpus (no --input) reads its "
+                        "packages' texts itself")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.input and not args.out:
-        print("error: --out is required with --input (the default folder is for the default corpus)",
-              file=sys.stderr)
+    conflict = _flag_conflict(args)
+    if conflict:
+        print(f"error: {conflict}", file=sys.stderr)
         return 2
-    if args.tokenizer and args.vocab_size is not None:
-        print("error: --vocab-size is for a trained tokenizer; --tokenizer brings its own vocabulary",
-              file=sys.stderr)
-        return 2
-    vocab_size = BuildConfig.vocab_size if args.vocab_size is None else args.vocab_size
+    defaults = BuildConfig()
     config = BuildConfig(
-        inputs=args.input, out_dir=args.out or str(DEFAULT_OUT_DIR), text_field=args.text_field,
-        txt_documents=args.txt_documents, vocab_size=vocab_size, tokenizer_path=args.tokenizer,
+        inputs=args.input, out_dir=args.out or str(DEFAULT_OUT_DIR),
+        text_field=defaults.text_field if args.text_field is None else args.text_field,
+        txt_documents=args.txt_documents or defaults.txt_documents,
+        vocab_size=defaults.vocab_size if args.vocab_size is None else args.vocab_size, tokenizer_path=args.tokenizer,
         eos_token=args.eos_token, validation_fraction=args.validation_fraction, shard_tokens=args.shard_tokens,
         min_chars=args.min_chars, cache_dir=args.cache_dir, progress=not args.no_progress, force=args.force)
     try:

@@ -13,6 +13,7 @@ import sys
 from models.accounting import account, check_layout, rank_memory
 from models.config import from_preset, plan_notes, tie_groups, untied
 from models.overrides import model_field_overrides
+from trainer.argtypes import reader_may_leave
 
 
 def _fmt(n: float) -> str:
@@ -59,7 +60,8 @@ def render_memory(preset: str, overrides: dict, world: int, ep: int, zero: int, 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:  # anywhere, as argparse allows (`olmoe --help` was an error)
-        print(__doc__)
+        with reader_may_leave():
+            print(__doc__)
         return 0
     try:
         args = _parser().parse_intermixed_args(argv)  # key=value before or after the layout flags
@@ -69,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--ep, --zero and --precision describe a layout: give --world too")
         if args.world is not None:  # validate before printing anything: no half a report for a bad layout
             check_layout(from_preset(args.preset, **overrides), args.world, *layout)
-        print(render(args.preset, overrides))
-        if args.world is not None:
-            print(render_memory(args.preset, overrides, args.world, *layout))
+        with reader_may_leave():
+            print(render(args.preset, overrides))
+            if args.world is not None:
+                print(render_memory(args.preset, overrides, args.world, *layout))
     except ValueError as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2

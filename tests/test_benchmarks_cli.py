@@ -38,7 +38,17 @@ BAD_INPUT = [(command, ["model.not_a_field=1"], "model.not_a_field") for command
     (TIMING_BENCHMARKS[0], ["--json", "benchmarks"], "--json"),  # a folder, not a file
     # the .md table / .png plot written beside the JSON would have replaced it
     (TIMING_BENCHMARKS[2], ["--json", "/tmp/peers.md"], "--json /tmp/peers.md"),
-    (["benchmarks/equal_memory.py"], ["--json", "/tmp/equal_memory.png"], "--json /tmp/equal_memory.png")]
+    (["benchmarks/equal_memory.py"], ["--json", "/tmp/equal_memory.png"], "--json /tmp/equal_memory.png"),
+    (["benchmarks/tying_quality.py"], ["--json", "/tmp/tying_quality.png"], "--json /tmp/tying_quality.png"),
+    (["benchmarks/tying_quality.py"], ["--json", "README.md/result.json"], "--json"),
+    (["benchmarks/bench_data.py"], ["--json", "README.md/result.json"], "--json")] + [
+    # a list entry given twice was measured (or scored) twice and counted twice
+    (["benchmarks/activation_memory.py"], ["--micro-batch", "2,4,2"], "--micro-batch 2,4,2: 2 is given twice"),
+    (["benchmarks/construction_memory.py"], ["--paths", "plain,partitioned,plain"],
+     "--paths plain,partitioned,plain: plain"),
+    (["benchmarks/equal_memory.py"], ["--variants", "untied,g2,g2"], "--variants untied,g2,g2: g2 is given twice"),
+    (["benchmarks/reproduce.py"], ["--dry-run", "--only", "g=2", "untied", "g=2"], "--only g=2,untied,g=2: g=2"),
+    (["-m", "trainer.evaluate"], ["runs/none", "--tasks", "piqa,arc_easy,piqa"], "--tasks piqa,arc_easy,piqa: piqa")]
 
 
 @pytest.mark.parametrize("command, bad, named", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
@@ -49,6 +59,22 @@ def test_bad_input_is_one_line_and_exit_2(command: list[str], bad: list[str], na
     lines = proc.stderr.strip().splitlines()
     error = [i for i, line in enumerate(lines) if "error:" in line]
     assert error == [len(lines) - 1] and named in lines[-1], proc.stderr  # the last line, nothing after it
+
+
+@pytest.mark.parametrize("command", [["benchmarks/activation_memory.py", "--micro-batch", "x"],
+                                     ["benchmarks/construction_memory.py", "--until", "x"],
+                                     ["benchmarks/equal_memory.py", "--steps", "x"],
+                                     ["benchmarks/reproduce.py", "--seeds", "x"],
+                                     ["benchmarks/peers.py", "--steps", "x"], ["-m", "trainer.bench", "--nope"],
+                                     ["benchmarks/tying_quality.py", "--steps", "x"],
+                                     ["benchmarks/bench_data.py", "--batches", "x"],
+                                     ["-m", "data_prep.build", "--vocab-size", "x"]], ids=" ".join)
+def test_argparse_errors_are_one_line(command: list[str]) -> None:
+    """argparse's own refusals (a flag's type or choice) printed a usage block and `PROG: error: ...`, not the
+    one `error: ...` line every other refusal gives."""
+    proc = run_python(command)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.slow
@@ -120,3 +146,59 @@ def test_bench_data_without_a_built_corpus_uses_the_fixture(tmp_path: Path, monk
     bench_data.main()
     assert "loader share of a default training step" in capsys.readouterr().out
     assert json.loads((tmp_path / "data.json").read_text())["loader_share_of_step"]["fraction"] > 0
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_data_json_goes_where_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_data.py had no --json: every run overwrote the committed benchmarks/results/data.json."""
+    bench_data = _load_script("bench_data")
+    monkeypatch.setattr(bench_data, "DEFAULT_OUT_DIR", tmp_path / "not_built")  # the fixture: seconds
+    monkeypatch.setattr(bench_data, "RESULTS", tmp_path / "committed" / "data.json")  # the default: must stay unwritten
+    bench_data.main(["--batches", "1", "--repeats", "1", "--json", str(tmp_path / "new" / "data.json")])
+    assert json.loads((tmp_path / "new" / "data.json").read_text())["tokenization"]
+    assert not (tmp_path / "committed" / "data.json").exists()
+
+
+COMMITTED_QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "tying_quality_cpu.json"
+
+
+def test_tying_quality_json_and_plot_go_where_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """tying_quality.py had no --json: every run overwrote the committed tying_quality_cpu.json and .png.
+    The training is replaced by the committed result's rows (the runs themselves take minutes)."""
+    tying_quality = _load_script("tying_quality")
+    rows = json.loads(COMMITTED_QUALITY.read_text())["variants"]
+    monkeypatch.setattr(tying_quality, "run_variant", lambda name, *args: rows[name])
+    monkeypatch.setattr(tying_quality, "RESULTS", tmp_path / "committed")
+    out = tmp_path / "new" / "quality.json"
+    assert tying_quality.main(["--steps", "6", "--json", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"steps": 6, "overrides": [], "variants": rows}
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tied g=4" in capsys.readouterr().out and not (tmp_path / "committed").exists()
+
+
+def test_tying_quality_plot_draws_a_written_result(tmp_path: Path) -> None:
+    result = tmp_path / "quality.json"
+    result.write_text(COMMITTED_QUALITY.read_text())
+    proc = run_python(["benchmarks/tying_quality.py", "--plot", str(result)])
+    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote {tmp_path / 'quality.png'}", proc.stderr[-2000:]
+    assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("content", ["not json", '{"steps": 3}', '{"variants": {"untied": {}}}'])
+def test_tying_quality_plot_refuses_other_files(content: str, tmp_path: Path) -> None:
+    bad = tmp_path / "other.json"
+    bad.write_text(content)
+    proc = run_python(["benchmarks/tying_quality.py", "--plot", str(bad)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f"error: --plot {bad}")
+    assert not bad.with_suffix(".png").exists()

@@ -237,16 +237,6 @@ def test_summary_takes_key_value_after_the_flags():
 # (the timing benchmarks and trainer.bench: tests/test_benchmarks_cli.py)
 
 
-def _assert_usage_error(proc: subprocess.CompletedProcess, *names: str) -> None:
-    """argparse's own refusal: exit 2, a usage block, then one `PROG: error: ...` line naming the culprit."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert ": error: " in last, proc.stderr[-3000:]
-    for name in names:
-        assert name in last, (name, last)
-
-
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], ["--steps=0"]), (["--tol", "nan"], ["--tol=nan"]),
                                          (["--cells", "gpu1", "--world", "0"], ["--world=0"])])
 def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
@@ -312,8 +302,8 @@ def test_equal_memory_gpu_without_a_gpu_is_refused():
 
 
 def test_bench_data_missing_data_dir(tmp_path):
-    _assert_usage_error(run_python(["benchmarks/bench_data.py", "--data-dir", str(tmp_path)]), "--data-dir",
-                        "manifest.json")
+    _assert_one_error_line(run_python(["benchmarks/bench_data.py", "--data-dir", str(tmp_path)]), "--data-dir",
+                           "manifest.json")
 
 
 def test_bench_data_damaged_data_dir(tmp_path):
@@ -323,8 +313,8 @@ def test_bench_data_damaged_data_dir(tmp_path):
     shards = build_fixture_dataset(tmp_path / "shards")
     shard = shards / "train_00000.bin"
     shard.write_bytes(shard.read_bytes()[:-2])
-    _assert_usage_error(run_python(["benchmarks/bench_data.py", "--data-dir", str(shards)]), "--data-dir",
-                        str(shard), "truncated")
+    _assert_one_error_line(run_python(["benchmarks/bench_data.py", "--data-dir", str(shards)]), "--data-dir",
+                           str(shard), "truncated")
 
 
 @pytest.mark.parametrize("argv, names", [(["--steps", "0"], "run.steps=0"), (["run.stepz=1"], "run.stepz"),
@@ -351,6 +341,22 @@ def test_reproduce_dry_run_into_a_closed_pipe_is_quiet():
     assert proc.stdout.startswith("== untied seed 0") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("argv", [["-m", "models.summary", "-h"], ["-m", "models.summary", "olmoe"],
+                                  ["-m", "models.summary", "olmoe", "--world", "64", "--ep", "8"],
+                                  ["-m", "trainer.memory", "plan", "olmoe", "--gpus", "8", "--gpu-mem-gib", "80"],
+                                  ["-m", "trainer.evaluate", "compare", "--help"], ["run.sh", "--help"]],
+                         ids=" ".join)
+def test_output_into_a_closed_pipe_is_quiet(argv):
+    """`python -m models.summary -h | head -1` (and `memory plan`'s table) ended in a BrokenPipeError traceback,
+    exit 1, when the reader had left before the command printed. Here the reader leaves before Python starts."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and stderr == "", stderr[-3000:]
+
+
 def test_memory_misspelt_command_is_named():
     """`trainer.memory plna ...` said "override 'plna': expected key=value"."""
     _assert_one_error_line(run_python(["-m", "trainer.memory", "plna", "olmoe"]), "'plna': unknown command",
@@ -361,6 +367,15 @@ def test_evaluate_compare_help():
     """`compare --help` looked for a result file named '--help'."""
     proc = run_python(["-m", "trainer.evaluate", "compare", "--help"])
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m trainer.evaluate compare"), proc.stderr
+
+
+def test_evaluate_help_lines_fit_120_columns():
+    """`--val-tokens`'s help was one 143-character line, however wide the terminal (argparse wraps at its width)."""
+    proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "1000", "DS_ACCELERATOR": "cpu"})
+    options = proc.stdout.split("\noptions:\n", 1)[1].splitlines()
+    assert proc.returncode == 0 and [line for line in options if len(line) > 120] == []
+    assert any("--val-tokens N" in line for line in options), proc.stdout  # as README spells it
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc", ""])

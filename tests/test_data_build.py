@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -228,6 +229,26 @@ def test_cli_vocab_size_with_a_given_tokenizer_is_refused(fixture_data: Path, tm
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("error: --vocab-size is for a trained tokenizer")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--input", str(FIXTURE_JSONL), "--cache-dir", "CACHE"], ("--cache-dir", "--input")),
+    (["--text-field", "body"], ("--text-field", "--input")),
+    (["--txt-documents", "paragraph"], ("--txt-documents", "--input")),
+    (["--input", str(FIXTURE_JSONL), "--eos-token", "</s>"], ("--eos-token", "--tokenizer"))],
+    ids=["cache-dir with input", "text-field without input", "txt-documents without input", "eos-token untrained"])
+def test_cli_flag_that_does_not_apply_is_refused(flags: list[str], named: tuple[str, str], tmp_path: Path) -> None:
+    """A flag that did not apply was ignored without a word: the package cache with --input, the text field
+    or .txt document mode for the default corpus (which then rebuilt, since both are fingerprinted)."""
+    argv = [arg.replace("CACHE", str(tmp_path / "cache")) for arg in flags]
+    env = {**os.environ, "TIEDMOE_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1", "npm_config_offline": "true"}
+    proc = subprocess.run([sys.executable, "-m", "data_prep.build", *argv, "--out", str(tmp_path / "out"),
+                           "--no-progress"], cwd=Path(__file__).resolve().parent.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert all(flag in lines[0] for flag in named), lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_vocab_smaller_than_asked_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

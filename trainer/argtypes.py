@@ -1,11 +1,14 @@
-"""argparse types the tools share, so a bad count or output path is refused as it is parsed, before any
+"""argparse types and checks the tools share, so a bad count or output path is refused as it is parsed, before any
 rank starts or any measuring is done (ending in argparse's `error:` line and exit 2)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,6 +37,29 @@ def output_file(text: str) -> str:
     except OSError as err:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {err.strerror or err}") from None
     return text
+
+
+def refuse_repeats(flag: str, values: Sequence[object]) -> None:
+    """A list flag (sizes, cells, variants, tasks) naming one entry twice would measure or score it twice, and
+    count it twice in a mean: ValueError naming the flag and the repeated entry."""
+    seen: set[object] = set()
+    for value in values:
+        if value in seen:
+            shown = ",".join(str(v) for v in values)
+            raise ValueError(f"{flag} {shown}: {value} is given twice; give each entry once")
+        seen.add(value)
+
+
+@contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """Around what a command prints to stdout: when its reader stops early (`... --help | head -1`), the rest
+    is not wanted and nothing is wrong, so the command goes on quietly instead of ending in a BrokenPipeError
+    traceback (stdout goes to /dev/null, so Python's flush at exit is quiet too)."""
+    try:
+        yield
+        sys.stdout.flush()  # the last buffered lines fail here, inside the block, not at interpreter exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class OneLineParser(argparse.ArgumentParser):

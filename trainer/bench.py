@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from trainer import engine as eng
-from trainer.argtypes import output_file, positive_int
+from trainer.argtypes import OneLineParser, output_file, positive_int
 from trainer.config import REPO_ROOT, TrainConfig, load_config
 from trainer.data import ensure_data, make_source
 from trainer.launch import collect_from_cpu_ranks, report_from_cpu_ranks, torchrun_command
@@ -174,7 +174,7 @@ def timing_parser(doc: str | None, steps: int, repeats: int, result: str, what: 
     """The command line every side-by-side timing benchmark shares: blocks of `--steps` optimizer steps
     alternated `--repeats` times per `what`, JSON to `--json` (default benchmarks/results/`result`),
     trailing key=value config overrides; `--worker` / `--json-raw` are the ranks' internal flags."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps per timed block")
     parser.add_argument("--repeats", type=positive_int, default=repeats, help=f"alternating blocks per {what}")
     parser.add_argument("--json", type=output_file, default=str(REPO_ROOT / "benchmarks" / "results" / result),

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.argtypes import reader_may_leave
 from trainer.config import TrainConfig, load_config
 
 ERROR_DIR_ENV = "TIEDMOE_ERROR_DIR"  # where ranks started by trainer.launch leave their one-line error
@@ -68,10 +69,8 @@ def _from_caller(config: str) -> str:
 def main(argv: list[str]) -> int:
     in_rank = "RANK" in os.environ
     if not in_rank and argv[:1] in (["-h"], ["--help"]):
-        try:
-            print(USAGE, flush=True)
-        except BrokenPipeError:  # `./run.sh --help | head -1`: the reader left, nothing is wrong
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with reader_may_leave():  # `./run.sh --help | head -1`
+            print(USAGE)
         return 0
     try:
         config, overrides = split_args(argv)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.argtypes import OneLineParser, output_file
+from trainer.argtypes import OneLineParser, output_file, reader_may_leave, refuse_repeats
 from trainer.config import REPO_ROOT
 
 TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
@@ -428,6 +428,7 @@ def _parse_tasks(value: str) -> list[str]:
     tasks = [t.strip() for t in value.split(",") if t.strip()]
     if not tasks:
         raise ValueError(f"--tasks={value!r}: expected comma-separated task names, or 'none'")
+    refuse_repeats("--tasks", tasks)  # scored twice, it would weigh twice in the macro average
     return tasks
 
 
@@ -436,14 +437,17 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", help="run directory, checkpoint directory or export directory")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                        help="comma-separated lm-eval tasks from trainer/eval_tasks, or 'none' (default: the paper's six)")
-    parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
-    parser.add_argument("--num-fewshot", type=int, default=DEFAULT_FEWSHOT, help="in-context examples (default 3)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    parser.add_argument("--val-tokens", type=int, help="score about N validation tokens: whole windows of seq_len, at most N but at least one window "
-                        "(default: the whole split)")
+                        help="comma-separated lm-eval tasks from trainer/eval_tasks, or 'none' "
+                             "(default: the paper's six)")
+    parser.add_argument("--limit", type=int, metavar="N", help="score only the first N documents of each task")
+    parser.add_argument("--num-fewshot", type=int, default=DEFAULT_FEWSHOT, metavar="K",
+                        help="in-context examples (default 3)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="B",
+                        help="sequences per forward pass (default 16)")
+    parser.add_argument("--val-tokens", type=int, metavar="N",
+                        help="score the whole seq_len windows within N validation tokens, at least one (default: all)")
     parser.add_argument("--hf", action="store_true", help="score the export's hf/ model instead of ours")
-    parser.add_argument("--out", help="result JSON (default: runs/<name>/eval/<tag>.json)")
+    parser.add_argument("--out", metavar="FILE", help="result JSON (default: runs/<name>/eval/<tag>.json)")
     return parser
 
 
@@ -472,12 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "compare":
             if any(a in ("-h", "--help") for a in argv[1:]):  # was read as a result path named '--help'
-                print("usage: python -m trainer.evaluate compare A [B ...]\n\nA, B: result JSON files, run "
-                      "directories (their newest eval/*.json) or evaluated exports; prints one markdown table.")
+                with reader_may_leave():
+                    print("usage: python -m trainer.evaluate compare A [B ...]\n\nA, B: result JSON files, run "
+                          "directories (their newest eval/*.json) or evaluated exports; prints one markdown table.")
                 return 0
             if len(argv) < 2:
                 raise ValueError("compare: name at least one result (JSON file, run directory or export)")
-            print(compare(argv[1:]))
+            table = compare(argv[1:])
+            with reader_may_leave():
+                print(table)
             return 0
         args = _parser().parse_args(argv)
         _check_args(args)

@@ -112,6 +112,51 @@ def write_report(result: Any, render: Callable[[Any], str], path: str, markdown:
     return 0
 
 
+def check_plot_beside(json_path: str) -> None:
+    """A benchmark that draws its result writes the PNG beside the JSON: a `--json` named .png would be
+    replaced by it (ValueError, before anything is measured)."""
+    if Path(json_path).suffix == ".png":
+        raise ValueError(f"--json {json_path}: the plot is written beside the JSON as .png; name the JSON .json")
+
+
+def write_report_and_plot(result: Any, render: Callable[[Any], str], plot: Callable[[Any, Path], bool],
+                          path: str) -> int:
+    """`write_report`, then `plot` draws the result beside the JSON (.png); `plot` returns False (with a note)
+    where matplotlib is missing, e.g. on the GPU device: `--plot JSON` draws it later elsewhere."""
+    code = write_report(result, render, path)
+    png = Path(path).with_suffix(".png")
+    if plot(result, png):
+        print(f"wrote {png}")
+    return code
+
+
+def redraw(path: str, plot: Callable[[Any, Path], bool], script: str, keys: tuple[str, ...]) -> int:
+    """`--plot JSON`: draw the plot of a result written earlier (beside it, .png), measuring nothing. A file
+    that is no result of `script` (JSON without its `keys`, or rows without what the plot reads) or a PNG
+    that cannot be written: one `error: --plot ...` line, exit 2. Exit 1 when matplotlib is missing."""
+    try:
+        result = json.loads(Path(path).read_text())
+        for key in keys:
+            result[key]  # noqa: B018 - the keys the plot needs
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"error: --plot {path}: expected a JSON file written by {script} ({err})", file=sys.stderr)
+        return 2
+    png = Path(path).with_suffix(".png")
+    try:  # the keys above are in other JSON too; a row without what the plot reads is still not a result
+        drawn = plot(result, png)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        print(f"error: --plot {path}: expected a JSON file written by {script} ({type(err).__name__}: {err})",
+              file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. a folder named like the PNG beside it
+        print(f"error: --plot {path}: cannot write {png} ({err.strerror or err})", file=sys.stderr)
+        return 2
+    if not drawn:
+        return 1
+    print(f"wrote {png}")
+    return 0
+
+
 def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     """Check everything that can be checked here, then start the local ranks on run.sh."""
     nproc, env = local_ranks()

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainer.argtypes import reader_may_leave
 from trainer.memory import CATEGORIES, MIB, REPORT_JSON, OneLineParser
 
 COMPARE_MD, COMPARE_PNG = "memory_compare.md", "memory_compare.png"
@@ -125,7 +126,8 @@ def compare_main(argv: list[str]) -> int:
     except OSError as err:  # e.g. a folder under a file
         raise ValueError(f"--out={args.out}: cannot create it ({err.strerror or err})") from None
     table = render_table(reports, names)
-    print(table, end="")
+    with reader_may_leave():
+        print(table, end="")
     (out / COMPARE_MD).write_text(table)
     plot(reports, names, out / COMPARE_PNG)
     print(f"wrote {out / COMPARE_MD} and {out / COMPARE_PNG}")

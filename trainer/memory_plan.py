@@ -21,7 +21,7 @@ from typing import Any
 from models.accounting import account, activation_memory, layer_parts, rank_memory
 from models.config import PRESETS, ModelConfig, from_preset, layer_plan, plan_notes
 from models.overrides import model_field_overrides
-from trainer.argtypes import output_file
+from trainer.argtypes import output_file, reader_may_leave
 from trainer.config import load_config, load_engine_settings
 from trainer.memory import GIB, OneLineParser
 
@@ -196,7 +196,8 @@ def run_plan(argv: list[str]) -> tuple[argparse.Namespace, str, Layout, list[dic
 
 def plan_main(argv: list[str]) -> int:
     args, name, layout, rows = run_plan(argv)
-    print(render(name, layout, rows))
+    with reader_may_leave():
+        print(render(name, layout, rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"target": name, "layout": dataclasses.asdict(layout), "rows": rows},
                                               indent=1))
