@@ -34,9 +34,19 @@ def check_deepspeed_config(cfg: TrainConfig, world_size: int) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
     resolved = cfg.for_world(world_size)
-    # DeepSpeedConfig takes the world as 1 without a process group: the batch sizes are given for one rank
+    # DeepSpeedConfig checks the batch sizes against its own idea of the world: 1 without a process group, the
+    # group's size once one exists (a second run in one process, as the tests' workers and tools start)
     with refusals_named(cfg):
-        DeepSpeedConfig(deepspeed_config(resolved, resolved.model_config(), 1))
+        DeepSpeedConfig(deepspeed_config(resolved, resolved.model_config(), _world_deepspeed_sees()))
+
+
+def _world_deepspeed_sees() -> int:
+    from deepspeed import comm
+
+    try:
+        return comm.get_world_size()
+    except (RuntimeError, AssertionError, AttributeError):  # what DeepSpeedConfig catches to assume 1
+        return 1
 
 
 def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
