@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from trainer import checkpoint
 from trainer.cli import ERROR_DIR_ENV
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
@@ -115,7 +116,7 @@ def write_report(result: Any, render: Callable[[Any], str], path: str, markdown:
 def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     """Check everything that can be checked here, then start the local ranks on run.sh."""
     nproc, env = local_ranks()
-    cfg.for_world(nproc)  # world-dependent errors before any process starts
+    resolved = cfg.for_world(nproc)  # world-dependent errors before any process starts
     check_deepspeed_config(cfg, nproc)  # DeepSpeed's own schema: inside the ranks it comes after the process groups
     ensure_data(cfg)
     # Open the data once here (vocab check, files, tokenizer, both splits): bad data fails before ranks start,
@@ -124,6 +125,8 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     make_source(cfg, "validation", 0, nproc)
     if cfg.run.downstream_every:
         check_task_names(cfg)
+    if cfg.run.resume == "auto":  # another model, layout or batch than the checkpoint's: refused before the ranks
+        checkpoint.precheck_resume(cfg.run_dir() / "checkpoints", nproc, checkpoint.identity(resolved, nproc))
     cfg.make_run_dir()  # an unusable run.out_dir is one line here, not a traceback from rank 0
     return run_local_ranks(nproc, [sys.executable, str(REPO_ROOT / "run.sh"), *([config] if config else []),
                                    *overrides], env)
