@@ -27,7 +27,7 @@ from trainer import checkpoint
 from trainer.cli import ERROR_DIR_ENV
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
-from trainer.downstream import check_task_names
+from trainer.downstream import check_fewshot, check_task_names
 from trainer.engine.ds_config import check_deepspeed_config
 
 
@@ -125,6 +125,8 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     make_source(cfg, "validation", 0, nproc)
     if cfg.run.downstream_every:
         check_task_names(cfg)
+        for note in check_fewshot(cfg):  # too many shots failed only at the first downstream scoring, mid-run
+            print(note, flush=True)
     if cfg.run.resume == "auto":  # another model, layout or batch than the checkpoint's: refused before the ranks
         checkpoint.precheck_resume(cfg.run_dir() / "checkpoints", nproc, checkpoint.identity(resolved, nproc))
     cfg.make_run_dir()  # an unusable run.out_dir is one line here, not a traceback from rank 0
