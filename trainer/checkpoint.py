@@ -360,15 +360,17 @@ def check_batch(where: Path, saved: dict[str, Any], ident: dict[str, Any]) -> st
                          f"run has {now['micro_batch_size']}; data.source=random counts its position in "
                          f"micro-batches, so it cannot continue exactly: resume with "
                          f"batch.micro_batch_size={was['micro_batch_size']}, {start_over}")
-    return (f"note: resuming with {', '.join(changed)}: the same {new_tokens:,} tokens per optimizer step; losses "
-            f"agree with an unchanged run up to rounding and the load-balancing loss, which is taken per "
-            f"micro-batch{_validation_note(was, now)}")
+    same = f"note: resuming with {', '.join(changed)}: the same {new_tokens:,} tokens per optimizer step"
+    if was["world_size"] != now["world_size"]:  # a layout-free resume: its data position is trainer.reshard's to say
+        return same
+    return (f"{same}; losses agree with an unchanged run up to rounding and the load-balancing loss, which is "
+            f"taken per micro-batch{_validation_note(was, now)}")
 
 
 def _validation_note(was: dict[str, Any], now: dict[str, Any]) -> str:
     """Validation reads `run.eval_batches` micro-batches per rank: a new micro-batch size changes which
     sequences `val_ce` is measured on, unless eval_batches makes up for it."""
-    if not isinstance(was.get("eval_batches"), int) or now["world_size"] != was["world_size"]:
+    if not isinstance(was.get("eval_batches"), int):
         return ""
     before, after = was["micro_batch_size"] * was["eval_batches"], now["micro_batch_size"] * now["eval_batches"]
     if before == after:
