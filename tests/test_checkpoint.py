@@ -168,3 +168,88 @@ def test_resume_never_twice_in_one_second_keeps_both(tmp_path: Path, monkeypatch
         train._set_aside_previous(tmp_path)
     assert (tmp_path / "replaced-20261202-101010" / "checkpoints" / "first").exists()
     assert (tmp_path / "replaced-20261202-101010-2" / "checkpoints" / "second").exists()
+
+
+def _batch_identity(world: int, *overrides: str, source: str = "shards") -> dict:
+    from trainer.config import load_config
+
+    return checkpoint.identity(load_config(None, [f"data.source={source}", *overrides]).for_world(world), world)
+
+
+def _write_identity(ckpt_dir: Path, ident: dict, world: int = 2) -> Path:
+    import torch
+
+    tag = ckpt_dir / "step00000002"
+    tag.mkdir(parents=True)
+    torch.save({"identity": ident, "world_size": world}, tag / "trainer_state_rank0.pt")
+    (ckpt_dir / "latest").write_text("step00000002")
+    return tag
+
+
+@pytest.mark.parametrize("overrides, world, says", [
+    (["batch.grad_accum=2"], 2, "this run has 4,096 (batch.grad_accum 1 -> 2)"),
+    (["batch.micro_batch_size=4"], 2, "this run has 1,024 (batch.micro_batch_size 8 -> 4)"),
+    (["batch.global_batch_tokens=4096"], 2, "this run has 4,096 (batch.grad_accum 1 -> 2)"),
+    ([], 4, "this run has 4,096 (world size 2 -> 4)"),
+])
+def test_resuming_with_other_tokens_per_step_is_refused(tmp_path: Path, overrides, world, says) -> None:
+    """A resume with another batch went on silently: step N, the data position saved with it and the LR
+    schedule then meant other tokens. Refused, naming the changed fields with old and new values."""
+    tag = _write_identity(tmp_path, _batch_identity(2))
+    with pytest.raises(ValueError) as info:
+        checkpoint.check_identity(tmp_path, tag.name, _batch_identity(world, *overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"checkpoint {tag}: written with 2,048 tokens per optimizer step, {says}" in message, message
+    assert "batch.global_batch_tokens=2048" in message and "run.resume=never or another run.name" in message
+
+
+def test_same_tokens_in_other_micro_batches_resume_with_a_note(tmp_path: Path) -> None:
+    """The loaders count their position in sequences (shards) or tokens (stream), so the same tokens per
+    step in other micro-batches continue the same data; the note says what changed (tests/test_faults.py
+    checks the losses). Random tokens count micro-batches: there it is refused."""
+    tag = _write_identity(tmp_path, _batch_identity(2))
+    same = _batch_identity(2, "batch.micro_batch_size=4", "batch.grad_accum=2", "run.eval_batches=8")
+    note = checkpoint.check_identity(tmp_path, tag.name, same)
+    assert note.startswith("note: resuming with batch.micro_batch_size 8 -> 4, batch.grad_accum 1 -> 2: the same "
+                           "2,048 tokens per optimizer step"), note
+    assert "validation" not in note  # 4 x 8 = 8 x 4 validation sequences: the same ones
+    note = checkpoint.check_identity(tmp_path, tag.name, _batch_identity(2, "batch.global_batch_tokens=2048",
+                                                                         "batch.micro_batch_size=2"))
+    assert "validation now reads 8 sequences per rank, not 32" in note and "run.eval_batches=16 keeps them" in note
+    assert checkpoint.check_identity(tmp_path, tag.name, _batch_identity(2)) is None
+    random = _write_identity(tmp_path / "random", _batch_identity(2, source="random"))
+    with pytest.raises(ValueError, match=r"batch.micro_batch_size=8, this run has 4; data.source=random counts"):
+        checkpoint.check_identity(tmp_path / "random", random.name,
+                                  _batch_identity(2, "batch.micro_batch_size=4", "batch.grad_accum=2", source="random"))
+
+
+def test_batch_is_not_checked_without_a_record(tmp_path: Path) -> None:
+    """Checkpoints written before the batch was recorded resume as before; an export (no world size) does not
+    compare batches."""
+    old = _batch_identity(2)
+    del old["batch"]
+    tag = _write_identity(tmp_path, old)
+    assert checkpoint.check_identity(tmp_path, tag.name, _batch_identity(2, "batch.grad_accum=2")) is None
+    tag = _write_identity(tmp_path / "new", _batch_identity(2))
+    export_ident = {k: v for k, v in _batch_identity(2, "batch.grad_accum=2").items() if k != "batch"}
+    assert checkpoint.check_identity(tmp_path / "new", tag.name, export_ident) is None
+
+
+def test_launcher_precheck_refuses_before_ranks_start(tmp_path: Path) -> None:
+    """`trainer.launch` looks at the trainer state `latest` names: a resume the ranks would refuse (batch,
+    model, world size) is refused before they start; what it cannot judge is left to the ranks."""
+    tag = _write_identity(tmp_path, _batch_identity(2))
+    checkpoint.precheck_resume(tmp_path, 2, _batch_identity(2))
+    with pytest.raises(ValueError, match=r"\(batch.grad_accum 1 -> 2\)"):
+        checkpoint.precheck_resume(tmp_path, 2, _batch_identity(2, "batch.grad_accum=2"))
+    with pytest.raises(ValueError, match=r"model.tie_group_size=2, this run has 1"):
+        checkpoint.precheck_resume(tmp_path, 2, _batch_identity(2, "model.tie_group_size=1"))
+    with pytest.raises(ValueError, match=r"written by 2 ranks, this run has 4; .*trainer.reshard"):
+        checkpoint.precheck_resume(tmp_path, 4, _batch_identity(4, "batch.micro_batch_size=4"))
+    (tag / "layout_free.pt").touch()  # converted for another layout: trainer.reshard's rules, in the ranks
+    checkpoint.precheck_resume(tmp_path, 4, _batch_identity(4))
+    (tag / "layout_free.pt").unlink()
+    (tag / "trainer_state_rank0.pt").write_bytes(b"garbage")  # damaged: the ranks fall back and say so
+    checkpoint.precheck_resume(tmp_path, 2, _batch_identity(2, "batch.grad_accum=2"))
+    checkpoint.precheck_resume(tmp_path / "fresh", 2, _batch_identity(2, "batch.grad_accum=2"))  # no checkpoint

@@ -243,6 +243,18 @@ def test_parity_refuses_counts_below_one_and_bad_tolerance(argv, names):
     _assert_one_error_line(run_python(["-m", "trainer.parity", *argv]), *names)
 
 
+@pytest.mark.parametrize("argv, world", [(["--cells", "gpu1"], 1), (["--cells", "gpu1", "--world", "2"], 2),
+                                         (["--cells", "quick"], 2), ([], 2)])
+def test_parity_world_follows_the_cells(monkeypatch, argv, world):
+    """`--cells gpu1` without `--world 1` ran the one-rank cells on 2 ranks (and reported them as such)."""
+    import trainer.parity as parity
+
+    started = []
+    monkeypatch.setattr(parity, "collect_json", lambda args, nproc, gpu, out: started.append(nproc) or 7)
+    assert parity.main(argv) == 7  # the ranks' exit code: stops before any comparison
+    assert started == [world]
+
+
 def test_parity_only_matching_no_cell_is_refused():
     """The ranks started, trained nothing and died with a DeepSpeed AssertionError traceback, exit 1."""
     _assert_one_error_line(run_python(["-m", "trainer.parity", "--cells", "muon", "--only", "nomatch"]),

@@ -275,7 +275,7 @@ def test_downstream_subset_in_the_training_loop(tmp_path) -> None:
     proc = _run(["run.sh", f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", "run.steps=2",
                  f"run.out_dir={tmp_path / 'runs'}", "run.name=loop", "data.seq_len=32", "batch.micro_batch_size=4",
                  "run.eval_batches=1", "run.downstream_every=2", "run.downstream_tasks=arc_easy",
-                 "run.downstream_limit=3"])
+                 "run.downstream_limit=3", "run.downstream_fewshot=0"])  # 3 shots cannot fit 32 tokens: refused
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "downstream (validation split, 3 docs/task): arc_easy" in proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "runs" / "loop" / "metrics.jsonl").read_text().splitlines()]
@@ -412,3 +412,47 @@ def test_downstream_fewshot_refused_by_lm_eval_names_the_config_key(monkeypatch)
     s = SimpleNamespace(cfg=cfg, model_cfg=model_cfg, rank=0, engine=None)
     with pytest.raises(ValueError, match=r"^run.downstream_fewshot=5000 \(run.downstream_tasks='piqa'\): lm-eval"):
         downstream.scores(s, tokenizer=None)
+
+
+@pytest.fixture(scope="module")
+def fixture_shards(tmp_path_factory) -> Path:
+    return build_fixture_dataset(tmp_path_factory.mktemp("fewshot") / "shards")
+
+
+def _fewshot_config(shards: Path, *overrides: str):
+    return load_config(None, [f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", "run.downstream_every=2",
+                              *overrides])
+
+
+def test_downstream_fewshot_is_checked_against_the_tasks_examples(fixture_shards) -> None:
+    """Too many shots failed only at the first downstream scoring, mid-run ('Sample larger than population'), and
+    shots that cannot fit data.seq_len were cut from the left by lm-eval without a word; both are refused up
+    front, naming the key; a typical prompt that does not fit is a note."""
+    from trainer.downstream import check_fewshot
+
+    with pytest.raises(ValueError) as info:  # arc_challenge ships 299 validation examples
+        check_fewshot(_fewshot_config(fixture_shards, "run.downstream_tasks=arc_challenge", "data.seq_len=512",
+                                      "run.downstream_fewshot=299"))
+    assert str(info.value) == ("run.downstream_fewshot=299: task arc_challenge has 299 examples to draw shots from; "
+                               "299 shots and the scored one need 300: expected at most 298 shots"), info.value
+    with pytest.raises(ValueError) as info:
+        check_fewshot(_fewshot_config(fixture_shards, "run.downstream_tasks=piqa", "run.downstream_fewshot=40"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("run.downstream_fewshot=40: no piqa prompt fits data.seq_len=128 (128 tokens)"), message
+    assert "shots fit); lower the shots or raise data.seq_len" in message, message
+    notes = check_fewshot(_fewshot_config(fixture_shards, "run.downstream_tasks=piqa,arc_easy", "data.seq_len=512",
+                                          "run.downstream_fewshot=1"))
+    assert notes == []
+    notes = check_fewshot(_fewshot_config(fixture_shards, "run.downstream_tasks=piqa", "run.downstream_fewshot=2"))
+    assert len(notes) == 1 and notes[0].startswith("note: run.downstream_fewshot=2: a typical piqa prompt"), notes
+
+
+def test_downstream_fewshot_too_large_is_refused_before_ranks_start(tmp_path, fixture_shards) -> None:
+    proc = _run(["run.sh", f"data.path={fixture_shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}",
+                 "run.downstream_every=2", "run.downstream_tasks=arc_easy", "run.downstream_fewshot=600",
+                 f"run.out_dir={tmp_path}"], timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: run.downstream_fewshot=600: task arc_easy has 570 "), lines
+    assert "run dir" not in proc.stdout  # the launcher refused it: no rank started

@@ -310,3 +310,45 @@ def test_a_rank_that_reports_an_error_leaves_after_its_peers_are_stopped() -> No
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip() == "error: bad input found on rank 0 only", proc.stderr[-3000:]
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    """The last row of each step in metrics.jsonl (a val_ce row follows its train row)."""
+    rows: dict[int, dict] = {}
+    for row in _strict_rows(run_dir / "metrics.jsonl"):
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def test_resume_with_another_batch(tmp_path: Path) -> None:
+    """Resuming with other tokens per optimizer step went on silently (step N, the data position saved with it
+    and the LR schedule then meant other tokens): the launcher refuses it before any rank starts, naming the
+    changed fields, and leaves the run untouched. The same tokens in other micro-batches continue the same
+    data: losses as an uninterrupted run's, up to rounding and the per-micro-batch load-balancing loss."""
+    from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
+
+    shards = build_fixture_dataset(tmp_path / "shards")
+    data = ["data.source=shards", f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}",
+            f"run.out_dir={tmp_path}", "run.steps=4"]
+    whole = _run([*data, "run.name=whole"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = _run([*data, "run.name=r", "run.stop_at_step=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _digest(tmp_path / "r")
+    refused = _run([*data, "run.name=r", "batch.grad_accum=2"])
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = _errors(refused.stderr)
+    assert len(errors) == 1, refused.stderr[-3000:]
+    assert ("written with 256 tokens per optimizer step, this run has 512 (batch.grad_accum 1 -> 2)" in errors[0]
+            and "run.resume=never" in errors[0]), errors
+    assert "run dir" not in refused.stdout  # the launcher refused it: no rank started
+    assert _digest(tmp_path / "r") == before
+    resumed = _run([*data, "run.name=r", "batch.micro_batch_size=2", "batch.grad_accum=2", "run.eval_batches=2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "note: resuming with batch.micro_batch_size 4 -> 2, batch.grad_accum 1 -> 2: the same 256 tokens" in \
+        resumed.stdout, resumed.stdout
+    got, want = _metrics(tmp_path / "r"), _metrics(tmp_path / "whole")
+    for step in (3, 4):
+        assert abs(got[step]["ce"] - want[step]["ce"]) < 1e-4, (step, got[step], want[step])
+        assert abs(got[step]["lr"] - want[step]["lr"]) < 1e-12
+    assert abs(got[4]["val_ce"] - want[4]["val_ce"]) < 1e-4  # eval_batches 2 x 2: the same validation sequences

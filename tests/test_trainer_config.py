@@ -234,6 +234,21 @@ def test_range_edges_and_nulls_are_accepted(override):
     load_config(None, [override])
 
 
+def test_stop_at_step_past_the_run_is_refused():
+    """run.stop_at_step > the run's length stopped nothing (the run trained to its end): refused at load, and
+    with run.tokens (its length known per world size) by for_world, which the launcher runs first."""
+    message = bad_overrides(["run.steps=4", "run.stop_at_step=5"], "run.stop_at_step")
+    assert "run.stop_at_step=5: expected at most the run's length, run.steps=4" in message, message
+    load_config(None, ["run.steps=4", "run.stop_at_step=4"])
+    # default: 8 x 128 tokens per rank and step; 2 ranks -> 2048 tokens a step, so 6144 tokens are 3 steps
+    cfg = load_config(None, ["run.tokens=6144", "run.stop_at_step=4", "parallel.expert_parallel_size=1"])
+    cfg.for_world(1)  # 6 steps on one rank
+    message = one_line_error(lambda: cfg.for_world(2), "run.stop_at_step")
+    assert "3 steps (run.tokens=6144 on 2 ranks)" in message, message
+    cfg = load_config(None, ["run.tokens=6144", "run.stop_at_step=4", "batch.global_batch_tokens=2048"])
+    one_line_error(lambda: cfg.for_world(2), "run.stop_at_step")
+
+
 def test_on_nonfinite_policy():
     assert load_config().run.on_nonfinite == "stop"
     assert load_config(None, ["run.on_nonfinite=skip"]).run.on_nonfinite == "skip"

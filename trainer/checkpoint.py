@@ -221,8 +221,7 @@ def verify_tag(ckpt_dir: Path, tag: str, world_size: int | None = None) -> None:
             raise ValueError(f"checkpoint {tag_dir / 'trainer_state_rank0.pt'}: no world_size recorded")
     world = world_size or written_by
     if written_by != world:
-        raise ValueError(f"checkpoint {tag_dir}: written by {written_by} ranks, this run has {world}; "
-                         f"{RESHARD_HINT.format(run_dir=ckpt_dir.parent)}")
+        raise ValueError(_other_world(tag_dir, written_by, world))
     for rank in range(world):
         path = tag_dir / f"trainer_state_rank{rank}.pt"
         if not path.is_file():
@@ -230,6 +229,11 @@ def verify_tag(ckpt_dir: Path, tag: str, world_size: int | None = None) -> None:
         missing = [key for key in _STATE_KEYS if key not in read_trainer_state(path)]
         if missing:
             raise ValueError(f"checkpoint {path}: not a complete trainer state (no {missing[0]!r})")
+
+
+def _other_world(tag_dir: Path, written_by: Any, world: int) -> str:
+    return (f"checkpoint {tag_dir}: written by {written_by} ranks, this run has {world}; "
+            f"{RESHARD_HINT.format(run_dir=tag_dir.parent.parent)}")
 
 
 class ResumePoint(NamedTuple):
@@ -280,16 +284,101 @@ def choose_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> Res
     return point
 
 
+def precheck_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> None:
+    """For the launcher: refuse before any rank starts a resume the ranks would refuse for its world
+    size, model, layout, optimizer or batch (`check_identity`), judged on the tag `latest` names.
+
+    Only a look at one small file: the ranks still verify the tag and may fall back to an older one
+    (`choose_resume`, which decides). A damaged `latest` or trainer state, or a tag converted for
+    another layout (`layout_free.pt`, `trainer.reshard`), is left to them."""
+    try:
+        tag = latest_tag(ckpt_dir)
+        state = read_trainer_state(ckpt_dir / tag / "trainer_state_rank0.pt") if tag else None
+    except ValueError:
+        return
+    if state is None or (ckpt_dir / tag / "layout_free.pt").is_file():
+        return
+    if isinstance(state.get("world_size"), int) and state["world_size"] != world_size:
+        raise ValueError(_other_world(ckpt_dir / tag, state["world_size"], world_size))
+    check_saved_identity(ckpt_dir / tag, state.get("identity") or {}, ident)
+
+
 # A checkpoint loads only on the layout that wrote it; this says how to continue on another one.
 RESHARD_HINT = "resume with the same layout, or convert it first with `python -m trainer.reshard {run_dir}`"
 
 
-def identity(cfg: Any) -> dict[str, Any]:
+def identity(cfg: Any, world_size: int | None = None) -> dict[str, Any]:
     """What must match for a checkpoint to be resumable: the model, how it is laid out over ranks, and the
-    optimizer and precision whose state DeepSpeed restores (its files and param groups differ by both)."""
-    return {"model": cfg.model_config().to_dict(), "expert_parallel_size": cfg.parallel.expert_parallel_size,
-            "zero_stage": zero_stage(cfg), "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len},
-            "optim_name": cfg.optim.name, "precision": cfg.run.precision}
+    optimizer and precision whose state DeepSpeed restores (its files and param groups differ by both).
+    With `world_size` (and `cfg` resolved for it, `TrainConfig.for_world`) also the batch, which gives a
+    step, the data position and the LR schedule their meaning in tokens (`check_batch`); a resume checks
+    it, an export has no use for it."""
+    ident = {"model": cfg.model_config().to_dict(), "expert_parallel_size": cfg.parallel.expert_parallel_size,
+             "zero_stage": zero_stage(cfg), "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len},
+             "optim_name": cfg.optim.name, "precision": cfg.run.precision}
+    if world_size is not None:
+        ident["batch"] = {"micro_batch_size": cfg.batch.micro_batch_size, "grad_accum": cfg.batch.grad_accum,
+                          "world_size": world_size, "seq_len": cfg.data.seq_len, "eval_batches": cfg.run.eval_batches}
+    return ident
+
+
+_BATCH_FIELDS = (("micro_batch_size", "batch.micro_batch_size"), ("grad_accum", "batch.grad_accum"),
+                 ("world_size", "world size"), ("seq_len", "data.seq_len"))
+
+
+def _tokens_per_step(batch: dict[str, int]) -> int:
+    return batch["micro_batch_size"] * batch["grad_accum"] * batch["world_size"] * batch["seq_len"]
+
+
+def check_batch(where: Path, saved: dict[str, Any], ident: dict[str, Any]) -> str | None:
+    """Refuse a resume whose optimizer step holds other tokens than the checkpoint's; returns a note for
+    a change that keeps them (None: nothing changed, or the checkpoint predates batch records).
+
+    The step count, `run.tokens` (converted to steps) and the LR schedule (a function of the step) all
+    count optimizer steps; a step of other tokens would silently make step N, and the data position
+    saved with it, mean something else. The same tokens in other micro-batches are a step of the same
+    sequences: the loaders count their position in sequences (shards) or tokens (stream), not in
+    micro-batches, and DeepSpeed averages the micro-batches' gradients, so only rounding and the
+    load-balancing loss (taken per micro-batch, like every MoE trainer's) differ. Random tokens count
+    micro-batches, so there the micro-batch size must stay.
+    """
+    was, now = saved.get("batch"), ident.get("batch")
+    if not isinstance(was, dict) or now is None or not all(isinstance(was.get(k), int) for k, _ in _BATCH_FIELDS):
+        return None
+    changed = [f"{name} {was[key]} -> {now[key]}" for key, name in _BATCH_FIELDS if was[key] != now[key]]
+    if not changed:
+        return None
+    old_tokens, new_tokens = _tokens_per_step(was), _tokens_per_step(now)
+    start_over = "or start over with run.resume=never or another run.name"
+    if old_tokens != new_tokens:
+        raise ValueError(f"checkpoint {where}: written with {old_tokens:,} tokens per optimizer step, this run has "
+                         f"{new_tokens:,} ({', '.join(changed)}): its step count, data position and LR schedule "
+                         f"would mean other tokens; resume with the batch it was written with "
+                         f"(batch.global_batch_tokens={old_tokens} keeps it when the world size changes), {start_over}")
+    if ident["data"]["source"] == "random" and was["micro_batch_size"] != now["micro_batch_size"]:
+        raise ValueError(f"checkpoint {where}: written with batch.micro_batch_size={was['micro_batch_size']}, this "
+                         f"run has {now['micro_batch_size']}; data.source=random counts its position in "
+                         f"micro-batches, so it cannot continue exactly: resume with "
+                         f"batch.micro_batch_size={was['micro_batch_size']}, {start_over}")
+    same = f"note: resuming with {', '.join(changed)}: the same {new_tokens:,} tokens per optimizer step"
+    if was["world_size"] != now["world_size"]:  # a layout-free resume: its data position is trainer.reshard's to say
+        return same
+    return (f"{same}; losses agree with an unchanged run up to rounding and the load-balancing loss, which is "
+            f"taken per micro-batch{_validation_note(was, now)}")
+
+
+def _validation_note(was: dict[str, Any], now: dict[str, Any]) -> str:
+    """Validation reads `run.eval_batches` micro-batches per rank: a new micro-batch size changes which
+    sequences `val_ce` is measured on, unless eval_batches makes up for it."""
+    if not isinstance(was.get("eval_batches"), int):
+        return ""
+    before, after = was["micro_batch_size"] * was["eval_batches"], now["micro_batch_size"] * now["eval_batches"]
+    if before == after:
+        return ""
+    keep = (f" (run.eval_batches={before // now['micro_batch_size']} keeps them)"
+            if before % now["micro_batch_size"] == 0 else "")
+    return (f"; validation now reads {after} sequences per rank, not {before} (run.eval_batches x "
+            f"batch.micro_batch_size), so val_ce is measured on other sequences{keep}")
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], keep: int,
@@ -340,25 +429,33 @@ def _saved_value(saved: dict[str, Any], section: str, key: str) -> Any:
 
 
 def check_identity(ckpt_dir: Path, tag: str, ident: dict[str, Any],
-                   hint: str = "use another run.name or run.resume=never") -> None:
-    """Refuse, in one line, to resume a checkpoint written for another model or layout (before DeepSpeed
-    would fail deep inside its loader). `hint` ends a model / data mismatch: what the caller can do."""
+                   hint: str = "use another run.name or run.resume=never") -> str | None:
+    """Refuse, in one line, to resume a checkpoint written for another model, layout or batch (before
+    DeepSpeed would fail deep inside its loader, or the run went on with steps of other tokens). `hint`
+    ends a model / data mismatch: what the caller can do. Returns `check_batch`'s note, if any."""
     saved = read_trainer_state(ckpt_dir / tag / "trainer_state_rank0.pt").get("identity") or {}
+    return check_saved_identity(ckpt_dir / tag, saved, ident, hint)
+
+
+def check_saved_identity(where: Path, saved: dict[str, Any], ident: dict[str, Any],
+                         hint: str = "use another run.name or run.resume=never") -> str | None:
+    """`check_identity` of an identity already read from `where` (a tag folder)."""
     for section in ("model", "data"):
         for key, value in ident[section].items():
             was = _saved_value(saved, section, key)
             if was != value:
-                raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {section}.{key}={was!r}, this run "
+                raise ValueError(f"checkpoint {where}: written with {section}.{key}={was!r}, this run "
                                  f"has {value!r}; {hint}")
     for key, field in (("expert_parallel_size", "parallel.expert_parallel_size"), ("zero_stage", "the ZeRO stage")):
         if key in saved and saved[key] != ident[key]:
-            raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {field}={saved[key]}, this run has "
-                             f"{ident[key]}; {RESHARD_HINT.format(run_dir=ckpt_dir.parent)}")
+            raise ValueError(f"checkpoint {where}: written with {field}={saved[key]}, this run has "
+                             f"{ident[key]}; {RESHARD_HINT.format(run_dir=where.parent.parent)}")
     for key, field in (("optim_name", "optim.name"), ("precision", "run.precision")):  # absent: written before
         if key in saved and saved[key] != ident[key]:
-            raise ValueError(f"checkpoint {ckpt_dir / tag}: written with {field}={saved[key]!r}, this run has "
+            raise ValueError(f"checkpoint {where}: written with {field}={saved[key]!r}, this run has "
                              f"{ident[key]!r}; resume with {field}={saved[key]}, or use another run.name or "
                              f"run.resume=never")
+    return check_batch(where, saved, ident)
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str, verify: bool = True) -> dict[str, Any]:

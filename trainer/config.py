@@ -115,7 +115,7 @@ class RunSection:
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest N kept (0: keep all)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run dir>/checkpoints/latest if present
-    stop_at_step: int | None = None  # leave after this step (checkpointed), as a time-limited job would
+    stop_at_step: int | None = None  # leave after this step (checkpointed), as a time-limited job would; <= steps
     # a non-finite loss or gradient norm: "stop" exits 3 without saving it; "skip" drops an update whose loss is
     # non-finite, counts it and trains on (a non-finite gradient norm of a finite loss still exits 3; a
     # non-finite checkpoint never becomes `latest` either way)
@@ -153,6 +153,7 @@ class TrainConfig:
         if world_size % ep:
             raise ValueError(f"parallel.expert_parallel_size={ep}: expected a divisor of the world size {world_size}")
         if self.batch.global_batch_tokens is None:
+            self._check_stop_at_step(world_size)
             return self
         per_micro_step = self.batch.micro_batch_size * world_size * self.data.seq_len
         accum, rest = divmod(self.batch.global_batch_tokens, per_micro_step)
@@ -162,7 +163,19 @@ class TrainConfig:
         if self.batch.grad_accum not in (1, accum):
             raise ValueError(f"batch.grad_accum={self.batch.grad_accum}: disagrees with batch.global_batch_tokens="
                              f"{self.batch.global_batch_tokens} on {world_size} ranks (which needs {accum}); set one")
-        return dataclasses.replace(self, batch=dataclasses.replace(self.batch, grad_accum=accum))
+        resolved = dataclasses.replace(self, batch=dataclasses.replace(self.batch, grad_accum=accum))
+        resolved._check_stop_at_step(world_size)
+        return resolved
+
+    def _check_stop_at_step(self, world_size: int) -> None:
+        """`run.stop_at_step` past the run's last step stopped nothing: the run trained to its end as if it
+        were unset. With `run.tokens` the length is known only per world size, hence here as well."""
+        stop, steps = self.run.stop_at_step, self.total_steps(world_size)
+        if stop is not None and stop > steps:
+            length = (f"{steps} steps (run.tokens={self.run.tokens} on {world_size} ranks)" if self.run.tokens
+                      else f"run.steps={steps}")
+            raise ValueError(f"run.stop_at_step={stop}: expected at most the run's length, {length}; "
+                             f"raise run.steps (or run.tokens) to train longer, or remove run.stop_at_step")
 
     def tokens_per_step(self, world_size: int) -> int:
         return self.batch.micro_batch_size * self.batch.grad_accum * world_size * self.data.seq_len
@@ -399,6 +412,8 @@ def validate(cfg: TrainConfig) -> None:
         for key in ("stream_train", "tokenizer"):
             if not getattr(cfg.data, key):
                 raise ValueError(f"data.{key}: required when data.source=stream")
+    if cfg.run.tokens is None:  # with run.tokens the length depends on the world size: `for_world` checks it
+        cfg._check_stop_at_step(1)
     _validate_muon(cfg)
     model = cfg.model_config()
     if cfg.data.seq_len > model.max_seq_len:

@@ -14,7 +14,7 @@ from typing import Any
 from models.transformer import build_model
 from trainer import engine as eng
 from trainer.config import TrainConfig
-from trainer.evaluate import LogitsModel, check_tasks, run_tasks
+from trainer.evaluate import LogitsModel, check_tasks, fewshot_fit, run_tasks
 from trainer.export_tokenizer import run_tokenizer
 from trainer.session import Session
 
@@ -30,6 +30,23 @@ def check_task_names(cfg: TrainConfig) -> None:
         check_tasks([t.strip() for t in cfg.run.downstream_tasks.split(",") if t.strip()])
     except ValueError as err:
         raise ValueError(f"run.downstream_tasks={cfg.run.downstream_tasks!r}: {err}") from None
+
+
+def check_fewshot(cfg: TrainConfig) -> list[str]:
+    """run.downstream_fewshot against the tasks' examples and the run's sequence length, for the launcher:
+    too many shots failed only at the first downstream scoring, mid-run, and shots that cannot fit were
+    cut without a word. One-line ValueError naming the key; returns notes (`evaluate.fewshot_fit`)."""
+    run = cfg.run
+    rt = run_tokenizer(cfg)
+    if rt.path is None:
+        raise ValueError(f"run.downstream_every={run.downstream_every}: {rt.note}")
+    # `scores` gives lm-eval min(data.seq_len, model.max_seq_len); config validation keeps seq_len the smaller
+    tasks = [t.strip() for t in run.downstream_tasks.split(",") if t.strip()]
+    try:
+        notes = fewshot_fit(tasks, run.downstream_fewshot, rt.path, cfg.data.seq_len, f"data.seq_len={cfg.data.seq_len}")
+    except ValueError as err:
+        raise ValueError(f"run.downstream_fewshot={run.downstream_fewshot}: {err}") from None
+    return [f"note: run.downstream_fewshot={run.downstream_fewshot}: {note}" for note in notes]
 
 
 def check(s: Session) -> Any:

@@ -273,6 +273,66 @@ def primary_metric(row: dict[str, Any]) -> str:
     return "acc_norm" if "acc_norm,none" in row else "acc"
 
 
+def fewshot_fit(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_len: int,
+                length: str = "the maximum length") -> list[str]:
+    """Whether `num_fewshot` shots can be drawn and fit `max_len` tokens, judged on each task's own
+    examples (lm-eval's task objects, without scoring anything). Raises ValueError when a task has too
+    few examples to draw the shots from (lm-eval draws shots + 1 from the validation split and drops the
+    scored one: "Sample larger than population", at the first scoring), or when even its shortest
+    examples and question do not fit (lm-eval cuts a prompt from the left to fit, so every prompt would
+    lose shots without a word). Returns one note per task whose typical (median) prompt does not fit.
+    Token counts are of the pieces, so about right (a boundary can merge or split a token). `length` names
+    where max_len comes from, for the messages."""
+    import logging
+    import statistics
+
+    from lm_eval.tasks import TaskManager
+
+    from data_prep.tokenizer import load_tokenizer
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    tokenizer = load_tokenizer(tokenizer_file)
+    loaded = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load(tasks)["tasks"]
+    notes = []
+    for task in tasks:
+        shots, questions = _examples(loaded[task])
+        if num_fewshot + 1 > len(shots):
+            raise ValueError(f"task {task} has {len(shots)} examples to draw shots from; {num_fewshot} shots and "
+                             f"the scored one need {num_fewshot + 1}: expected at most {len(shots) - 1} shots")
+        shot_lens = sorted(len(e.ids) for e in tokenizer.encode_batch(shots))
+        question_lens = sorted(len(e.ids) for e in tokenizer.encode_batch(questions))
+        shortest = sum(shot_lens[:num_fewshot]) + question_lens[0]
+        if shortest > max_len:
+            fit = max([k for k in range(num_fewshot) if sum(shot_lens[:k]) + question_lens[0] <= max_len], default=None)
+            can = f"at most {fit} shots fit" if fit is not None else "not even the shortest question fits"
+            raise ValueError(f"no {task} prompt fits {length} ({max_len} tokens): its {num_fewshot} shortest shots and "
+                             f"shortest question with answer take about {shortest}, and lm-eval would cut every prompt "
+                             f"from the left ({can}); lower the shots or raise {length.split('=')[0]}")
+        typical = num_fewshot * statistics.median(shot_lens) + statistics.median(question_lens)
+        if typical > max_len:
+            notes.append(f"a typical {task} prompt with {num_fewshot} shots is about {typical:.0f} tokens, more than "
+                         f"{length} ({max_len}): lm-eval cuts prompts from the left, so most lose their first shots")
+    return notes
+
+
+def _examples(task: Any) -> tuple[list[str], list[str]]:
+    """Each shot as lm-eval writes it (question, target delimiter, answer) and each scored question with its
+    correct answer, over the task's few-shot docs (its validation split here)."""
+    cfg = task.fewshot_cfg
+    docs = list(task.fewshot_docs())
+    shots, questions = [], []
+    for doc in docs:
+        question, choices, answer = task.doc_to_text(doc), task.doc_to_choice(doc), task.doc_to_target(doc)
+        if task.multiple_input:  # winogrande: the question is an index into the choices, the answer a string
+            question = choices[question]
+        elif isinstance(answer, int):
+            answer = choices[answer]
+        text = f"{question}{cfg.target_delimiter}{answer}"
+        shots.append(text + cfg.fewshot_delimiter)
+        questions.append(text)
+    return shots, questions
+
+
 def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], num_fewshot: int, limit: int | None,
               batch_size: int, max_len: int) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` with our task YAMLs on its include path; scores per task."""

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from trainer import checkpoint
 from trainer.cli import ERROR_DIR_ENV, error_file_name
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import ensure_data, make_source
-from trainer.downstream import check_task_names
+from trainer.downstream import check_fewshot, check_task_names
 from trainer.engine.ds_config import check_deepspeed_config
 
 
@@ -160,7 +161,7 @@ def redraw(path: str, plot: Callable[[Any, Path], bool], script: str, keys: tupl
 def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     """Check everything that can be checked here, then start the local ranks on run.sh."""
     nproc, env = local_ranks()
-    cfg.for_world(nproc)  # world-dependent errors before any process starts
+    resolved = cfg.for_world(nproc)  # world-dependent errors before any process starts
     check_deepspeed_config(cfg, nproc)  # DeepSpeed's own schema: inside the ranks it comes after the process groups
     ensure_data(cfg)
     # Open the data once here (vocab check, files, tokenizer, both splits): bad data fails before ranks start,
@@ -169,6 +170,10 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     make_source(cfg, "validation", 0, nproc)
     if cfg.run.downstream_every:
         check_task_names(cfg)
+        for note in check_fewshot(cfg):  # too many shots failed only at the first downstream scoring, mid-run
+            print(note, flush=True)
+    if cfg.run.resume == "auto":  # another model, layout or batch than the checkpoint's: refused before the ranks
+        checkpoint.precheck_resume(cfg.run_dir() / "checkpoints", nproc, checkpoint.identity(resolved, nproc))
     cfg.make_run_dir()  # an unusable run.out_dir is one line here, not a traceback from rank 0
     return run_local_ranks(nproc, [sys.executable, str(REPO_ROOT / "run.sh"), *([config] if config else []),
                                    *overrides], env)

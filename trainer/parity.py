@@ -2,7 +2,7 @@
 
     python -m trainer.parity [--cells quick|all|muon] [--steps N] [--json OUT]
     python -m trainer.parity --cells muon --only zero3   # the Muon cells whose name contains "zero3"
-    python -m trainer.parity --cells gpu1 --world 1 [--gpu] [--json OUT]   # the cells one GPU holds
+    python -m trainer.parity --cells gpu1 [--gpu] [--json OUT]   # the cells one GPU holds, on one rank
 
 Starts 2 CPU ranks (gloo) that train every cell of ZeRO {0,1,2,3} x expert-parallel {1,2} x
 {tied g=2, untied} (and the tied-router / tied-attention / widening ablations, and a subset of the Muon
@@ -11,9 +11,10 @@ then replays each in one process with `trainer.reference` and prints the largest
 the largest relative difference of the global gradient norm (before clipping, each tied tensor once).
 It also checks, with SGD, that a tied bank's gradient is the sum of its layers' gradients, and that
 Muon orthogonalising a bank as one flattened matrix would differ by far more than the tolerance.
-Exit code 1 when any cell differs by more than --tol. `--cells gpu1 --world 1` runs the cells that fit
-one device (ZeRO 0 and 3, EP 1, tied and untied, fp32 and bf16) on one rank, on the GPU with `--gpu`
-(benchmarks/gpu_check.sh); the gather count, SGD check and controls need 2 ranks and are left out.
+Exit code 1 when any cell differs by more than --tol. `--cells gpu1` runs the cells that fit one
+device (ZeRO 0 and 3, EP 1, tied and untied, fp32 and bf16) on one rank (`--world N` for more), on the
+GPU with `--gpu` (benchmarks/gpu_check.sh); the gather count, SGD check and controls need 2 ranks and
+are left out.
 """
 
 from __future__ import annotations
@@ -109,6 +110,12 @@ def one_device_cells() -> dict[str, list[str]]:
         out[name] = [f"parallel.ds_config=ds_configs/zero{zero}.json", "parallel.expert_parallel_size=1",
                      f"model.tie_group_size={g}", f"run.precision={precision}"]
     return out
+
+
+def default_world(which: str) -> int:
+    """The ranks a cell set is meant for: `gpu1` holds the cells one device runs (it ran them on 2 ranks
+    unless `--world 1` was given, so `--cells gpu1` alone checked another layout than it says)."""
+    return 1 if which == "gpu1" else WORLD
 
 
 def cell_tolerance(name: str, tol: float) -> float:
@@ -299,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--json", type=output_file, help="write the report here")
     parser.add_argument("--only", default="", help="--cells muon: only the cells whose name contains this")
-    parser.add_argument("--world", type=int, default=WORLD, help="ranks (gpu1 cells: 1)")
+    parser.add_argument("--world", type=int, help=f"ranks (default: the cells' own, {WORLD}; 1 for --cells gpu1)")
     parser.add_argument("--gpu", action="store_true", help="ranks on GPUs (torchrun) instead of CPU ranks")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-raw", help=argparse.SUPPRESS)
@@ -308,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    args.world = default_world(args.cells) if args.world is None else args.world
     for flag, value in (("--steps", args.steps), ("--world", args.world)):
         if value < 1:
             parser.error(f"{flag}={value}: expected a positive integer")

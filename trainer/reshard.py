@@ -29,7 +29,7 @@ from trainer.data import make_source
 from trainer.launch import spawn_cpu_ranks
 from trainer.session import Session, train_step
 
-LAYOUT_FREE = "layout_free.pt"
+LAYOUT_FREE = "layout_free.pt"  # checkpoint.precheck_resume knows the name too
 
 
 def layout(cfg: TrainConfig, world_size: int) -> dict[str, int]:
@@ -58,10 +58,12 @@ def resume_layout_free(s: Session, ckpt_dir: Path) -> int | None:
     state = read_layout_free(path)
     if state["layout"] == layout(s.cfg, s.world):
         return None  # same layout: DeepSpeed's own checkpoint is exact (RNG states included)
+    ident = checkpoint.identity(s.cfg, s.world)
     for section in ("model", "data"):
-        if state["identity"][section] != checkpoint.identity(s.cfg)[section]:
+        if state["identity"][section] != ident[section]:
             raise ValueError(f"checkpoint {path}: written for another {section} than this run's; use another "
                              f"run.name or run.resume=never")
+    note = checkpoint.check_batch(path, state["identity"], ident)  # tokens per step: the same on the new layout
     if s.cfg.optim.name != "adamw":  # `reshard` carries AdamW's moments only (it refuses other optimizers)
         raise ValueError(f"checkpoint {path}: holds AdamW state, this run has optim.name={s.cfg.optim.name!r}; "
                          f"resume with optim.name=adamw, or use another run.name or run.resume=never")
@@ -76,6 +78,8 @@ def resume_layout_free(s: Session, ckpt_dir: Path) -> int | None:
     elif s.rank == 0:
         print(f"note: world size {old_world} -> {s.world}: the data loader starts a new pass", flush=True)
     if s.rank == 0:
+        if note:
+            print(note, flush=True)
         print(f"resumed from {path} at step {state['step']} (layout {state['layout']} -> "
               f"{layout(s.cfg, s.world)})", flush=True)
     return state["step"]
@@ -94,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
         data = [checkpoint.read_trainer_state(ckpt_dir / args.tag / f"trainer_state_rank{r}.pt")["data"]
                 for r in range(world)]
         out = {**training, "step": state["step"], "data": data, "layout": layout(cfg, world),
-               "identity": checkpoint.identity(cfg)}
+               "identity": checkpoint.identity(cfg, world)}
         tmp = Path(args.out).with_suffix(".tmp")
         torch.save(out, tmp)
         tmp.replace(args.out)

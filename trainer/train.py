@@ -80,7 +80,7 @@ def train(cfg: TrainConfig) -> RunResult:
                 with progress.paused():
                     _check_weights(s, step)
                     checkpoint.save(s.engine, run_dir / "checkpoints", step + 1, s.source.state_dict(),
-                                    cfg.run.keep_checkpoints, checkpoint.identity(s.cfg))
+                                    cfg.run.keep_checkpoints, checkpoint.identity(s.cfg, s.world))
             if preempted and step + 1 < stop:
                 return _preempted(s, run_dir, result, progress, step + 1, signals.received)
     finally:
@@ -123,7 +123,7 @@ def _record_run_files(s: Session, run_dir: Path) -> None:
 def _resume(s: Session, run_dir: Path) -> int:
     """Continue from the newest complete, valid checkpoint (run.resume=auto); returns the first step to run.
 
-    Everything that can refuse a resume (manifest, rank files, model and layout identity) is decided
+    Everything that can refuse a resume (manifest, rank files, model, layout and batch identity) is decided
     before anything in the run directory is written.
     """
     ckpt_dir = run_dir / "checkpoints"
@@ -131,7 +131,8 @@ def _resume(s: Session, run_dir: Path) -> int:
         moved = resume_layout_free(s, ckpt_dir)  # a checkpoint converted for another layout
         if moved is not None:
             return moved
-    point = (checkpoint.choose_resume(ckpt_dir, s.world, checkpoint.identity(s.cfg)) if s.cfg.run.resume == "auto"
+    ident = checkpoint.identity(s.cfg, s.world)
+    point = (checkpoint.choose_resume(ckpt_dir, s.world, ident) if s.cfg.run.resume == "auto"
              else checkpoint.ResumePoint(None, None))
     if point.skipped and s.rank == 0:
         print(point.skipped, flush=True)
@@ -145,6 +146,9 @@ def _resume(s: Session, run_dir: Path) -> int:
     state = checkpoint.load(s.engine, ckpt_dir, point.tag, verify=False)
     s.source.load_state_dict(state["data"])
     if s.rank == 0:
+        note = checkpoint.check_identity(ckpt_dir, point.tag, ident)  # the batch change it accepted, if any
+        if note:
+            print(note, flush=True)
         print(f"resumed from {ckpt_dir / point.tag} at step {state['step']}", flush=True)
     return state["step"]
 
