@@ -207,6 +207,26 @@ def test_killed_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
     assert (tmp_path / "orphans" / "checkpoints" / "latest").is_file()  # they saved on the way out
 
 
+def test_sigterm_to_the_deepspeed_command_saves_and_stops_the_ranks(tmp_path: Path) -> None:
+    """`deepspeed run.sh ...` on one node: the `deepspeed` command neither handles nor passes on SIGTERM, so killing
+    it left its launch.py and the ranks training to the last step; README: the ranks save and exit 0."""
+    from trainer.launch import _free_port
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    job = subprocess.Popen([launcher, "--num_accelerators", "2", "--master_port", str(_free_port()), "run.sh", *BASE,
+                            f"run.out_dir={tmp_path}", "run.name=ds", "run.steps=400"], cwd=REPO_ROOT, env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(job, 2)
+    below = psutil.Process(job.pid).children(recursive=True)  # launch.py and the ranks
+    assert len(below) == 3, [p.cmdline() for p in below]
+    os.kill(job.pid, signal.SIGTERM)
+    out, _ = job.communicate(timeout=120)  # the ranks share its stdout: this waits for them too
+    gone, alive = psutil.wait_procs(below, timeout=120)
+    assert not alive, [p.cmdline() for p in alive]
+    assert "stopped at step" in out and "checkpoint saved" in out, out[-2000:]
+    stopped_at = int((tmp_path / "ds" / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 2 <= stopped_at < 400
+
+
 def _digest(run_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
