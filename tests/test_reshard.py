@@ -102,3 +102,18 @@ def test_garbage_latest_is_left_to_the_resume_fallback(tmp_path: Path, content: 
     (ckpt_dir / checkpoint.LATEST).write_text(content)
     cfg = load_config(None, BASE)
     assert resume_layout_free(SimpleNamespace(cfg=cfg, world=2, rank=0), ckpt_dir) is None
+
+
+def test_another_layout_of_a_muon_run_is_not_sent_to_reshard(tmp_path: Path) -> None:
+    """A Muon checkpoint resumed on another layout (EP size, world size) was told to convert it with
+    `python -m trainer.reshard`, which then refused it (AdamW state only)."""
+    muon = [*BASE, f"run.out_dir={tmp_path}", "optim.name=muon", "parallel.ds_config=ds_configs/zero0.json"]
+    first = _run(["run.sh", *muon, "run.stop_at_step=2", "parallel.expert_parallel_size=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    for args, ranks, says in ((["parallel.expert_parallel_size=1"], 2, "expert_parallel_size=2"),
+                              (["parallel.expert_parallel_size=1"], 1, "written by 2 ranks")):
+        refused = _run(["run.sh", *muon, *args], ranks)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and says in errors[0], refused.stderr[-3000:]
+        assert "convert it first" not in errors[0] and "optim.name='muon'" in errors[0], errors[0]
