@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> int:
         config, overrides = split_args(argv)
         cfg = load_config(config, overrides)  # fail fast, before any process starts
     except ValueError as err:
-        return _fail(err, 2, in_rank)
+        return _fail(err, 2, in_rank, alike_on_every_rank=True)
     # torch and DeepSpeed take seconds to import: a bad command line or config is refused before that.
     # A signal during those imports is only recorded (a KeyboardInterrupt raised there can land in a finalizer,
     # which prints a traceback and drops it: the run went on), then acted on once they are done; from there
@@ -138,17 +139,24 @@ def _peer_reported() -> bool:
     return bool(error_dir) and any(Path(error_dir).glob("rank*.txt"))
 
 
-def _fail(err: object, code: int, in_rank: bool) -> int:
+PEER_GRACE_S = 10.0  # how long a quiet rank waits for its local rank 0 to report a command-line error
+
+
+def _fail(err: object, code: int, in_rank: bool, alike_on_every_rank: bool = False) -> int:
     """One line on stderr, even when the message quotes a multi-line YAML parser error.
 
     In a rank started by `trainer.launch`, the line goes to a file the launcher prints once (not once per
     rank), and the rank leaves at once: its peers may be waiting for it in a collective, and the
-    launcher stops them.
+    launcher stops them. Under another launcher (torchrun, `deepspeed run.sh`) an error every rank meets
+    alike (the command line, the config) is printed by local rank 0 only, one line per node instead of
+    one per rank; the other ranks wait quietly for the launcher, which stops them when rank 0 leaves.
     """
     line = "error: " + " ".join(part.strip() for part in str(err).splitlines() if part.strip())
     error_dir = os.environ.get(ERROR_DIR_ENV)
     if in_rank and error_dir:
         (Path(error_dir) / f"rank{int(os.environ['RANK']):05d}.txt").write_text(line + "\n")
+    elif in_rank and alike_on_every_rank and os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(PEER_GRACE_S)  # rank 0's exit comes first, so the launcher reports its code
     else:
         print(line, file=sys.stderr)
     if in_rank:
