@@ -117,3 +117,14 @@ def test_another_layout_of_a_muon_run_is_not_sent_to_reshard(tmp_path: Path) -> 
         errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and says in errors[0], refused.stderr[-3000:]
         assert "convert it first" not in errors[0] and "optim.name='muon'" in errors[0], errors[0]
+
+
+def test_reshard_of_an_older_tag_says_the_run_resumes_from_latest(tmp_path: Path) -> None:
+    """`--tag` of a tag older than `latest` wrote a layout_free.pt that no resume reads, without a word: the next
+    start on the new layout was refused with 'convert it first', which the user had just done."""
+    first = _run(["run.sh", *BASE, f"run.out_dir={tmp_path}", "run.stop_at_step=4", "run.save_every=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _run(["-m", "trainer.reshard", str(tmp_path / "r"), "--tag", "step00000002"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "r" / "checkpoints" / "step00000002" / "layout_free.pt").is_file()
+    assert "names step00000004: the run resumes from that tag, not from step00000002" in proc.stdout, proc.stdout

@@ -115,7 +115,13 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
         # '../x' would write layout_free.pt into another folder of the run
         raise ValueError(f"--tag {tag!r}: expected the name of a checkpoint folder under {ckpt_dir}, like "
                          f"{checkpoint.tag_for(0)}")
-    tag = tag or checkpoint.latest_tag(ckpt_dir)
+    try:
+        latest = checkpoint.latest_tag(ckpt_dir)
+    except ValueError:  # a damaged `latest` does not stop an explicit --tag
+        if tag is None:
+            raise
+        latest = None
+    tag = tag or latest
     if tag is None:
         raise ValueError(f"run directory {run_dir}: no complete checkpoint yet ({ckpt_dir / checkpoint.LATEST})")
     checkpoint.verify_tag(ckpt_dir, tag)
@@ -126,6 +132,9 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
     if proc.returncode != 0 or not out.is_file():
         sys.stderr.write("\n".join(proc.stderr.splitlines()[-30:]) + "\n")
         raise RuntimeError(f"reshard ranks failed (exit {proc.returncode})")
+    if latest is not None and tag != latest:  # the run resumes from `latest` only: a copy of an older tag is never read
+        print(f"note: {ckpt_dir / checkpoint.LATEST} names {latest}: the run resumes from that tag, not from {tag}; "
+              f"to continue on another layout, convert {latest} (python -m trainer.reshard {run_dir})")
     return out
 
 
