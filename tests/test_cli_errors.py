@@ -401,3 +401,14 @@ def test_run_sh_relative_config_is_the_callers(tmp_path, monkeypatch):
     monkeypatch.setenv(CALLER_CWD_ENV, str(tmp_path))
     assert split_args(["my.yaml", "run.steps=2"]) == (str(tmp_path / "my.yaml"), ["run.steps=2"])
     assert split_args(["trainer/configs/tiny_qwen3.yaml"]) == ("trainer/configs/tiny_qwen3.yaml", [])
+
+
+def test_run_sh_shipped_config_from_another_folder_under_a_launcher(tmp_path):
+    """A launcher started outside the repo (`deepspeed /repo/run.sh trainer/configs/x.yaml`, torchrun alike) runs
+    run.sh as Python in the caller's folder: the README's repo-relative config said 'config file ...: not found'
+    on every rank. Here the command line is read (and refused for its bad key) before any rank starts."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TIEDMOE_CALLER_CWD")}
+    env.update(DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "run.sh"), "trainer/configs/tiny_untied.yaml", "run.stepz=1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    _assert_one_error_line(proc, "run.stepz: unknown key")

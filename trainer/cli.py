@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig, load_config
+from trainer.config import REPO_ROOT, TrainConfig, load_config
 
 ERROR_DIR_ENV = "TIEDMOE_ERROR_DIR"  # where ranks started by trainer.launch leave their one-line error
 CALLER_CWD_ENV = "TIEDMOE_CALLER_CWD"  # the folder run.sh was called from (it then changes to the repo root)
@@ -58,10 +58,15 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def _from_caller(config: str) -> str:
     """A relative config path as the caller meant it: run.sh changes to the repo root before Python starts,
-    so `../run.sh my.yaml` from another folder said 'not found'. Repo-relative paths still work."""
+    so `../run.sh my.yaml` from another folder said 'not found'. Repo-relative paths still work, also under a
+    launcher started outside the repo."""
     caller = os.environ.get(CALLER_CWD_ENV)
     if caller and not Path(config).is_absolute() and (Path(caller) / config).exists():
         return str(Path(caller) / config)
+    if not Path(config).is_absolute() and not Path(config).exists() and (REPO_ROOT / config).is_file():
+        # under a launcher started in another folder (`deepspeed /repo/run.sh trainer/configs/x.yaml`) nothing
+        # changes to the repo root: the shipped configs are found there, as parallel.ds_config and data.path are
+        return str(REPO_ROOT / config)
     return config
 
 
