@@ -260,6 +260,10 @@ def test_resume_never_sets_the_previous_run_aside(tmp_path: Path) -> None:
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step")) == ["step00000002"]
     aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "latest").read_text() == "step00000004"
+    # its metrics go with it (they were deleted while its TensorBoard events were kept), and what describes it
+    assert max(r["step"] for r in _strict_rows(aside[0] / "metrics.jsonl")) == 4
+    assert (aside[0] / "config.yaml").is_file() and (aside[0] / "summary.json").is_file()
+    assert max(r["step"] for r in _strict_rows(run / "metrics.jsonl")) == 2
     resumed = _run([f"run.out_dir={tmp_path}", "run.name=again", "run.steps=4"])
     assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stdout[-2000:]
 
