@@ -128,3 +128,22 @@ def test_reshard_of_an_older_tag_says_the_run_resumes_from_latest(tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "r" / "checkpoints" / "step00000002" / "layout_free.pt").is_file()
     assert "names step00000004: the run resumes from that tag, not from step00000002" in proc.stdout, proc.stdout
+
+
+def test_reshard_of_a_zero2_run_continues_as_the_straight_run(tmp_path: Path) -> None:
+    """Reshard read the Adam moments right after loading a ZeRO-1/2 (or bf16) checkpoint, before DeepSpeed had
+    linked its optimizer-state fragments (it does so after a step): a TypeError inside DeepSpeed, exit 1. The
+    moments must be the real ones: the continuation on another layout follows the straight run."""
+    zero2 = [*BASE, f"run.out_dir={tmp_path}", "parallel.ds_config=ds_configs/zero2.json",
+             "parallel.expert_parallel_size=2"]
+    straight = _run(["run.sh", *zero2, "run.name=straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _run(["run.sh", *zero2, "run.stop_at_step=3"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _run(["-m", "trainer.reshard", str(tmp_path / "r")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = _run(["run.sh", *BASE, f"run.out_dir={tmp_path}", "parallel.ds_config=ds_configs/zero1.json",
+                  "parallel.expert_parallel_size=1"])
+    assert moved.returncode == 0 and "layout_free.pt at step 3" in moved.stdout, moved.stderr[-3000:]
+    got, want = _losses(tmp_path / "r"), _losses(tmp_path / "straight")
+    assert max(abs(got[s] - want[s]) for s in (4, 5, 6)) <= 1e-5, (got, want)
