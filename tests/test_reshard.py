@@ -147,3 +147,20 @@ def test_reshard_of_a_zero2_run_continues_as_the_straight_run(tmp_path: Path) ->
     assert moved.returncode == 0 and "layout_free.pt at step 3" in moved.stdout, moved.stderr[-3000:]
     got, want = _losses(tmp_path / "r"), _losses(tmp_path / "straight")
     assert max(abs(got[s] - want[s]) for s in (4, 5, 6)) <= 1e-5, (got, want)
+
+
+def test_failed_reshard_ranks_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's exception sat above torchrun's 30-line summary, out of the printed tail: the one line said only
+    'reshard ranks failed (exit 1)'."""
+    from trainer import checkpoint, reshard
+
+    (tmp_path / "config.yaml").write_text("data:\n  source: random\n")
+    (tmp_path / "checkpoints" / "step00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text("step00000002")
+    monkeypatch.setattr(checkpoint, "verify_tag", lambda *a: None)
+    monkeypatch.setattr(checkpoint, "read_trainer_state", lambda path: {"world_size": 2})
+    log = "[rank0]: Traceback (most recent call last):\n[rank0]: TypeError: boom\n" + "torchrun summary\n" * 40
+    monkeypatch.setattr(reshard, "spawn_cpu_ranks",
+                        lambda *a, **k: subprocess.CompletedProcess([], 1, stdout="", stderr=log))
+    with pytest.raises(RuntimeError, match=r"^reshard ranks failed \(exit 1\): TypeError: boom$"):
+        reshard.reshard(tmp_path, None)

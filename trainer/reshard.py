@@ -15,6 +15,7 @@ a new pass over the data (its split into ranks changed). RNG states start from t
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -130,9 +131,12 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
     proc = spawn_cpu_ranks(["trainer.reshard", "--worker", str(run_dir), "--tag", tag, "--out", str(out)], world,
                            capture=True)
     if proc.returncode != 0 or not out.is_file():
+        # the ranks' exception, as export names it: torchrun's 30-line summary alone hid it
+        errors = re.findall(r"^\[rank\d+\]: (\w*(?:Error|Exception)\b.*)$", proc.stderr, re.M)
         sys.stderr.write("\n".join(proc.stderr.splitlines()[-30:]) + "\n")
-        raise RuntimeError(f"reshard ranks failed (exit {proc.returncode})")
-    if latest is not None and tag != latest:  # the run resumes from `latest` only: a copy of an older tag is never read
+        raise RuntimeError(f"reshard ranks failed (exit {proc.returncode}): "
+                           f"{errors[0] if errors else 'see the log above'}")
+    if latest is not None and tag != latest:  # a run resumes from `latest` only: an older tag's copy is never read
         print(f"note: {ckpt_dir / checkpoint.LATEST} names {latest}: the run resumes from that tag, not from {tag}; "
               f"to continue on another layout, convert {latest} (python -m trainer.reshard {run_dir})")
     return out
