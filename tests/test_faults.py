@@ -207,6 +207,26 @@ def test_killed_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
     assert (tmp_path / "orphans" / "checkpoints" / "latest").is_file()  # they saved on the way out
 
 
+def test_sigterm_to_the_deepspeed_command_saves_and_stops_the_ranks(tmp_path: Path) -> None:
+    """`deepspeed run.sh ...` on one node: the `deepspeed` command neither handles nor passes on SIGTERM, so killing
+    it left its launch.py and the ranks training to the last step; README: the ranks save and exit 0."""
+    from trainer.launch import _free_port
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    job = subprocess.Popen([launcher, "--num_accelerators", "2", "--master_port", str(_free_port()), "run.sh", *BASE,
+                            f"run.out_dir={tmp_path}", "run.name=ds", "run.steps=400"], cwd=REPO_ROOT, env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(job, 2)
+    below = psutil.Process(job.pid).children(recursive=True)  # launch.py and the ranks
+    assert len(below) == 3, [p.cmdline() for p in below]
+    os.kill(job.pid, signal.SIGTERM)
+    out, _ = job.communicate(timeout=120)  # the ranks share its stdout: this waits for them too
+    gone, alive = psutil.wait_procs(below, timeout=120)
+    assert not alive, [p.cmdline() for p in alive]
+    assert "stopped at step" in out and "checkpoint saved" in out, out[-2000:]
+    stopped_at = int((tmp_path / "ds" / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 2 <= stopped_at < 400
+
+
 def _digest(run_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
@@ -240,6 +260,10 @@ def test_resume_never_sets_the_previous_run_aside(tmp_path: Path) -> None:
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step")) == ["step00000002"]
     aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "latest").read_text() == "step00000004"
+    # its metrics go with it (they were deleted while its TensorBoard events were kept), and what describes it
+    assert max(r["step"] for r in _strict_rows(aside[0] / "metrics.jsonl")) == 4
+    assert (aside[0] / "config.yaml").is_file() and (aside[0] / "summary.json").is_file()
+    assert max(r["step"] for r in _strict_rows(run / "metrics.jsonl")) == 2
     resumed = _run([f"run.out_dir={tmp_path}", "run.name=again", "run.steps=4"])
     assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stdout[-2000:]
 

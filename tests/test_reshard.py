@@ -105,3 +105,65 @@ def test_garbage_latest_is_left_to_the_resume_fallback(tmp_path: Path, content: 
     (ckpt_dir / checkpoint.LATEST).write_text(content)
     cfg = load_config(None, BASE)
     assert resume_layout_free(SimpleNamespace(cfg=cfg, world=2, rank=0), ckpt_dir) is None
+
+
+def test_another_layout_of_a_muon_run_is_not_sent_to_reshard(tmp_path: Path) -> None:
+    """A Muon checkpoint resumed on another layout (EP size, world size) was told to convert it with
+    `python -m trainer.reshard`, which then refused it (AdamW state only)."""
+    muon = [*BASE, f"run.out_dir={tmp_path}", "optim.name=muon", "parallel.ds_config=ds_configs/zero0.json"]
+    first = _run(["run.sh", *muon, "run.stop_at_step=2", "parallel.expert_parallel_size=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    for args, ranks, says in ((["parallel.expert_parallel_size=1"], 2, "expert_parallel_size=2"),
+                              (["parallel.expert_parallel_size=1"], 1, "written by 2 ranks")):
+        refused = _run(["run.sh", *muon, *args], ranks)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and says in errors[0], refused.stderr[-3000:]
+        assert "convert it first" not in errors[0] and "optim.name='muon'" in errors[0], errors[0]
+
+
+def test_reshard_of_an_older_tag_says_the_run_resumes_from_latest(tmp_path: Path) -> None:
+    """`--tag` of a tag older than `latest` wrote a layout_free.pt that no resume reads, without a word: the next
+    start on the new layout was refused with 'convert it first', which the user had just done."""
+    first = _run(["run.sh", *BASE, f"run.out_dir={tmp_path}", "run.stop_at_step=4", "run.save_every=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _run(["-m", "trainer.reshard", str(tmp_path / "r"), "--tag", "step00000002"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "r" / "checkpoints" / "step00000002" / "layout_free.pt").is_file()
+    assert "names step00000004: the run resumes from that tag, not from step00000002" in proc.stdout, proc.stdout
+
+
+def test_reshard_of_a_zero2_run_continues_as_the_straight_run(tmp_path: Path) -> None:
+    """Reshard read the Adam moments right after loading a ZeRO-1/2 (or bf16) checkpoint, before DeepSpeed had
+    linked its optimizer-state fragments (it does so after a step): a TypeError inside DeepSpeed, exit 1. The
+    moments must be the real ones: the continuation on another layout follows the straight run."""
+    zero2 = [*BASE, f"run.out_dir={tmp_path}", "parallel.ds_config=ds_configs/zero2.json",
+             "parallel.expert_parallel_size=2"]
+    straight = _run(["run.sh", *zero2, "run.name=straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _run(["run.sh", *zero2, "run.stop_at_step=3"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _run(["-m", "trainer.reshard", str(tmp_path / "r")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = _run(["run.sh", *BASE, f"run.out_dir={tmp_path}", "parallel.ds_config=ds_configs/zero1.json",
+                  "parallel.expert_parallel_size=1"])
+    assert moved.returncode == 0 and "layout_free.pt at step 3" in moved.stdout, moved.stderr[-3000:]
+    got, want = _losses(tmp_path / "r"), _losses(tmp_path / "straight")
+    assert max(abs(got[s] - want[s]) for s in (4, 5, 6)) <= 1e-5, (got, want)
+
+
+def test_failed_reshard_ranks_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's exception sat above torchrun's 30-line summary, out of the printed tail: the one line said only
+    'reshard ranks failed (exit 1)'."""
+    from trainer import checkpoint, reshard
+
+    (tmp_path / "config.yaml").write_text("data:\n  source: random\n")
+    (tmp_path / "checkpoints" / "step00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text("step00000002")
+    monkeypatch.setattr(checkpoint, "verify_tag", lambda *a: None)
+    monkeypatch.setattr(checkpoint, "read_trainer_state", lambda path: {"world_size": 2})
+    log = "[rank0]: Traceback (most recent call last):\n[rank0]: TypeError: boom\n" + "torchrun summary\n" * 40
+    monkeypatch.setattr(reshard, "spawn_cpu_ranks",
+                        lambda *a, **k: subprocess.CompletedProcess([], 1, stdout="", stderr=log))
+    with pytest.raises(RuntimeError, match=r"^reshard ranks failed \(exit 1\): TypeError: boom$"):
+        reshard.reshard(tmp_path, None)

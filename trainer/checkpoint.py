@@ -221,7 +221,8 @@ def verify_tag(ckpt_dir: Path, tag: str, world_size: int | None = None) -> None:
             raise ValueError(f"checkpoint {tag_dir / 'trainer_state_rank0.pt'}: no world_size recorded")
     world = world_size or written_by
     if written_by != world:
-        raise ValueError(_other_world(tag_dir, written_by, world))
+        saved = read_trainer_state(tag_dir / "trainer_state_rank0.pt").get("identity") or {}
+        raise ValueError(_other_world(tag_dir, written_by, world, saved.get("optim_name")))
     for rank in range(world):
         path = tag_dir / f"trainer_state_rank{rank}.pt"
         if not path.is_file():
@@ -231,9 +232,9 @@ def verify_tag(ckpt_dir: Path, tag: str, world_size: int | None = None) -> None:
             raise ValueError(f"checkpoint {path}: not a complete trainer state (no {missing[0]!r})")
 
 
-def _other_world(tag_dir: Path, written_by: Any, world: int) -> str:
+def _other_world(tag_dir: Path, written_by: Any, world: int, optim_name: str | None) -> str:
     return (f"checkpoint {tag_dir}: written by {written_by} ranks, this run has {world}; "
-            f"{RESHARD_HINT.format(run_dir=tag_dir.parent.parent)}")
+            f"{reshard_hint(tag_dir.parent, optim_name)}")
 
 
 class ResumePoint(NamedTuple):
@@ -299,12 +300,22 @@ def precheck_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> N
     if state is None or (ckpt_dir / tag / "layout_free.pt").is_file():
         return
     if isinstance(state.get("world_size"), int) and state["world_size"] != world_size:
-        raise ValueError(_other_world(ckpt_dir / tag, state["world_size"], world_size))
+        raise ValueError(_other_world(ckpt_dir / tag, state["world_size"], world_size,
+                                      (state.get("identity") or {}).get("optim_name")))
     check_saved_identity(ckpt_dir / tag, state.get("identity") or {}, ident)
 
 
 # A checkpoint loads only on the layout that wrote it; this says how to continue on another one.
 RESHARD_HINT = "resume with the same layout, or convert it first with `python -m trainer.reshard {run_dir}`"
+
+
+def reshard_hint(ckpt_dir: Path, optim_name: str | None) -> str:
+    """What to do about a checkpoint of another layout. `trainer.reshard` carries AdamW state only: to a Muon
+    or SGD run the hint to convert led straight to reshard's refusal."""
+    if optim_name in (None, "adamw"):  # None: written before the optimizer was recorded (AdamW only then)
+        return RESHARD_HINT.format(run_dir=ckpt_dir.parent)
+    return (f"resume with the same layout (it was written with optim.name={optim_name!r}; `python -m "
+            f"trainer.reshard` converts AdamW checkpoints only)")
 
 
 def identity(cfg: Any, world_size: int | None = None) -> dict[str, Any]:
@@ -449,7 +460,7 @@ def check_saved_identity(where: Path, saved: dict[str, Any], ident: dict[str, An
     for key, field in (("expert_parallel_size", "parallel.expert_parallel_size"), ("zero_stage", "the ZeRO stage")):
         if key in saved and saved[key] != ident[key]:
             raise ValueError(f"checkpoint {where}: written with {field}={saved[key]}, this run has "
-                             f"{ident[key]}; {RESHARD_HINT.format(run_dir=where.parent.parent)}")
+                             f"{ident[key]}; {reshard_hint(where.parent, saved.get('optim_name'))}")
     for key, field in (("optim_name", "optim.name"), ("precision", "run.precision")):  # absent: written before
         if key in saved and saved[key] != ident[key]:
             raise ValueError(f"checkpoint {where}: written with {field}={saved[key]!r}, this run has "

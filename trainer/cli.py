@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.argtypes import reader_may_leave
-from trainer.config import TrainConfig, load_config
+from trainer.config import REPO_ROOT, TrainConfig, load_config
 
 ERROR_DIR_ENV = "TIEDMOE_ERROR_DIR"  # where ranks started by trainer.launch leave their one-line error
 CALLER_CWD_ENV = "TIEDMOE_CALLER_CWD"  # the folder run.sh was called from (it then changes to the repo root)
@@ -59,10 +59,15 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def _from_caller(config: str) -> str:
     """A relative config path as the caller meant it: run.sh changes to the repo root before Python starts,
-    so `../run.sh my.yaml` from another folder said 'not found'. Repo-relative paths still work."""
+    so `../run.sh my.yaml` from another folder said 'not found'. Repo-relative paths still work, also under a
+    launcher started outside the repo."""
     caller = os.environ.get(CALLER_CWD_ENV)
     if caller and not Path(config).is_absolute() and (Path(caller) / config).exists():
         return str(Path(caller) / config)
+    if not Path(config).is_absolute() and not Path(config).exists() and (REPO_ROOT / config).is_file():
+        # under a launcher started in another folder (`deepspeed /repo/run.sh trainer/configs/x.yaml`) nothing
+        # changes to the repo root: the shipped configs are found there, as parallel.ds_config and data.path are
+        return str(REPO_ROOT / config)
     return config
 
 
@@ -76,7 +81,7 @@ def main(argv: list[str]) -> int:
         config, overrides = split_args(argv)
         cfg = load_config(config, overrides)  # fail fast, before any process starts
     except ValueError as err:
-        return _fail(err, 2, in_rank)
+        return _fail(err, 2, in_rank, alike_on_every_rank=True)
     # torch and DeepSpeed take seconds to import: a bad command line or config is refused before that.
     # A signal during those imports is only recorded (a KeyboardInterrupt raised there can land in a finalizer,
     # which prints a traceback and drops it: the run went on), then acted on once they are done; from there
@@ -146,12 +151,17 @@ def _peer_reported() -> bool:
     return bool(error_dir) and any(Path(error_dir).glob("rank*.txt"))
 
 
-def _fail(err: object, code: int, in_rank: bool) -> int:
+PEER_GRACE_S = 10.0  # how long a quiet rank waits for its local rank 0 to report a command-line error
+
+
+def _fail(err: object, code: int, in_rank: bool, alike_on_every_rank: bool = False) -> int:
     """One line on stderr, even when the message quotes a multi-line YAML parser error.
 
     In a rank started by `trainer.launch`, the line goes to a file the launcher prints once (not once per
-    rank), and the rank leaves at once: its peers may be waiting for it in a collective, and the
-    launcher stops them.
+    rank), and the rank leaves after a pause in which the launcher stops its peers (they may be waiting for
+    it in a collective, and must not see its connections close). Under another launcher (torchrun, `deepspeed run.sh`) an error every rank meets
+    alike (the command line, the config) is printed by local rank 0 only, one line per node instead of
+    one per rank; the other ranks wait quietly for the launcher, which stops them when rank 0 leaves.
     """
     line = "error: " + " ".join(part.strip() for part in str(err).splitlines() if part.strip())
     error_dir = os.environ.get(ERROR_DIR_ENV)
@@ -160,6 +170,8 @@ def _fail(err: object, code: int, in_rank: bool) -> int:
         path.with_suffix(".tmp").write_text(line + "\n")
         path.with_suffix(".tmp").replace(path)  # the launcher reads it as soon as it appears: never half-written
         time.sleep(REPORTED_PAUSE_S)  # the launcher stops the peers while this rank's connections are still open
+    elif in_rank and alike_on_every_rank and os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(PEER_GRACE_S)  # rank 0's exit comes first, so the launcher reports its code
     else:
         print(line, file=sys.stderr)
     if in_rank:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from trainer.argtypes import OneLineParser, output_file, reader_may_leave, refuse_repeats
+from trainer.cli import CALLER_CWD_ENV
 from trainer.config import REPO_ROOT
 
 TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
@@ -525,6 +526,16 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--out: {err}") from None
 
 
+def _from_caller(path: str, existing: bool = True) -> str:
+    """A relative path as the caller of `./run.sh eval` meant it: run.sh changes to the repo root before Python
+    starts, so `runs/x` from another folder said 'not found' and `--out res.json` went into the repo. A target
+    (`existing`) that is only found from the repo root still is; `--out` is always the caller's."""
+    caller = os.environ.get(CALLER_CWD_ENV)
+    if not caller or Path(path).is_absolute():
+        return path
+    return str(Path(caller) / path) if not existing or (Path(caller) / path).exists() else path
+
+
 def _error(err: BaseException) -> str:
     return "error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
@@ -542,15 +553,22 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if len(argv) < 2:
                 raise ValueError("compare: name at least one result (JSON file, run directory or export)")
-            table = compare(argv[1:])
+            flags = [a for a in argv[1:] if a.startswith("-")]
+            if flags:  # was read as a result path ('<repo>/--tasks: no evaluation result')
+                raise ValueError(f"compare: unknown flag {flags[0]}: it takes result paths only")
+            table = compare([_from_caller(a) for a in argv[1:]])
             with reader_may_leave():
                 print(table)
             return 0
         args = _parser().parse_args(argv)
+        args.out = args.out and _from_caller(args.out, existing=False)
         _check_args(args)
         tasks = _parse_tasks(args.tasks)
-        check_tasks(tasks)
-        target = resolve_target(args.target, args.hf)
+        try:
+            check_tasks(tasks)
+        except ValueError as err:  # name the flag, as run.downstream_tasks names its key
+            raise ValueError(f"--tasks={args.tasks!r}: {err}") from None
+        target = resolve_target(_from_caller(args.target), args.hf)
         if not args.out:  # the default place too is checked before scoring, as --out is
             try:
                 output_file(str(target.result_path()))

@@ -3,7 +3,8 @@
 A signal only sets a flag; after every optimizer step the ranks agree on it with one all-reduce
 (`stop_requested`), so they all finish the same step, save one checkpoint and exit 0, and the next
 start resumes from it. Each rank also asks the kernel for SIGTERM when its parent (the launcher)
-dies, so no rank outlives a killed launcher.
+dies, so no rank outlives a killed launcher; under `deepspeed run.sh` it also watches the `deepspeed`
+command above its parent (see `_watch_deepspeed_runner`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import os
 import signal
 from types import FrameType
 
+import psutil
+
 from trainer import engine as eng
 
 _PR_SET_PDEATHSIG = 1
 
 
 _pending: list[str] = []  # signals `interrupt` saw before the loop
+_runner: list[tuple[psutil.Process, int]] = []  # DeepSpeed's per-node launch.py and its parent pid at start
+LAUNCHER_GONE = "the deepspeed launcher ended"
 
 
 def interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -41,7 +46,9 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
     def stop_requested(self) -> bool:
-        """Collective: True on every rank when any rank got a signal."""
+        """Collective: True on every rank when any rank got a signal (or saw the `deepspeed` command end)."""
+        if not self.received and _runner_gone():
+            self.received = LAUNCHER_GONE
         return eng.max_over_ranks([1.0 if self.received else 0.0])[0] > 0
 
     def restore(self) -> None:
@@ -58,3 +65,24 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+    _watch_deepspeed_runner(parent)
+
+
+def _watch_deepspeed_runner(parent: int) -> None:
+    """Under `deepspeed run.sh` a rank's parent is `deepspeed.launcher.launch`, started by the `deepspeed` command
+    the user (or a scheduler) runs, which on one node neither handles nor passes on SIGTERM: killing it left
+    launch.py and the ranks training to the last step, unseen. launch.py's parent changing (it was re-parented)
+    means that command ended; the ranks then stop as on SIGTERM, with a checkpoint."""
+    try:
+        proc = psutil.Process(parent)
+        if "deepspeed.launcher.launch" in proc.cmdline():
+            _runner.append((proc, proc.ppid()))
+    except psutil.Error:
+        pass
+
+
+def _runner_gone() -> bool:
+    try:
+        return any(proc.ppid() != ppid for proc, ppid in _runner)
+    except psutil.Error:  # launch.py itself is gone: PR_SET_PDEATHSIG sends this rank SIGTERM
+        return False

@@ -15,6 +15,7 @@ a new pass over the data (its split into ranks changed). RNG states start from t
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,13 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
         # '../x' would write layout_free.pt into another folder of the run
         raise ValueError(f"--tag {tag!r}: expected the name of a checkpoint folder under {ckpt_dir}, like "
                          f"{checkpoint.tag_for(0)}")
-    tag = tag or checkpoint.latest_tag(ckpt_dir)
+    try:
+        latest = checkpoint.latest_tag(ckpt_dir)
+    except ValueError:  # a damaged `latest` does not stop an explicit --tag
+        if tag is None:
+            raise
+        latest = None
+    tag = tag or latest
     if tag is None:
         raise ValueError(f"run directory {run_dir}: no complete checkpoint yet ({ckpt_dir / checkpoint.LATEST})")
     checkpoint.verify_tag(ckpt_dir, tag)
@@ -128,8 +135,14 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
     proc = spawn_cpu_ranks(["trainer.reshard", "--worker", str(run_dir), "--tag", tag, "--out", str(out)], world,
                            capture=True)
     if proc.returncode != 0 or not out.is_file():
+        # the ranks' exception, as export names it: torchrun's 30-line summary alone hid it
+        errors = re.findall(r"^\[rank\d+\]: (\w*(?:Error|Exception)\b.*)$", proc.stderr, re.M)
         sys.stderr.write("\n".join(proc.stderr.splitlines()[-30:]) + "\n")
-        raise RuntimeError(f"reshard ranks failed (exit {proc.returncode})")
+        raise RuntimeError(f"reshard ranks failed (exit {proc.returncode}): "
+                           f"{errors[0] if errors else 'see the log above'}")
+    if latest is not None and tag != latest:  # a run resumes from `latest` only: an older tag's copy is never read
+        print(f"note: {ckpt_dir / checkpoint.LATEST} names {latest}: the run resumes from that tag, not from {tag}; "
+              f"to continue on another layout, convert {latest} (python -m trainer.reshard {run_dir})")
     return out
 
 

@@ -138,9 +138,9 @@ def _resume(s: Session, run_dir: Path) -> int:
         print(point.skipped, flush=True)
     if point.tag is None:
         if s.rank == 0:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             if s.cfg.run.resume == "never":
                 _set_aside_previous(run_dir)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         eng.barrier()
         return 0
     state = checkpoint.load(s.engine, ckpt_dir, point.tag, verify=False)
@@ -154,10 +154,13 @@ def _resume(s: Session, run_dir: Path) -> int:
 
 
 def _set_aside_previous(run_dir: Path) -> None:
-    """run.resume=never starts over: an earlier run's checkpoints and TensorBoard events are moved into
-    `replaced-<time>/` (not deleted), so a later `run.resume=auto` cannot resume the run that was replaced
-    and the new curves do not mix with the old ones."""
-    old = [run_dir / name for name in ("checkpoints", "tb") if (run_dir / name).exists()]
+    """run.resume=never starts over: an earlier run's checkpoints, TensorBoard events, metrics.jsonl and the
+    files describing it are moved into `replaced-<time>/` (not deleted), so a later `run.resume=auto` cannot
+    resume the run that was replaced and the new curves do not mix with the old ones (its metrics.jsonl was
+    deleted while its events were kept)."""
+    old = [run_dir / name for name in ("checkpoints", "tb", "metrics.jsonl", "summary.json", "config.yaml",
+                                       "ds_config.json", "memory_report.json", "memory_report.md")
+           if (run_dir / name).exists()]
     if not old:
         return
     stamp = time.strftime('%Y%m%d-%H%M%S')

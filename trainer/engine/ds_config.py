@@ -31,22 +31,15 @@ def check_deepspeed_config(cfg: TrainConfig, world_size: int) -> None:
     Why: inside the ranks DeepSpeed checks it in `zero.Init` or `initialize`, after process groups are set
     up; a rank that leaves there with the one-line error can reset a peer still connecting its gloo group,
     which then dies with a traceback. Here it is one line from the launcher, or from every rank alike."""
+    import deepspeed.comm as dist
     from deepspeed.runtime.config import DeepSpeedConfig
 
     resolved = cfg.for_world(world_size)
-    # DeepSpeedConfig checks the batch sizes against its own idea of the world: 1 without a process group, the
-    # group's size once one exists (a second run in one process, as the tests' workers and tools start)
+    # DeepSpeedConfig takes the world as 1 without a process group (the batch sizes are then given for one rank),
+    # and as the group's size in a process that has one (a second run in one process: tests, tools)
+    seen = dist.get_world_size() if dist.is_initialized() else 1
     with refusals_named(cfg):
-        DeepSpeedConfig(deepspeed_config(resolved, resolved.model_config(), _world_deepspeed_sees()))
-
-
-def _world_deepspeed_sees() -> int:
-    from deepspeed import comm
-
-    try:
-        return comm.get_world_size()
-    except (RuntimeError, AssertionError, AttributeError):  # what DeepSpeedConfig catches to assume 1
-        return 1
+        DeepSpeedConfig(deepspeed_config(resolved, resolved.model_config(), seen))
 
 
 def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:

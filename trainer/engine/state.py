@@ -121,6 +121,16 @@ def basic_optimizer(engine: Any) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def _link_optimizer_state_fragments(engine: Any) -> None:
+    """ZeRO-1/2 and the bf16 optimizer link each parameter to its optimizer-state fragments lazily, after their
+    first step (and before the state exists); link again now that it does. Without it, reading the moments right
+    after a checkpoint load (no step taken: `trainer.reshard` of a ZeRO-1/2 or bf16 run) failed inside DeepSpeed
+    with "argument of type 'NoneType' is not iterable"."""
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def gather_training_state(engine: Any) -> dict[str, Any]:
     """Everything an optimizer step depends on, full-sized and in the model's naming, independent of
     world size, EP size and ZeRO stage: fp32 (master) weights, Adam moments and the Adam step count.
@@ -136,6 +146,7 @@ def gather_training_state(engine: Any) -> dict[str, Any]:
 
         return read
 
+    _link_optimizer_state_fragments(engine)  # reshard reads right after a checkpoint load, before any step
     steps = {float(st["step"]) for st in basic_optimizer(engine).state.values() if "step" in st}
     if len(steps) != 1:
         raise RuntimeError(f"optimizer steps differ between parameter groups: {sorted(steps)}")
@@ -152,11 +163,7 @@ def scatter_training_state(engine: Any, state: dict[str, Any]) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     basic = basic_optimizer(engine)
-    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
-        # ZeRO-1/2 and the bf16 optimizer link each parameter to its optimizer-state fragments lazily, at
-        # their first step and before the state exists; link again now that it does.
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    _link_optimizer_state_fragments(engine)
     for name, param in engine.module.named_parameters():
         weight = _local_view(engine, name, state["weights"]).to(param.dtype)
         if hasattr(param, "ds_id"):  # ZeRO-3: the module's partitions (re-split from the partition group's rank 0)
