@@ -295,6 +295,28 @@ def test_signal_while_the_ranks_start_is_130_and_one_line() -> None:
     assert err.strip().startswith("error: interrupted while the ranks were starting") and "\n" not in err.strip(), err
 
 
+SIGTERM_WHILE_A_RANK_STARTS = """
+import os, signal, subprocess, sys
+from trainer import launch
+real = subprocess.Popen
+def popen(*args, **kwargs):
+    proc = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # the job is killed while its first rank starts
+    return proc
+launch.subprocess.Popen = popen
+sys.exit(launch.run_local_ranks(2, [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ)))
+"""
+
+
+def test_signal_before_the_launcher_forwards_still_stops_the_ranks() -> None:
+    """The launcher set up its forwarding only after every rank had started: a SIGTERM in between killed it and
+    left the started ranks running on their own (CI saw the test above time out on their open pipes)."""
+    job = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_A_RANK_STARTS], cwd=REPO_ROOT,
+                         env=_env(PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=50)
+    assert job.returncode == 130, (job.returncode, job.stderr[-3000:])
+    assert job.stderr.strip().startswith("error: interrupted while the ranks were starting"), job.stderr
+
+
 def test_a_signal_lost_while_the_engine_was_built_still_stops_the_loop() -> None:
     """SIGTERM while DeepSpeed built the engine raised a KeyboardInterrupt inside a finalizer, which Python prints
     and drops: the run trained to its last step as if never asked to stop. The loop now sees it."""

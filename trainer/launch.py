@@ -193,11 +193,19 @@ def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
         base = {**env, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""), ERROR_DIR_ENV: errors,
                 "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port)}
-        ranks = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+        ranks: list[subprocess.Popen] = []
         forwarded: list[int] = []
+        # Forwarding is set up before the first rank starts: a signal while they start (a job killed at once)
+        # reached a launcher that had none yet and died, leaving the started ranks running without it.
         previous = {sig: signal.signal(sig, _forward_to(ranks, forwarded)) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            code = _wait_for(ranks, Path(errors))
+            for r in range(nproc):
+                if forwarded:
+                    break
+                ranks.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}))
+                if forwarded:  # it came while this rank started: the forwarding did not see it yet
+                    ranks[-1].send_signal(signal.SIGTERM)
+            code = _wait_for(ranks, Path(errors)) if ranks else -signal.SIGTERM
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
