@@ -612,3 +612,10 @@ def test_reference_run_resolves_global_batch_tokens():
     by_accum = reference_run(load_config(None, common + ["batch.grad_accum=2"]), 2).losses
     by_tokens = reference_run(load_config(None, common + ["batch.global_batch_tokens=128"]), 2).losses
     assert by_tokens == by_accum
+
+
+def test_a_downstream_task_given_twice_is_refused():
+    """It was scored twice and counted twice in the downstream average, as `evaluate --tasks` refuses."""
+    with pytest.raises(ValueError, match=r"run.downstream_tasks='arc_easy,piqa, arc_easy': arc_easy is given twice"):
+        load_config(None, ["run.downstream_tasks=arc_easy,piqa, arc_easy"])
+    load_config(None, ["run.downstream_tasks=arc_easy,piqa"])

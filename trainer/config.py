@@ -406,8 +406,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.run.downstream_every and cfg.data.source == "random":
         raise ValueError(f"run.downstream_every={cfg.run.downstream_every}: needs text data (data.source=shards or "
                          f"stream); random tokens have no tokenizer to score tasks with")
-    if cfg.run.downstream_every and not [t for t in cfg.run.downstream_tasks.split(",") if t.strip()]:
+    tasks = [t.strip() for t in cfg.run.downstream_tasks.split(",") if t.strip()]
+    if cfg.run.downstream_every and not tasks:
         raise ValueError("run.downstream_tasks='': expected at least one task when run.downstream_every > 0")
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:  # it would be scored twice and count twice in the downstream average
+        raise ValueError(f"run.downstream_tasks={cfg.run.downstream_tasks!r}: {repeated[0]} is given twice; "
+                         f"give each task once")
     if cfg.data.source == "stream":
         for key in ("stream_train", "tokenizer"):
             if not getattr(cfg.data, key):
