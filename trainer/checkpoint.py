@@ -297,13 +297,15 @@ def precheck_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> N
         state = read_trainer_state(ckpt_dir / tag / "trainer_state_rank0.pt") if tag else None
     except ValueError:
         return
-    if state is None or (ckpt_dir / tag / "layout_free.pt").is_file():
+    if state is None or (ckpt_dir / tag / LAYOUT_FREE).is_file():
         return
     if isinstance(state.get("world_size"), int) and state["world_size"] != world_size:
         raise ValueError(_other_world(ckpt_dir / tag, state["world_size"], world_size,
                                       (state.get("identity") or {}).get("optim_name")))
     check_saved_identity(ckpt_dir / tag, state.get("identity") or {}, ident)
 
+
+LAYOUT_FREE = "layout_free.pt"  # a tag converted for another layout by `trainer.reshard`
 
 # A checkpoint loads only on the layout that wrote it; this says how to continue on another one.
 RESHARD_HINT = "resume with the same layout, or convert it first with `python -m trainer.reshard {run_dir}`"

@@ -162,7 +162,7 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     """Check everything that can be checked here, then start the local ranks on run.sh."""
     nproc, env = local_ranks()
     resolved = cfg.for_world(nproc)  # world-dependent errors before any process starts
-    check_deepspeed_config(cfg, nproc)  # DeepSpeed's own schema: inside the ranks it comes after the process groups
+    check_deepspeed_config(resolved)  # DeepSpeed's own schema: inside the ranks it comes after the process groups
     ensure_data(cfg)
     # Open the data once here (vocab check, files, tokenizer, both splits): bad data fails before ranks start,
     # not at the final validation after every step was trained.

@@ -30,7 +30,7 @@ from trainer.data import make_source
 from trainer.launch import spawn_cpu_ranks
 from trainer.session import Session, train_step
 
-LAYOUT_FREE = "layout_free.pt"  # checkpoint.precheck_resume knows the name too
+LAYOUT_FREE = checkpoint.LAYOUT_FREE
 
 
 def layout(cfg: TrainConfig, world_size: int) -> dict[str, int]:

@@ -94,7 +94,7 @@ def _due(step: int, every: int) -> bool:
 
 def _start(cfg: TrainConfig) -> tuple[Session, Path]:
     """Process group, data, session; the run directory gets the resolved config and DeepSpeed config."""
-    eng.check_deepspeed_config(cfg, eng.launched_world_size())  # config errors before any process group
+    eng.check_deepspeed_config(cfg.for_world(eng.launched_world_size()))  # config errors before any process group
     eng.init_distributed()
     run_dir = cfg.run_dir()
     if eng.rank() == 0:

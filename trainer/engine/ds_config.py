@@ -25,8 +25,9 @@ def refusals_named(cfg: TrainConfig) -> Iterator[None]:
                          f"({err.title}: {detail})") from None
 
 
-def check_deepspeed_config(cfg: TrainConfig, world_size: int) -> None:
-    """DeepSpeed's own schema check of the config a run will hand it, before any process group exists.
+def check_deepspeed_config(resolved: TrainConfig) -> None:
+    """DeepSpeed's own schema check of the config a run (`resolved` for its world: `TrainConfig.for_world`)
+    will hand it, before any process group exists.
 
     Why: inside the ranks DeepSpeed checks it in `zero.Init` or `initialize`, after process groups are set
     up; a rank that leaves there with the one-line error can reset a peer still connecting its gloo group,
@@ -34,11 +35,10 @@ def check_deepspeed_config(cfg: TrainConfig, world_size: int) -> None:
     import deepspeed.comm as dist
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    resolved = cfg.for_world(world_size)
     # DeepSpeedConfig takes the world as 1 without a process group (the batch sizes are then given for one rank),
     # and as the group's size in a process that has one (a second run in one process: tests, tools)
     seen = dist.get_world_size() if dist.is_initialized() else 1
-    with refusals_named(cfg):
+    with refusals_named(resolved):
         DeepSpeedConfig(deepspeed_config(resolved, resolved.model_config(), seen))
 
 
