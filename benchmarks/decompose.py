@@ -9,13 +9,16 @@ alternating blocks with `trainer.session.train_step`:
                                parameters (one all-gather each) instead of
                                `trainer.engine.gather_persistent_parameters_at_once`
   hf_ddp                       the paper's recipe as in benchmarks/peers.py (HF OlmoeForCausalLM, aliased
-                               experts, DistributedDataParallel)
-So ZeRO-0 EP 1 vs hf_ddp is tiedmoe's own cost, EP 1 -> 2 AutoEP's all-to-all (and the load imbalance
-between the two ranks' experts), ZeRO 0 -> 3 the partitioning. Per cell: tokens/s, the ratio to hf_ddp
-(total time and median of per-round ratios, robust to bursts of load from other jobs), the collectives
-one step launches across ranks (by kind; hf_ddp's bucketed all-reduce runs inside DDP's C++ reducer
-and is not seen), and the loss of one more step after timing (cells of the
-same ZeRO stage and EP size must agree exactly). Writes benchmarks/results/decompose_cpu*.json.
+                               experts, DistributedDataParallel; F.cross_entropy on fp32 logits)
+  hf_ddp-lean                  the same with tiedmoe's cross-entropy (trainer.losses.lean_cross_entropy)
+                               and fused AdamW: the like-for-like peer, so those kernels' share shows
+So ZeRO-0 EP 1 vs hf_ddp-lean is tiedmoe's own cost (vs hf_ddp: also its leaner kernels), EP 1 -> 2
+AutoEP's all-to-all (and the load imbalance between the two ranks' experts), ZeRO 0 -> 3 the
+partitioning. Per cell: tokens/s, the ratio to hf_ddp (total time and median of per-round ratios,
+robust to bursts of load from other jobs) and to hf_ddp-lean, the collectives one step launches across
+ranks (by kind; hf_ddp's bucketed all-reduce runs inside DDP's C++ reducer and is not seen), and the
+loss of one more step after timing (cells of the same ZeRO stage and EP size must agree exactly).
+Writes benchmarks/results/decompose_cpu*.json.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(REPO))
 import torch.distributed as tdist  # noqa: E402
 
 from benchmarks.peers import Peer, build_ddp, check_hf, peer_runner  # noqa: E402
+from trainer.losses import lean_cross_entropy  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.bench import (DEFAULT_OVERRIDES, mfu, mfu_basis, mfu_note, refuse_overrides, timed_steps,  # noqa: E402
                            timing_main)
@@ -46,6 +50,7 @@ CELLS: dict[str, list[str]] = {
     f"zero{z}-ep{e}": [f"parallel.ds_config=ds_configs/zero{z}.json", f"parallel.expert_parallel_size={e}"]
     for z in (0, 3) for e in (1, 2)}
 PER_PARAM = "zero3-ep2-per-param-gather"
+LEAN_PEER = "hf_ddp-lean"
 COLLECTIVES = ("all_gather_into_tensor", "all_to_all_single", "reduce_scatter_tensor", "all_reduce", "all_gather",
                "broadcast")
 
@@ -94,10 +99,12 @@ def worker(args: argparse.Namespace) -> None:
     eng.init_distributed()
     sessions = open_cells(args.overrides)
     any_session = sessions["zero3-ep2"]
-    peer = Peer("hf_ddp", any_session.cfg, any_session.rank, any_session.world, build_ddp(any_session.cfg))
+    s0 = any_session
     runs: dict[str, Callable[[int], float]] = {name: (lambda s: lambda n: timed_steps(s, n))(s)
                                                for name, s in sessions.items()}
-    runs["hf_ddp"] = peer_runner(peer)
+    runs["hf_ddp"] = peer_runner(Peer("hf_ddp", s0.cfg, s0.rank, s0.world, build_ddp(s0.cfg)))
+    runs[LEAN_PEER] = peer_runner(Peer(LEAN_PEER, s0.cfg, s0.rank, s0.world, build_ddp(s0.cfg, fused=True),
+                                      lean_cross_entropy))
     blocks: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run(2)  # warm-up
@@ -116,6 +123,7 @@ def worker(args: argparse.Namespace) -> None:
                 "block_seconds": blocks[name],
                 "vs_hf_ddp": sum(blocks["hf_ddp"]) / sum(blocks[name]),
                 "vs_hf_ddp_median": statistics.median(d / b for d, b in zip(blocks["hf_ddp"], blocks[name])),
+                "vs_hf_ddp_lean": sum(blocks[LEAN_PEER]) / sum(blocks[name]),
                 "collectives_per_step": dict(counts), "collectives_total": sum(counts.values())}
         if name in sessions:
             cell["loss_after_timing"] = train_step(sessions[name], sessions[name].cfg.optim.lr).loss
@@ -127,14 +135,15 @@ def worker(args: argparse.Namespace) -> None:
 
 def render(result: dict[str, Any]) -> str:
     lines = [f"tiedmoe cells vs hf_ddp, 2 CPU ranks; overrides: {' '.join(result['overrides']) or '(default config)'}",
-             "", "| cell | tokens/s | MFU | vs hf_ddp | median/round | collectives/step (across ranks) | loss after timing |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| cell | tokens/s | MFU | vs hf_ddp | median/round | vs hf_ddp-lean | collectives/step (across ranks) "
+             "| loss after timing |", "|---|---|---|---|---|---|---|---|"]
     for name, c in result["cells"].items():
         kinds = ", ".join(f"{k.replace('_single', '').replace('_into_tensor', '')} {v}"
                           for k, v in sorted(c["collectives_per_step"].items()))
         loss = f"{c['loss_after_timing']:.9f}" if "loss_after_timing" in c else "-"
+        lean = f"{c['vs_hf_ddp_lean']:.3f}" if "vs_hf_ddp_lean" in c else "-"  # older JSON: no such peer
         lines.append(f"| {name} | {c['tokens_per_s']:,.0f} | {100 * c['mfu']:.2f}% | {c['vs_hf_ddp']:.3f} | {c['vs_hf_ddp_median']:.3f} | "
-                     f"{c['collectives_total']} ({kinds}) | {loss} |")
+                     f"{lean} | {c['collectives_total']} ({kinds}) | {loss} |")
     lines.append("\n" + mfu_note(result))
     return "\n".join(lines)
 

@@ -17,7 +17,11 @@ table gives tokens/s, the ratio to tiedmoe, MFU (tying-aware FLOPs from models.a
 trainer.metrics), and peak RSS per rank during its own blocks (VmHWM reset before each block; every
 engine lives in the same process, so the shared baseline is included: compare the growth column).
 The loss differs only in the router terms: tiedmoe adds load-balancing and z-loss from its router
-logits, the HF peers train on cross-entropy alone (HF's aux loss is lost under AutoEP). Writes
+logits, the HF peers train on cross-entropy alone (HF's aux loss is lost under AutoEP). The HF peers
+compute it as HF and the paper's code do (F.cross_entropy on fp32 logits) and step torch's default
+AdamW; tiedmoe uses `trainer.losses.lean_cross_entropy` (same values, no [tokens, vocab] tensors of
+its own) and fused AdamW, which is part of its time: benchmarks/decompose.py also times the DDP peer
+with both (like for like). Writes
 benchmarks/results/peers_cpu*.json and .md. On CPU only ratios mean anything.
 """
 
@@ -35,7 +39,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.hf_convert import to_hf_config, to_hf_model  # noqa: E402
@@ -44,6 +47,7 @@ from trainer import engine as eng  # noqa: E402
 from trainer.bench import DEFAULT_OVERRIDES, _device, mfu, mfu_basis, mfu_note, timed_steps, timing_main  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
+from trainer.losses import plain_cross_entropy  # noqa: E402
 from trainer.session import Session, open_session  # noqa: E402
 
 GIB = 1024 ** 3
@@ -74,23 +78,25 @@ def check_hf(cfg: TrainConfig, overrides: list[str] | None = None) -> None:
     to_hf_config(cfg.model_config())
 
 
-def hf_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def hf_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+            cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = plain_cross_entropy) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"]).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+    return cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
 
 
 class Peer:
     """An HF model behind DDP or plain DeepSpeed, fed the same batches as tiedmoe."""
 
-    def __init__(self, name: str, cfg: TrainConfig, rank: int, world: int, build: Callable[[], Any]) -> None:
-        self.name, self.cfg = name, cfg
+    def __init__(self, name: str, cfg: TrainConfig, rank: int, world: int, build: Callable[[], Any],
+                 cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = plain_cross_entropy) -> None:
+        self.name, self.cfg, self.cross_entropy = name, cfg, cross_entropy
         self.source = make_source(cfg, "train", rank, world)
         self.tokens_per_step = cfg.tokens_per_step(world)
         self.model, self.optimizer, self.is_ds = build()
 
     def step(self) -> None:
         batch = self.source.next_batch()
-        loss = hf_loss(self.model, batch)
+        loss = hf_loss(self.model, batch, self.cross_entropy)
         if self.is_ds:
             self.model.backward(loss)
             self.model.step()
@@ -101,15 +107,17 @@ class Peer:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def adamw(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                             weight_decay=cfg.optim.weight_decay)
+                             weight_decay=cfg.optim.weight_decay, fused=fused)
 
 
-def build_ddp(cfg: TrainConfig) -> Callable[[], Any]:
+def build_ddp(cfg: TrainConfig, fused: bool | None = None) -> Callable[[], Any]:
+    """fused=None: torch's default AdamW kernel (the paper's recipe); True: the fused one tiedmoe runs."""
+
     def build() -> Any:
         model = torch.nn.parallel.DistributedDataParallel(hf_twin(cfg, alias_tied=True))
-        return model, adamw(model, cfg), False
+        return model, adamw(model, cfg, fused), False
 
     return build
 

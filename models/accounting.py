@@ -175,6 +175,7 @@ def rank_memory(cfg: ModelConfig, world: int, ep: int, zero: int, precision: str
 # --------------------------------------------------------------------------------------------------
 
 _INT64, _FP32 = 8, 4
+CE_BLOCK_BYTES = 8 * 2 ** 20  # fp32 rows the trainer's cross-entropy works on at once (trainer.losses)
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,9 @@ class ActivationMemory:
     """Activation bytes one rank holds for one micro-batch (training, forward + loss, before backward)."""
 
     layers: int  # saved by the decoder layers (with activation checkpointing: only their inputs)
-    head: int  # final norm, fp32 log-softmax of the logits, token ids
+    head: int  # final norm, the logits (the loss keeps them and their gradient reuses them), token ids
     recompute: int  # with activation checkpointing: one layer's activations rebuilt during backward
-    logits: int  # not saved but alive in backward: the loop's logits and the fp32 gradient of the log-softmax
+    logits: int  # not saved but alive in backward: the loss's fp32 work block (kept between steps)
     saved: int  # layers + head: held when the forward ends (what tests measure with saved-tensor hooks)
     peak: int  # saved + recompute + logits: the most held at once early in backward
 
@@ -272,7 +273,8 @@ def activation_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precisio
     else:
         layers, recompute = sum(per_layer), 0
     layers += rope_once
-    head = tokens * (_norm_saved(cfg.d_model, elt) + elt * cfg.d_model + _FP32 * cfg.vocab_size + 2 * _INT64)
-    logits = tokens * cfg.vocab_size * (elt + _FP32)
+    head = tokens * (_norm_saved(cfg.d_model, elt) + elt * cfg.d_model + elt * cfg.vocab_size + _FP32 + 2 * _INT64)
+    block_rows = min(tokens, max(1, CE_BLOCK_BYTES // (_FP32 * cfg.vocab_size)))
+    logits = block_rows * cfg.vocab_size * _FP32
     return ActivationMemory(layers=layers, head=head, recompute=recompute, logits=logits, saved=layers + head,
                             peak=layers + head + recompute + logits)

@@ -26,7 +26,7 @@ def test_activation_estimate_within_15_percent(preset: str, overrides: dict, pre
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
         measured = saved_activation_bytes(model, ids, cfg.top_k)
         estimate = activation_memory(cfg, batch, seq, precision, checkpointing).saved
-        assert estimate == pytest.approx(measured, rel=0.15), (batch, seq, estimate, measured)  # seen: <= 0.6%
+        assert estimate == pytest.approx(measured, rel=0.15), (batch, seq, estimate, measured)  # seen: <= 1.7%
 
 
 def test_checkpointing_keeps_layer_inputs_plus_one_layer() -> None:

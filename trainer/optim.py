@@ -167,9 +167,9 @@ class FlatLayout:
 def build_optimizer(groups: list[dict[str, Any]], optim: OptimSection,
                     row_blocks: Sequence[Sequence[nn.Parameter]] = (), per_expert: bool = True) -> torch.optim.Optimizer:
     """row_blocks, per_expert: Muon only (see `MuonWithAdamW`)."""
-    if optim.name == "adamw":
+    if optim.name == "adamw":  # fused: one kernel per group, no temporaries the size of a ZeRO flat partition
         return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                 weight_decay=optim.weight_decay)
+                                 weight_decay=optim.weight_decay, fused=True)
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     if optim.name == "muon":

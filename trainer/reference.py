@@ -1,7 +1,8 @@
 """A single-process, plain-PyTorch twin of the training loop: the independent reference for the engine.
 
 It simulates `world_size` data-parallel ranks by computing each rank's micro-batch loss in turn and
-averaging, which is what DeepSpeed's gradient averaging does; no DeepSpeed code runs here. The same
+averaging, which is what DeepSpeed's gradient averaging does; no DeepSpeed code runs here, and the
+cross-entropy is PyTorch's own (the trainer runs `trainer.losses.lean_cross_entropy`). The same
 config, seed, tying, data and optimizer must give the same losses as `trainer.train.train`.
 """
 
@@ -15,7 +16,7 @@ from models.config import untied
 from models.transformer import MoETransformer, build_model
 from trainer.config import TrainConfig
 from trainer.data import make_source
-from trainer.losses import RouterTap, training_loss
+from trainer.losses import RouterTap, plain_cross_entropy, training_loss
 from trainer.optim import build_optimizer, param_groups, set_lr
 from trainer.schedule import lr_at
 
@@ -86,7 +87,7 @@ def reference_run(cfg: TrainConfig, world_size: int, steps: int | None = None,
                 batch = source.next_batch()
                 logits = model(batch["input_ids"])
                 parts = training_loss(logits, batch["labels"], tap.take(), model_cfg.top_k,
-                                      cfg.loss.load_balance_coef, cfg.loss.z_loss_coef)
+                                      cfg.loss.load_balance_coef, cfg.loss.z_loss_coef, plain_cross_entropy)
                 (parts.total / n).backward()
                 total += parts.total.item() / n
         # parameters() yields each tied tensor once; max_norm=inf measures without clipping.
