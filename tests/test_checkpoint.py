@@ -131,6 +131,27 @@ def test_resuming_with_another_optimizer_or_precision_is_refused(tmp_path: Path,
     checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(saved))
 
 
+def test_resuming_with_another_seed_is_refused(tmp_path: Path) -> None:
+    """run.seed orders the data: the shard loader kept the checkpoint's seed silently, the stream loader
+    refused it in the ranks, random tokens took the new one. Now one refusal, from the identity."""
+    import torch
+
+    from trainer.config import load_config
+
+    saved = load_config(None, ["data.source=random"])
+    reseeded = load_config(None, ["data.source=random", "run.seed=7"])
+    (tmp_path / "step00000002").mkdir()
+    state = tmp_path / "step00000002" / "trainer_state_rank0.pt"
+    torch.save({"identity": checkpoint.identity(saved, 2)}, state)
+    checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(saved, 2))
+    with pytest.raises(ValueError, match=r"run.seed=0, this run has 7; .*resume with run.seed=0"):
+        checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(reseeded, 2))
+    checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(reseeded))  # export: no seed compared
+    old = {key: value for key, value in checkpoint.identity(saved, 2).items() if key != "seed"}
+    torch.save({"identity": old}, state)  # written before the seed was recorded
+    checkpoint.check_identity(tmp_path, "step00000002", checkpoint.identity(reseeded, 2))
+
+
 def test_checkpoint_from_before_a_model_field_existed_resumes_with_its_default(tmp_path: Path) -> None:
     """Runs saved before `model.init` / `model.narrow_factor` existed had their default behaviour."""
     import torch

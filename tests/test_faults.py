@@ -389,6 +389,11 @@ def test_resume_with_another_batch(tmp_path: Path) -> None:
             and "run.resume=never" in errors[0]), errors
     assert "run dir" not in refused.stdout  # the launcher refused it: no rank started
     assert _digest(tmp_path / "r") == before
+    reseeded = _run([*data, "run.name=r", "run.seed=1"])  # the shard loader kept the checkpoint's seed silently
+    assert reseeded.returncode == 2, reseeded.stderr[-3000:]
+    assert [e for e in _errors(reseeded.stderr) if "written with run.seed=0, this run has 1" in e
+            and "resume with run.seed=0" in e] == _errors(reseeded.stderr), reseeded.stderr[-3000:]
+    assert "run dir" not in reseeded.stdout and _digest(tmp_path / "r") == before
     resumed = _run([*data, "run.name=r", "batch.micro_batch_size=2", "batch.grad_accum=2", "run.eval_batches=2"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "note: resuming with batch.micro_batch_size 4 -> 2, batch.grad_accum 1 -> 2: the same 256 tokens" in \

@@ -287,7 +287,7 @@ def choose_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> Res
 
 def precheck_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> None:
     """For the launcher: refuse before any rank starts a resume the ranks would refuse for its world
-    size, model, layout, optimizer or batch (`check_identity`), judged on the tag `latest` names.
+    size, model, layout, optimizer, batch or seed (`check_identity`), judged on the tag `latest` names.
 
     Only a look at one small file: the ranks still verify the tag and may fall back to an older one
     (`choose_resume`, which decides). A damaged `latest` or trainer state, or a tag converted for
@@ -324,14 +324,16 @@ def identity(cfg: Any, world_size: int | None = None) -> dict[str, Any]:
     """What must match for a checkpoint to be resumable: the model, how it is laid out over ranks, and the
     optimizer and precision whose state DeepSpeed restores (its files and param groups differ by both).
     With `world_size` (and `cfg` resolved for it, `TrainConfig.for_world`) also the batch, which gives a
-    step, the data position and the LR schedule their meaning in tokens (`check_batch`); a resume checks
-    it, an export has no use for it."""
+    step, the data position and the LR schedule their meaning in tokens (`check_batch`), and run.seed,
+    which orders the data (a resume continues the checkpoint's order); a resume checks them, an export
+    has no use for them."""
     ident = {"model": cfg.model_config().to_dict(), "expert_parallel_size": cfg.parallel.expert_parallel_size,
              "zero_stage": zero_stage(cfg), "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len},
              "optim_name": cfg.optim.name, "precision": cfg.run.precision}
     if world_size is not None:
         ident["batch"] = {"micro_batch_size": cfg.batch.micro_batch_size, "grad_accum": cfg.batch.grad_accum,
                           "world_size": world_size, "seq_len": cfg.data.seq_len, "eval_batches": cfg.run.eval_batches}
+        ident["seed"] = cfg.run.seed
     return ident
 
 
@@ -441,6 +443,16 @@ def _saved_value(saved: dict[str, Any], section: str, key: str) -> Any:
     return values.get(key)
 
 
+def check_seed(where: Path, saved: dict[str, Any], ident: dict[str, Any]) -> None:
+    """Refuse another run.seed than the checkpoint's (absent on either side: nothing to compare). Why: the
+    shard loader took the checkpoint's seed silently, the stream loader refused it inside the ranks and
+    random tokens followed the new one, so a seed change on resume had three meanings."""
+    if "seed" in saved and "seed" in ident and saved["seed"] != ident["seed"]:
+        raise ValueError(f"checkpoint {where}: written with run.seed={saved['seed']}, this run has {ident['seed']}; "
+                         f"a resumed run continues the checkpoint's data order, so resume with "
+                         f"run.seed={saved['seed']}, or use another run.name or run.resume=never")
+
+
 def check_identity(ckpt_dir: Path, tag: str, ident: dict[str, Any],
                    hint: str = "use another run.name or run.resume=never") -> str | None:
     """Refuse, in one line, to resume a checkpoint written for another model, layout or batch (before
@@ -463,6 +475,7 @@ def check_saved_identity(where: Path, saved: dict[str, Any], ident: dict[str, An
         if key in saved and saved[key] != ident[key]:
             raise ValueError(f"checkpoint {where}: written with {field}={saved[key]}, this run has "
                              f"{ident[key]}; {reshard_hint(where.parent, saved.get('optim_name'))}")
+    check_seed(where, saved, ident)
     for key, field in (("optim_name", "optim.name"), ("precision", "run.precision")):  # absent: written before
         if key in saved and saved[key] != ident[key]:
             raise ValueError(f"checkpoint {where}: written with {field}={saved[key]!r}, this run has "

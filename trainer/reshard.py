@@ -64,6 +64,7 @@ def resume_layout_free(s: Session, ckpt_dir: Path) -> int | None:
         if state["identity"][section] != ident[section]:
             raise ValueError(f"checkpoint {path}: written for another {section} than this run's; use another "
                              f"run.name or run.resume=never")
+    checkpoint.check_seed(path, state["identity"], ident)
     note = checkpoint.check_batch(path, state["identity"], ident)  # tokens per step: the same on the new layout
     if s.cfg.optim.name != "adamw":  # `reshard` carries AdamW's moments only (it refuses other optimizers)
         raise ValueError(f"checkpoint {path}: holds AdamW state, this run has optim.name={s.cfg.optim.name!r}; "
