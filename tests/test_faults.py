@@ -403,3 +403,54 @@ def test_resume_with_another_batch(tmp_path: Path) -> None:
         assert abs(got[step]["ce"] - want[step]["ce"]) < 1e-4, (step, got[step], want[step])
         assert abs(got[step]["lr"] - want[step]["lr"]) < 1e-12
     assert abs(got[4]["val_ce"] - want[4]["val_ce"]) < 1e-4  # eval_batches 2 x 2: the same validation sequences
+
+
+def test_rollback_to_an_older_checkpoint_continues_as_the_run_did(tmp_path: Path) -> None:
+    """`python -m trainer.rollback RUN_DIR --tag step2` after a 6-step run: steps 3-6 trained again give the
+    first run's losses (bit-identical resume), the curves hold each step once, the newer tags are kept aside."""
+    args = [f"run.out_dir={tmp_path}", "run.name=r", "run.steps=6", "run.save_every=2", "run.keep_checkpoints=0"]
+    first = _run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "r"
+    losses = {r["step"]: r["loss"] for r in _strict_rows(run / "metrics.jsonl") if "loss" in r}
+    back = subprocess.run([sys.executable, "-m", "trainer.rollback", str(run), "--tag", "step00000002"],
+                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert back.returncode == 0 and "-> step00000002" in back.stdout, back.stderr
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step00000002"]
+    aside = next(run.glob("replaced-*"))
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step00000004", "step00000006"]
+    assert (aside / "metrics.jsonl").read_text().count('"loss"') == 6
+    again = _run(args)
+    assert again.returncode == 0 and "at step 2" in again.stdout, again.stderr[-3000:]
+    rows = [r for r in _strict_rows(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {r["step"]: r["loss"] for r in rows} == losses
+
+
+@pytest.mark.parametrize("case, says", [("unknown", "no such checkpoint under"), ("damaged", "step00000002"),
+                                        ("no-run", "no checkpoints/ folder"), ("no-tag", "--tag")])
+def test_rollback_refuses_in_one_line_and_moves_nothing(tmp_path: Path, case: str, says: str) -> None:
+    from trainer import checkpoint
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    for step in (2, 4):
+        (ckpt / f"step0000000{step}").mkdir(parents=True)
+        (ckpt / f"step0000000{step}" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+        checkpoint.write_manifest(ckpt / f"step0000000{step}", step, 1)
+    (ckpt / "latest").write_text("step00000004")
+    run_dir, tag = tmp_path / "run", "step00000002"
+    if case == "unknown":
+        tag = "step00000003"
+    elif case == "damaged":
+        (ckpt / "step00000002" / "mp_rank_00_model_states.pt").write_bytes(b"y" * 10)
+    elif case == "no-run":
+        run_dir = tmp_path / "elsewhere"
+    argv = [str(run_dir)] + ([] if case == "no-tag" else ["--tag", tag])
+    proc = subprocess.run([sys.executable, "-m", "trainer.rollback", *argv], cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], proc.stderr
+    assert (ckpt / "latest").read_text() == "step00000004" and (ckpt / "step00000004").is_dir()
+    assert not list((tmp_path / "run").glob("replaced-*"))

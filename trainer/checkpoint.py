@@ -77,6 +77,11 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def is_step_tag(name: str) -> bool:
+    """A tag the trainer writes (`tag_for`): only these are resumed, pruned or rolled back."""
+    return bool(_TAG.fullmatch(name))
+
+
 def is_plain_name(tag: str) -> bool:
     """A single folder name: no separator and not '.' or '..' (a tag names folders under the run, and
     `../x` would reach outside them)."""

@@ -1,0 +1,80 @@
+"""Continue a run from an older checkpoint than `latest` (after a loss spike, a bad data stretch, a bad change).
+
+    python -m trainer.rollback RUN_DIR --tag stepNNNNNNNN
+
+A run resumes from the tag `latest` names. This tool verifies the chosen tag (every file against its
+manifest, as a resume does), moves the newer tags into `RUN_DIR/replaced-<time>/checkpoints/` (kept, not
+deleted: move them back to undo), copies `metrics.jsonl` there too, and points `latest` at the tag in
+one atomic rename. The next start of the run (same config and run.name) continues from that step: it
+drops the later rows of metrics.jsonl and TensorBoard hides their events (purge_step), so the curves
+continue from the tag. Nothing is moved when the tag does not verify; an unknown tag names the ones
+there are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from trainer import checkpoint
+from trainer.argtypes import OneLineParser
+
+
+def _aside_dir(run_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, suffix = run_dir / f"replaced-{stamp}", 1
+    while aside.exists():  # two rollbacks within one second
+        suffix += 1
+        aside = run_dir / f"replaced-{stamp}-{suffix}"
+    return aside
+
+
+def rollback(run_dir: str | Path, tag: str) -> tuple[list[str], Path | None]:
+    """Make `tag` the run's `latest`; returns the newer tags moved aside and where (None: nothing newer)."""
+    run_dir = Path(run_dir).resolve()
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise ValueError(f"run directory {run_dir}: no checkpoints/ folder (is it a run directory?)")
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and checkpoint.is_step_tag(p.name))
+    if tag not in tags:
+        there = ", ".join(tags) if tags else "none"
+        raise ValueError(f"--tag {tag!r}: no such checkpoint under {ckpt_dir} (there: {there})")
+    checkpoint.verify_tag(ckpt_dir, tag)
+    newer = [t for t in tags if t > tag]
+    aside = None
+    if newer:
+        aside = _aside_dir(run_dir)
+        (aside / "checkpoints").mkdir(parents=True)
+        if (run_dir / "metrics.jsonl").is_file():  # the next start drops its rows after the tag's step
+            shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
+    staged = ckpt_dir / f".{checkpoint.LATEST}.tmp"
+    staged.write_text(tag)
+    os.replace(staged, ckpt_dir / checkpoint.LATEST)  # first: a crash below leaves extra tags, never a lost latest
+    for name in newer:
+        (ckpt_dir / name).rename(aside / "checkpoints" / name)
+    return newer, aside
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m trainer.rollback", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run directory (runs/<name>)")
+    parser.add_argument("--tag", required=True, help="the checkpoint to continue from, like step00000100")
+    args = parser.parse_args(argv)
+    try:
+        newer, aside = rollback(args.run_dir, args.tag)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    moved = f"; moved {', '.join(newer)} and a copy of metrics.jsonl to {aside}" if newer else ""
+    print(f"{Path(args.run_dir) / 'checkpoints' / checkpoint.LATEST} -> {args.tag}{moved}. Start the run again "
+          f"(same config and run.name) to continue from {args.tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
