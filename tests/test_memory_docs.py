@@ -149,3 +149,10 @@ def test_docs_out_that_cannot_be_written_is_refused_before_training(runs_dir: Pa
         assert code == 2 and err.startswith("error: --out: cannot write") and err.count("\n") == 1, err
     code, _, err = memory_cli(["docs", "--runs-dir", str(tmp_path / "file")], capsys)
     assert code == 2 and "--runs-dir=" in err and "not a directory" in err, err
+
+
+def test_compare_the_same_run_twice_is_refused(runs_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`compare RUN RUN` printed one run as two columns (the second 1.000x the first)."""
+    run = runs_dir / "zero3-ep2-bf16" / "tied"
+    code, _, err = memory_cli(["compare", str(run), str(run) + "/"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is given twice" in err, err

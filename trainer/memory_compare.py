@@ -10,10 +10,11 @@ largest over a run's ranks: the busiest rank is the one that must fit.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from trainer.argtypes import reader_may_leave
+from trainer.argtypes import reader_may_leave, refuse_repeats
 from trainer.memory import CATEGORIES, MIB, REPORT_JSON, OneLineParser
 
 COMPARE_MD, COMPARE_PNG = "memory_compare.md", "memory_compare.png"
@@ -116,6 +117,7 @@ def compare_main(argv: list[str]) -> int:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument("--out", help="where memory_compare.md and memory_compare.png go (default: the first RUN_DIR)")
     args = parser.parse_args(argv)
+    refuse_repeats("RUN_DIR", [os.path.realpath(d) for d in args.run_dirs])  # one run twice is no comparison
     reports = [load_report(d) for d in args.run_dirs]
     names = column_names(args.run_dirs)
     out = Path(args.out if args.out is not None else args.run_dirs[0])

@@ -19,7 +19,7 @@ from models.config import LayerPlan, ModelConfig, layer_plan
 from trainer import engine as eng
 from trainer.config import TrainConfig
 from trainer.data import BatchSource, make_source
-from trainer.losses import RouterTap, training_loss
+from trainer.losses import RouterTap, lean_cross_entropy, training_loss
 from trainer.optim import expert_bank_uses, expert_owner_of, set_lr
 
 GRAD_NORM_PARTS = ("tied_experts", "untied_experts", "other")
@@ -147,17 +147,21 @@ def _grad_norm_part(model_cfg: ModelConfig) -> Any:
 def validation_ce(s: Session) -> float | None:
     """Mean cross-entropy over `run.eval_batches` validation micro-batches per rank (None: no validation data).
 
-    The validation source is opened afresh each time, so every evaluation sees the same batches.
+    The validation source is opened afresh each time, so every evaluation sees the same batches. Without
+    autograd and with the training loss's cross-entropy: the forward kept every activation for a backward
+    that never came, and `F.cross_entropy` on `.float()` logits made [tokens, vocab] fp32 tensors, so a
+    run sized by the planner to fit training could run out of memory at its first validation.
     """
     source = make_source(s.cfg, "validation", s.rank, s.world)
     if source is None:
         return None
     s.engine.eval()
     total = 0.0
-    for _ in range(s.cfg.run.eval_batches):
-        batch = eng.to_device(source.next_batch(), s.engine)
-        logits = s.engine(batch["input_ids"])
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten()).item()
+    with torch.no_grad():
+        for _ in range(s.cfg.run.eval_batches):
+            batch = eng.to_device(source.next_batch(), s.engine)
+            logits = s.engine(batch["input_ids"])
+            total += lean_cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()).item()
     s.tap.take()  # eval forwards are not part of any step's routing statistics
     s.engine.train()
     return eng.mean_over_ranks([total / s.cfg.run.eval_batches])[0]
