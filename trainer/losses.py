@@ -85,8 +85,6 @@ def _router_linear(mlp: nn.Module) -> nn.Linear | None:
     return gate if isinstance(gate, nn.Linear) else None
 
 
-
-
 _scratch: dict[torch.device, torch.Tensor] = {}
 
 
@@ -146,7 +144,7 @@ class _LeanCrossEntropy(torch.autograd.Function):
 def lean_cross_entropy(logits_TV: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
     """F.cross_entropy(logits_TV.float(), labels_T) (every position a target, no ignore_index) without
     the [T, V] tensors it allocates. Why: those are the largest activations of a small-width model
-    (at bf16 they cost five times the bf16 logits) and, on CPU, allocations above 32 MiB are fresh pages
+    (fp32, several times the size of bf16 logits) and, on CPU, allocations above 32 MiB are fresh pages
     on every step. The logits hold their gradient after backward: do not read them then. A label
     outside the vocabulary fails in `gather` (no check here: it would cost a device sync per step)."""
     return _LeanCrossEntropy.apply(logits_TV, labels_T)

@@ -8,7 +8,7 @@ deleted: move them back to undo), copies `metrics.jsonl` there too, and points `
 one atomic rename. The next start of the run (same config and run.name) continues from that step: it
 drops the later rows of metrics.jsonl and TensorBoard hides their events (purge_step), so the curves
 continue from the tag. Nothing is moved when the tag does not verify; an unknown tag names the ones
-there are.
+there are. Stop the run first: a running one would write its next checkpoint over the rollback.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    moved = f"; moved {', '.join(newer)} and a copy of metrics.jsonl to {aside}" if newer else ""
+    copied = " and a copy of metrics.jsonl" if aside is not None and (aside / "metrics.jsonl").is_file() else ""
+    moved = f"; moved {', '.join(newer)}{copied} to {aside}" if newer else ""
     print(f"{Path(args.run_dir) / 'checkpoints' / checkpoint.LATEST} -> {args.tag}{moved}. Start the run again "
           f"(same config and run.name) to continue from {args.tag}")
     return 0
