@@ -194,7 +194,7 @@ def test_tying_quality_plot_draws_a_written_result(tmp_path: Path) -> None:
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("content", ["not json", '{"steps": 3}', '{"variants": {"untied": {}}}'])
+@pytest.mark.parametrize("content", ["not json", '{"steps": 3}', '{"variants": {"untied": {}}}', '{"variants": {}}'])
 def test_tying_quality_plot_refuses_other_files(content: str, tmp_path: Path) -> None:
     bad = tmp_path / "other.json"
     bad.write_text(content)

@@ -138,7 +138,8 @@ def redraw(path: str, plot: Callable[[Any, Path], bool], script: str, keys: tupl
     try:
         result = json.loads(Path(path).read_text())
         for key in keys:
-            result[key]  # noqa: B018 - the keys the plot needs
+            if isinstance(result[key], (dict, list)) and not result[key]:  # an empty plot is no plot
+                raise ValueError(f"its {key!r} is empty")
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(f"error: --plot {path}: expected a JSON file written by {script} ({err})", file=sys.stderr)
         return 2
