@@ -182,7 +182,7 @@ def test_resume_never_twice_in_one_second_keeps_both(tmp_path: Path, monkeypatch
     """replaced-<time>/ is named to the second: a second restart within it was a FileExistsError."""
     from trainer import train
 
-    monkeypatch.setattr(train.time, "strftime", lambda _fmt: "20261202-101010")
+    monkeypatch.setattr(checkpoint.time, "strftime", lambda _fmt: "20261202-101010")  # names replaced-<time>
     for marker in ("first", "second"):
         (tmp_path / "checkpoints").mkdir()
         (tmp_path / "checkpoints" / marker).touch()

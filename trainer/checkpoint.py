@@ -27,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,9 +78,27 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def is_step_tag(name: str) -> bool:
-    """A tag the trainer writes (`tag_for`): only these are resumed, pruned or rolled back."""
-    return bool(_TAG.fullmatch(name))
+def step_tags(ckpt_dir: Path) -> list[str]:
+    """The tags the trainer writes (`tag_for`), oldest first: only these are resumed, pruned or rolled back
+    (a user's folder such as `step_best_copy` is not ours)."""
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.fullmatch(p.name))
+
+
+def point_latest(ckpt_dir: Path, tag: str) -> None:
+    """Make `latest` name `tag` in one atomic rename: a crash leaves the old name or the new, never neither."""
+    staged = ckpt_dir / f".{LATEST}.tmp"
+    staged.write_text(tag)
+    os.replace(staged, ckpt_dir / LATEST)
+
+
+def aside_dir(run_dir: Path) -> Path:
+    """A new `replaced-<time>` folder name under `run_dir` (not created) for what a restart or rollback sets aside."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, suffix = run_dir / f"replaced-{stamp}", 1
+    while aside.exists():  # two within one second
+        suffix += 1
+        aside = run_dir / f"replaced-{stamp}-{suffix}"
+    return aside
 
 
 def is_plain_name(tag: str) -> bool:
@@ -249,7 +268,7 @@ class ResumePoint(NamedTuple):
 
 def _complete_tags(ckpt_dir: Path, before: str | None) -> list[str]:
     """Tags with a manifest (so every rank finished them), newest first, older than `before` if given."""
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.fullmatch(p.name) and (p / MANIFEST).is_file()]
+    tags = [t for t in step_tags(ckpt_dir) if (ckpt_dir / t / MANIFEST).is_file()]
     return sorted((t for t in tags if before is None or t < before), reverse=True)
 
 
@@ -420,9 +439,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], kee
     eng.barrier()  # ... and hashed, before the manifest is written and `latest` moves
     if rank == 0:
         write_manifest(ckpt_dir / tag, step, world)
-        tmp_latest = ckpt_dir / f".{LATEST}.tmp"
-        tmp_latest.write_text(tag)
-        os.replace(tmp_latest, ckpt_dir / LATEST)
+        point_latest(ckpt_dir, tag)
         _prune(ckpt_dir, keep, current=tag)
     eng.barrier()
     return tag
@@ -431,8 +448,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], kee
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
     if keep <= 0:
         return
-    # only the trainer's own tags: a user's folder such as `step_best_copy` is not ours to delete
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.fullmatch(p.name))
+    tags = step_tags(ckpt_dir)  # only the trainer's own tags
     for old in tags[:-keep]:
         if old != current:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)

@@ -14,23 +14,12 @@ there are. Stop the run first: a running one would write its next checkpoint ove
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from trainer import checkpoint
 from trainer.argtypes import OneLineParser
-
-
-def _aside_dir(run_dir: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside, suffix = run_dir / f"replaced-{stamp}", 1
-    while aside.exists():  # two rollbacks within one second
-        suffix += 1
-        aside = run_dir / f"replaced-{stamp}-{suffix}"
-    return aside
 
 
 def rollback(run_dir: str | Path, tag: str) -> tuple[list[str], Path | None]:
@@ -39,7 +28,7 @@ def rollback(run_dir: str | Path, tag: str) -> tuple[list[str], Path | None]:
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise ValueError(f"run directory {run_dir}: no checkpoints/ folder (is it a run directory?)")
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and checkpoint.is_step_tag(p.name))
+    tags = checkpoint.step_tags(ckpt_dir)
     if tag not in tags:
         there = ", ".join(tags) if tags else "none"
         raise ValueError(f"--tag {tag!r}: no such checkpoint under {ckpt_dir} (there: {there})")
@@ -47,13 +36,11 @@ def rollback(run_dir: str | Path, tag: str) -> tuple[list[str], Path | None]:
     newer = [t for t in tags if t > tag]
     aside = None
     if newer:
-        aside = _aside_dir(run_dir)
+        aside = checkpoint.aside_dir(run_dir)
         (aside / "checkpoints").mkdir(parents=True)
         if (run_dir / "metrics.jsonl").is_file():  # the next start drops its rows after the tag's step
             shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
-    staged = ckpt_dir / f".{checkpoint.LATEST}.tmp"
-    staged.write_text(tag)
-    os.replace(staged, ckpt_dir / checkpoint.LATEST)  # first: a crash below leaves extra tags, never a lost latest
+    checkpoint.point_latest(ckpt_dir, tag)  # first: a crash below leaves extra tags, never a lost latest
     for name in newer:
         (ckpt_dir / name).rename(aside / "checkpoints" / name)
     return newer, aside

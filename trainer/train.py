@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,12 +162,7 @@ def _set_aside_previous(run_dir: Path) -> None:
            if (run_dir / name).exists()]
     if not old:
         return
-    stamp = time.strftime('%Y%m%d-%H%M%S')
-    aside = run_dir / f"replaced-{stamp}"
-    suffix = 1
-    while aside.exists():  # two restarts within one second
-        suffix += 1
-        aside = run_dir / f"replaced-{stamp}-{suffix}"
+    aside = checkpoint.aside_dir(run_dir)
     aside.mkdir()
     for path in old:
         path.rename(aside / path.name)
