@@ -479,3 +479,29 @@ def test_downstream_fewshot_too_large_is_refused_before_ranks_start(tmp_path, fi
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: run.downstream_fewshot=600: task arc_easy has 570 "), lines
     assert "run dir" not in proc.stdout  # the launcher refused it: no rank started
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_validation_metrics_match_plain_cross_entropy(dtype) -> None:
+    """The lean loss `validation_metrics` uses scores every label once, as F.cross_entropy on fp32 logits
+    over the same windows does (the last partial batch included)."""
+    from trainer.evaluate import validation_metrics
+
+    torch.manual_seed(0)
+    vocab, seq_len = 50, 8
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab)).to(dtype)
+    tokens = torch.randint(0, vocab, (5 * seq_len + 3,)).numpy()
+
+    class Bytes:  # one byte a token: bits-per-byte is then bits per token
+        def decode(self, ids, skip_special_tokens=True):
+            return "x" * len(ids)
+
+    got = validation_metrics(model, Bytes(), tokens, seq_len, batch_size=2)
+    windows = torch.from_numpy(tokens[: 5 * seq_len + 1])
+    inputs = torch.stack([windows[w * seq_len: (w + 1) * seq_len] for w in range(5)])
+    labels = torch.stack([windows[w * seq_len + 1: (w + 1) * seq_len + 1] for w in range(5)])
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(inputs).float().flatten(0, 1), labels.flatten()).item()
+    assert got["tokens"] == 5 * seq_len and got["bytes"] == 5 * seq_len
+    assert got["ce"] == pytest.approx(want, rel=1e-6)
+    assert got["bits_per_byte"] == pytest.approx(want / math.log(2), rel=1e-6)

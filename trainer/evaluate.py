@@ -41,6 +41,7 @@ from torch import nn
 from trainer.argtypes import OneLineParser, output_file, reader_may_leave, refuse_repeats
 from trainer.cli import CALLER_CWD_ENV
 from trainer.config import REPO_ROOT
+from trainer.losses import lean_cross_entropy
 
 TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa")
@@ -242,7 +243,8 @@ def validation_tokens(run_dir: Path | None, tokenizer_file: Path, max_tokens: in
 
 
 def validation_metrics(model: nn.Module, tokenizer: Any, tokens: Any, seq_len: int, batch_size: int) -> dict[str, Any]:
-    """CE, perplexity and bits-per-byte over consecutive windows of `tokens` (each label scored once)."""
+    """CE, perplexity and bits-per-byte over consecutive windows of `tokens` (each label scored once).
+    The training loss's lean cross-entropy: no fp32 [tokens, vocab] copies, so a batch that fits training fits here."""
     from tqdm import tqdm
 
     n_windows = (len(tokens) - 1) // seq_len
@@ -254,9 +256,8 @@ def validation_metrics(model: nn.Module, tokenizer: Any, tokens: Any, seq_len: i
             rows = [torch.from_numpy(tokens[w * seq_len: (w + 1) * seq_len + 1])
                     for w in range(first, min(first + batch_size, n_windows))]
             batch = torch.stack(rows)
-            logits = model(batch[:, :-1]).float()
-            nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
-                                                      reduction="sum").item()
+            labels = batch[:, 1:].flatten()
+            nats += lean_cross_entropy(model(batch[:, :-1]).flatten(0, 1), labels).item() * labels.numel()
     n_tokens = n_windows * seq_len
     text = tokenizer.decode(tokens[1: n_tokens + 1].tolist(), skip_special_tokens=True)
     n_bytes = len(text.encode("utf-8"))
