@@ -37,15 +37,20 @@ def model_field_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    """{"a.b": 1} -> {"a": {"b": 1}}. A key given both a value and sub-keys is refused: whichever came
+    later would replace the other unchecked."""
     tree: dict[str, Any] = {}
     for dotted, value in flat.items():
         node = tree
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {dotted}: {part} is not a section")
+                raise ValueError(f"{dotted}: {'.'.join(parents[:depth])} is given a value, not sub-keys; "
+                                 f"give one or the other")
+        if isinstance(node.get(leaf), dict):
+            raise ValueError(f"{dotted}: given both a value and sub-keys ({dotted}.{next(iter(node[leaf]), '')}=...); "
+                             f"give one or the other")
         node[leaf] = value
     return tree
 

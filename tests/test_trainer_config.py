@@ -145,6 +145,16 @@ def test_unknown_keys_at_any_level(override, key):
     assert "unknown" in message
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["run.steps.x=3", "run.steps=1"], "run.steps"),
+    (["optim.lr.x=1", "optim.lr=1e-3"], "optim.lr"),
+    (["run.name=x", "run.name.sub=3"], "run.name.sub"),
+])
+def test_a_key_given_as_value_and_as_section_is_refused(overrides, key):
+    """The later value replaced the section, so the bad sub-key was never checked (and silently dropped)."""
+    bad_overrides(overrides, key)
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  lr: 1.0e-3\nschedule:\n  warmup: 5\n")
