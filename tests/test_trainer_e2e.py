@@ -203,6 +203,25 @@ def test_stream_files_missing_are_named_by_their_key(key: str, tmp_path) -> None
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}=") and "no such file" in lines[0], proc.stderr
 
 
+def test_bad_stream_validation_file_fails_before_training(tmp_path) -> None:
+    """Streamed files are read lazily: a validation file without the text field surfaced only at the final
+    validation, after every step was trained and saved (and a rerun then had nothing to do)."""
+    shards = build_fixture_dataset(tmp_path / "shards")  # only for its tokenizer.json
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field here"}\n')
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "run.sh", "data.source=stream", f"data.tokenizer={shards / 'tokenizer.json'}",
+                           f"model.vocab_size={FIXTURE_VOCAB_SIZE}",
+                           f"data.stream_train={REPO_ROOT / 'tests' / 'fixtures' / 'data' / 'kjv_sample.jsonl'}",
+                           f"data.stream_validation={bad}", f"run.out_dir={tmp_path}", "run.name=bad", "run.steps=1"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "'text'" in lines[0], proc.stderr
+    assert not (tmp_path / "bad").exists()  # nothing trained, no run directory
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_four_ranks_zero3_ep2_split_experts_over_the_expert_data_parallel_group(tmp_path) -> None:

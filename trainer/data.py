@@ -100,3 +100,11 @@ def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> Bat
     check_vocab(data_dir(cfg), model_vocab)
     return TokenWindowLoader(data_dir(cfg), split, cfg.data.seq_len, cfg.batch.micro_batch_size,
                              rank=rank, world_size=world_size, seed=cfg.run.seed)
+
+
+def check_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> None:
+    """Open the split and read one micro-batch from it. Streamed files are read lazily: a bad validation file
+    (no text field, no text) surfaced only at the first validation, after steps were trained and saved."""
+    source = make_source(cfg, split, rank, world_size)
+    if source is not None:
+        source.next_batch()

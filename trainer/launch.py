@@ -26,7 +26,7 @@ import torch
 from trainer import checkpoint
 from trainer.cli import ERROR_DIR_ENV, error_file_name
 from trainer.config import REPO_ROOT, TrainConfig
-from trainer.data import ensure_data, make_source
+from trainer.data import check_source, ensure_data
 from trainer.downstream import check_fewshot, check_task_names
 from trainer.engine.ds_config import check_deepspeed_config
 
@@ -165,10 +165,10 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     resolved = cfg.for_world(nproc)  # world-dependent errors before any process starts
     check_deepspeed_config(resolved)  # DeepSpeed's own schema: inside the ranks it comes after the process groups
     ensure_data(cfg)
-    # Open the data once here (vocab check, files, tokenizer, both splits): bad data fails before ranks start,
-    # not at the final validation after every step was trained.
-    make_source(cfg, "train", 0, nproc)
-    make_source(cfg, "validation", 0, nproc)
+    # Open the data once here (vocab check, files, tokenizer, a batch of each split): bad data fails before
+    # ranks start, not at the final validation after every step was trained.
+    check_source(cfg, "train", 0, nproc)
+    check_source(cfg, "validation", 0, nproc)
     if cfg.run.downstream_every:
         check_task_names(cfg)
         for note in check_fewshot(cfg):  # too many shots failed only at the first downstream scoring, mid-run
