@@ -454,3 +454,14 @@ def test_rollback_refuses_in_one_line_and_moves_nothing(tmp_path: Path, case: st
     assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], proc.stderr
     assert (ckpt / "latest").read_text() == "step00000004" and (ckpt / "step00000004").is_dir()
     assert not list((tmp_path / "run").glob("replaced-*"))
+
+
+def test_a_rank_killed_mid_training_is_one_line_without_its_peers_traceback(tmp_path: Path) -> None:
+    """The OOM killer's SIGKILL on one rank broke its peer's collective, and the peer's gloo traceback came
+    before the launcher's one line about the killed rank."""
+    job = _start([f"run.out_dir={tmp_path}", "run.name=killed", "run.steps=200"])
+    _wait_for_step(job, 2)
+    _ranks(job)[1].kill()
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 1
+    assert _errors(stderr) == ["error: a rank was killed by SIGKILL (out of memory?)"]

@@ -131,8 +131,8 @@ def _run(cfg: TrainConfig, config: str | None, overrides: list[str], in_rank: bo
     except TrainingDiverged as err:
         return _fail(err, 3, in_rank)
     except Exception:
-        if in_rank and _peer_reported():  # a peer left with its error: this rank's collective broke with it
-            os._exit(1)
+        if in_rank:
+            _await_the_launcher()
         raise
 
 
@@ -149,6 +149,23 @@ def _peer_reported() -> bool:
     the launcher): this rank's own failure is then only the broken connection, a traceback that hid it."""
     error_dir = os.environ.get(ERROR_DIR_ENV)
     return bool(error_dir) and any(Path(error_dir).glob("rank*.txt"))
+
+
+PEER_LOSS_GRACE_S = 3.0  # how long a failed rank waits before its traceback, for the launcher to stop it
+
+
+def _await_the_launcher() -> None:
+    """Leave quietly when this rank's failure is only a peer gone: a peer that left with its one-line error, or
+    one killed (the OOM killer's SIGKILL), breaks this rank's collective, and the traceback hid the launcher's
+    one line about the peer. The launcher stops every rank within its poll of a failed one; a rank still here
+    after the grace has a failure of its own, and its traceback follows. Only under `trainer.launch`."""
+    if not os.environ.get(ERROR_DIR_ENV):
+        return
+    deadline = time.monotonic() + PEER_LOSS_GRACE_S
+    while time.monotonic() < deadline:
+        if _peer_reported():
+            os._exit(1)
+        time.sleep(0.1)
 
 
 PEER_GRACE_S = 10.0  # how long a quiet rank waits for its local rank 0 to report a command-line error
