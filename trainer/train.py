@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from models.config import plan_notes
 from trainer import checkpoint, downstream
 from trainer import engine as eng
 from trainer.config import TrainConfig
@@ -109,6 +110,8 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
         note = s.cfg.tokens_note(s.world)
         if note:
             print(note, flush=True)
+        for note in plan_notes(s.model_cfg):  # a short last group, or tie_* settings that tie nothing
+            print(f"note: model: {note}", flush=True)
     return s, run_dir
 
 
