@@ -629,3 +629,15 @@ def test_a_downstream_task_given_twice_is_refused():
     with pytest.raises(ValueError, match=r"run.downstream_tasks='arc_easy,piqa, arc_easy': arc_easy is given twice"):
         load_config(None, ["run.downstream_tasks=arc_easy,piqa, arc_easy"])
     load_config(None, ["run.downstream_tasks=arc_easy,piqa"])
+
+
+def test_optimizer_fields_the_optimizer_does_not_read_are_noted():
+    """Muon has its own decays: optim.weight_decay under it was dropped without a word."""
+    notes = load_config(None, ["optim.name=muon", "optim.weight_decay=0.5", "optim.momentum=0.5",
+                               "optim.muon_ns_steps=3"]).unused_optim_notes()
+    assert notes == ["note: optim.weight_decay=0.5 is not used by optim.name=muon",
+                     "note: optim.momentum=0.5 is not used by optim.name=muon"]
+    assert load_config(None, ["optim.name=adamw", "optim.muon_ns_steps=3"]).unused_optim_notes() == [
+        "note: optim.muon_ns_steps=3 is not used by optim.name=adamw"]
+    for path in sorted((REPO_ROOT / "trainer" / "configs").glob("*.yaml")):  # shipped configs set nothing unused
+        assert load_config(path).unused_optim_notes() == [], path.name

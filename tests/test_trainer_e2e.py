@@ -132,14 +132,17 @@ def test_stop_at_step_on_an_eval_step_validates_once(tmp_path) -> None:
 
 
 @pytest.mark.distributed
-def test_tying_layout_notes_are_printed_at_start(tmp_path) -> None:
-    """model.tie_group_size=100 trained one group of 4 without a word (only models.summary said so)."""
+def test_settings_without_effect_are_noted_at_start(tmp_path) -> None:
+    """model.tie_group_size=100 trained one group of 4 without a word (only models.summary said so), and
+    optimizer fields the chosen optimizer does not read were dropped silently."""
     args = ["data.source=random", "data.seq_len=16", "batch.micro_batch_size=2", "run.eval_batches=1", "run.steps=1",
-            "model.tie_group_size=100", f"run.out_dir={tmp_path}", "run.name=notes"]
+            "model.tie_group_size=100", "optim.name=sgd", "optim.betas=[0.8,0.9]", f"run.out_dir={tmp_path}",
+            "run.name=notes"]
     proc = subprocess.run([sys.executable, "run.sh", *args], cwd=REPO_ROOT, env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "note: model: last tie group [2, 3, 4, 5] has 4 layers, fewer than tie_group_size=100" in proc.stdout
+    assert "note: optim.betas=(0.8, 0.9) is not used by optim.name=sgd" in proc.stdout
 
 
 def test_missing_data_path_is_one_error_line(tmp_path):

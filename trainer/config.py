@@ -67,6 +67,14 @@ class OptimSection:
     adam_weight_decay: float = 0.01  # muon: decoupled decay of the AdamW half (every tensor in it, as the paper)
 
 
+# Which optimizers read each optimizer-specific field (trainer/optim.py); the others read every one.
+OPTIM_FIELDS_USED_ONLY_BY: dict[str, tuple[str, ...]] = {
+    "betas": ("adamw", "muon"), "eps": ("adamw", "muon"), "weight_decay": ("adamw", "sgd"), "momentum": ("sgd",),
+    **{name: ("muon",) for name in ("muon_momentum", "muon_nesterov", "muon_weight_decay", "muon_ns_steps",
+                                     "adam_lr_ratio", "adam_weight_decay")},
+}
+
+
 @dataclass
 class ScheduleSection:
     kind: Literal["cosine", "wsd", "constant"] = "cosine"  # after warmup (trainer/schedule.py)
@@ -196,6 +204,15 @@ class TrainConfig:
         exact = "" if steps * per_step == self.run.tokens else f", not {self.run.tokens:,} (whole steps only)"
         return (f"run.tokens={self.run.tokens}: {steps} steps of {per_step:,} tokens = {steps * per_step:,} "
                 f"tokens{exact}; run.steps={self.run.steps} is not used")
+
+    def unused_optim_notes(self) -> list[str]:
+        """Optimizer fields set away from their default that `optim.name` does not read (weight_decay under
+        Muon, which has its own two): the start of a run says so rather than dropping them silently."""
+        default = OptimSection()
+        return [f"note: optim.{name}={getattr(self.optim, name)!r} is not used by optim.name={self.optim.name}"
+                for name in OPTIM_FIELDS_USED_ONLY_BY
+                if self.optim.name not in OPTIM_FIELDS_USED_ONLY_BY[name]
+                and getattr(self.optim, name) != getattr(default, name)]
 
     def run_dir(self) -> Path:
         out = Path(self.run.out_dir)
@@ -459,6 +476,14 @@ def _validate_muon(cfg: TrainConfig) -> None:
                              f"{key}; Muon is tested without offload only")
 
 
+# Top-level DeepSpeed keys the trainer writes from this config (trainer.engine.ds_config.deepspeed_config) or that
+# would override what it writes: in a ds_config file they are refused, not dropped. `bfloat16` is DeepSpeed's old
+# name of `bf16`, read only when `bf16` is absent (never: the trainer sets it).
+TRAINER_OWNED_DS_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "optimizer", "scheduler", "bf16", "bfloat16", "fp16", "expert_parallel", "zero_allow_untested_optimizer"})
+
+
 def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
     """Read the ds_config JSON; it may hold engine settings only (no batch, optimizer or precision)."""
     path = Path(cfg.parallel.ds_config)
@@ -475,9 +500,7 @@ def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
     if not isinstance(settings, dict) or not isinstance(settings.get("zero_optimization", {}), dict):
         where = "the file" if not isinstance(settings, dict) else "zero_optimization"
         raise ValueError(f"parallel.ds_config {path}: {where} must be a JSON object ({{...}})")
-    owned_here = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                  "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "expert_parallel"}
-    clash = sorted(owned_here & set(settings))
+    clash = sorted(TRAINER_OWNED_DS_KEYS & set(settings))
     if clash:
         raise ValueError(f"parallel.ds_config {path}: key {clash[0]!r} is set by the trainer config, remove it")
     stage = settings.get("zero_optimization", {}).get("stage", 0)

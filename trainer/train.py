@@ -112,6 +112,8 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
             print(note, flush=True)
         for note in plan_notes(s.model_cfg):  # a short last group, or tie_* settings that tie nothing
             print(f"note: model: {note}", flush=True)
+        for note in s.cfg.unused_optim_notes():
+            print(note, flush=True)
     return s, run_dir
 
 
