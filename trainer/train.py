@@ -16,7 +16,7 @@ from trainer.config import TrainConfig
 from trainer.data import ensure_data
 from trainer.memory import write_run_report
 from trainer.metrics import Progress, dumps
-from trainer.preemption import StopSignal
+from trainer.preemption import LAUNCHER_GONE, StopSignal
 from trainer.reshard import resume_layout_free
 from trainer.routing_stats import routing_stats
 from trainer.schedule import lr_at
@@ -212,8 +212,10 @@ def _preempted(s: Session, run_dir: Path, result: RunResult, progress: Progress,
     """A signal asked the job to stop: the checkpoint of `step` is saved; leave so the job can be resumed."""
     progress.close()
     s.close()
-    if s.rank == 0:
-        print(f"stopped at step {step} of {s.steps} ({signal_name or 'signal'} on a rank): checkpoint saved in "
+    if s.rank == 0:  # the launcher passes a Ctrl-C on as SIGTERM (a background job's ranks ignore SIGINT)
+        why = (f"{signal_name} received" if signal_name not in (None, LAUNCHER_GONE) else
+               signal_name or "a stop signal on another rank")
+        print(f"stopped at step {step} of {s.steps} ({why}): checkpoint saved in "
               f"{run_dir / 'checkpoints'}; run the same command again to resume", flush=True)
     return result
 
