@@ -439,3 +439,15 @@ def test_run_sh_shipped_config_from_another_folder_under_a_launcher(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "run.sh"), "trainer/configs/tiny_untied.yaml", "run.stepz=1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     _assert_one_error_line(proc, "run.stepz: unknown key")
+
+
+def test_a_refusal_by_deepspeed_in_the_launcher_prints_nothing_else(tmp_path):
+    """The launcher's checks import DeepSpeed, which printed its 'Setting accelerator to CPU' warning on stdout
+    beside the one error line (the launcher set DS_ACCELERATOR only for its ranks)."""
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 3, "bogus_knob": 1}}')
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR")}
+    proc = subprocess.run([sys.executable, "run.sh", f"parallel.ds_config={bad}", f"run.out_dir={tmp_path}"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    _assert_one_error_line(proc, "parallel.ds_config", "bogus_knob")
+    assert proc.stdout == ""

@@ -44,6 +44,9 @@ def local_ranks() -> tuple[int, dict[str, str]]:
         return torch.cuda.device_count(), env
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")
+    # The checks here import DeepSpeed too: without this it printed its "Setting accelerator to CPU" warning
+    # on stdout next to a refusal's one line.
+    os.environ.setdefault("DS_ACCELERATOR", env["DS_ACCELERATOR"])
     return cpu_ranks(env.get("TIEDMOE_CPU_RANKS", "2")), env
 
 
