@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     if args.plot:
+        parser.refuse_beside(args, "plot")
         return redraw(args.plot, plot, "equal_memory.py", ("variants", "budget_gib_per_rank"))
     try:
         check_args(args)

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="applied to every variant")
     args = parser.parse_args(argv)
     if args.plot:
+        parser.refuse_beside(args, "plot")
         return redraw(args.plot, plot, "tying_quality.py", ("variants",))
     try:  # every variant's config before the first trains: a bad override is one line, exit 2
         check_plot_beside(args.json)

@@ -202,3 +202,22 @@ def test_tying_quality_plot_refuses_other_files(content: str, tmp_path: Path) ->
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f"error: --plot {bad}")
     assert not bad.with_suffix(".png").exists()
+
+
+@pytest.mark.parametrize("script, extra, named", [
+    ("benchmarks/tying_quality.py", ["--steps", "3"], "--steps"),
+    ("benchmarks/tying_quality.py", ["model.d_model=32"], "model.d_model=32"),
+    ("benchmarks/equal_memory.py", ["--variants", "g2"], "--variants"),
+    ("benchmarks/equal_memory.py", ["--json", "/tmp/other.json"], "--json"),
+])
+def test_plot_takes_no_other_arguments(script: str, extra: list[str], named: str, tmp_path: Path) -> None:
+    """`--plot JSON` only redraws: the measuring flags given with it were ignored without a word."""
+    proc = run_python([script, "--plot", str(tmp_path / "r.json"), *extra])
+    assert proc.returncode == 2 and proc.stderr == f"error: --plot takes no other arguments; {named} was given too\n"
+
+
+def test_an_output_under_a_file_names_the_file() -> None:
+    """It said 'File exists' (mkdir's errno), which names nothing the user can fix."""
+    proc = run_python(["-m", "trainer.bench", "--json", "README.md/a/result.json"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("cannot write 'README.md/a/result.json': 'README.md' is a file, not a folder")

@@ -35,7 +35,9 @@ def output_file(text: str) -> str:
         with tempfile.TemporaryFile(dir=path.parent):
             pass
     except OSError as err:
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {err.strerror or err}") from None
+        blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{str(blocking)!r} is a file, not a folder" if blocking is not None else err.strerror or err
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {why}") from None
     return text
 
 
@@ -69,3 +71,13 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+    def refuse_beside(self, args: argparse.Namespace, dest: str) -> None:
+        """`--DEST` does its one thing and reads no other argument: one given with it (`--plot J --steps 3`)
+        would be ignored silently, so it is refused."""
+        for action in self._actions:
+            value = getattr(args, action.dest, None)
+            if action.dest in (dest, "help") or value == action.default or (value == [] and action.default is None):
+                continue
+            name = "/".join(action.option_strings) or " ".join(map(str, value if isinstance(value, list) else [value]))
+            self.error(f"--{dest.replace('_', '-')} takes no other arguments; {name} was given too")
