@@ -91,6 +91,66 @@ def test_ranks_check_the_ds_config_before_any_process_group(tmp_path):
     assert not (tmp_path / "runs").exists()  # rank 0 makes the run folder after the process group exists
 
 
+@pytest.mark.parametrize("settings, names, args", [
+    ('"zero_optimization": {"stage": 1}, "steps_per_print": "x"', ["steps_per_print='x'", "a positive integer"], []),
+    ('"zero_optimization": {"stage": 1}, "steps_per_print": 0', ["steps_per_print=0", "a positive integer"], []),
+    ('"zero_optimisation": {"stage": 3}', ["'zero_optimisation'", "did you mean 'zero_optimization'"], []),
+    ('"zero_optimization": {"stage": 1}, "wall_clock_breakdwn": true', ["'wall_clock_breakdwn'",
+                                                                        "did you mean 'wall_clock_breakdown'"], []),
+    ('"wall_clock_breakdown": "yes"', ["wall_clock_breakdown='yes'", "true or false"], []),
+    ('"flops_profiler": 1', ["flops_profiler=1", "a JSON object"], []),
+    ('"elasticity": {"enabled": true}', ["elasticity", "removed"], []),  # DeepSpeed's own refusal, named
+    ('"bfloat16": {"enabled": true}', ["'bfloat16'", "set by the trainer"], []),  # bf16's old name
+    ('"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}',
+     ["data_types.grad_accum_dtype='bf16'"], ["run.precision=bf16"]),  # the trainer's fp32 replaced it
+])
+def test_run_sh_ds_config_top_level_key_or_type_is_refused(tmp_path, settings, names, args):
+    """DeepSpeed ignores a top-level key it does not read (`zero_optimisation` trained at ZeRO 0), and stores top-level
+    scalars as given: "steps_per_print": "x" was a TypeError traceback inside the ranks (exit 1), after the run
+    folder was made. Now one line from the launcher, before any rank starts."""
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(f"{{{settings}}}")
+    proc = run_python(["run.sh", f"parallel.ds_config={ds_config}", "run.steps=1", "data.source=random",
+                       f"run.out_dir={tmp_path}/runs", *args])
+    _assert_one_error_line(proc, "parallel.ds_config", str(ds_config), *names)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ds_config_keys_deepspeed_reads_all_pass(tmp_path):
+    """The check refuses only what DeepSpeed would drop or choke on: every shipped ds_config and YAML config, and
+    top-level keys of each kind (null where DeepSpeed's default is null, an integer where it wants a number)."""
+    from trainer.config import load_config
+    from trainer.engine.ds_config import check_deepspeed_config
+    for path in sorted((REPO_ROOT / "ds_configs").glob("*.json")):
+        for precision in ("fp32", "bf16"):
+            check_deepspeed_config(load_config(None, [f"parallel.ds_config={path}", f"run.precision={precision}"])
+                                   .for_world(2))
+    for path in sorted((REPO_ROOT / "trainer" / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        check_deepspeed_config(cfg.for_world(8 if cfg.batch.global_batch_tokens else cfg.parallel.expert_parallel_size))
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text('{"zero_optimization": {"stage": 2}, "steps_per_print": null, "gradient_predivide_factor": 2, '
+                         '"communication_data_type": "fp32", "flops_profiler": {"enabled": false}, '
+                         '"dump_state": false, "data_types": {"grad_accum_dtype": "fp32"}}')
+    check_deepspeed_config(load_config(None, [f"parallel.ds_config={ds_config}", "run.precision=bf16"]).for_world(2))
+
+
+def test_ds_config_top_level_types_cover_what_deepspeed_reads():
+    """The hand list of top-level scalar types names only keys the installed DeepSpeed reads (found by letting its
+    parser run), and every other key it reads takes a JSON object (a section)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from trainer.config import TRAINER_OWNED_DS_KEYS
+    from trainer.engine.ds_config import _SCALAR_TYPES, _removed_keys, deepspeed_reads
+    reads = deepspeed_reads()
+    assert {"zero_optimization", "steps_per_print", "wall_clock_breakdown", "flops_profiler"} <= reads
+    assert set(_SCALAR_TYPES) <= reads and TRAINER_OWNED_DS_KEYS <= reads
+    assert "zero_optimisation" not in reads and _removed_keys()
+    batch = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+    for section in sorted(reads - set(_SCALAR_TYPES) - _removed_keys() - TRAINER_OWNED_DS_KEYS):
+        DeepSpeedConfig({**batch, section: {}})  # an empty object is each section's defaults
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_a_bad_command_line_under_another_launcher_is_one_line(tmp_path, launcher):
     """Under torchrun or `deepspeed run.sh` every rank printed the same refusal: one `error:` line per rank (8 on

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import difflib
+import functools
+from collections.abc import Iterator, KeysView
 from typing import Any
 
 from models.accounting import layer_parts
 from models.config import ModelConfig, layer_plan
-from trainer.config import TrainConfig, load_engine_settings
+from trainer.config import TRAINER_OWNED_DS_KEYS, TrainConfig, load_engine_settings
 
 
 @contextlib.contextmanager
 def refusals_named(cfg: TrainConfig) -> Iterator[None]:
     """DeepSpeed checks its config against its own schema deep inside `zero.Init` or `initialize`; its
     error names a class and a key. Name the file the user can fix, as a one-line ValueError (exit 2)."""
+    from deepspeed.runtime.config import DeepSpeedConfigError
     from pydantic import ValidationError
 
     try:
@@ -23,6 +26,9 @@ def refusals_named(cfg: TrainConfig) -> Iterator[None]:
         detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors())
         raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config}: DeepSpeed refuses it "
                          f"({err.title}: {detail})") from None
+    except DeepSpeedConfigError as err:  # e.g. a block of a feature DeepSpeed removed ("elasticity": {...})
+        raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config}: DeepSpeed refuses it "
+                         f"({str(err).strip()})") from None
 
 
 def check_deepspeed_config(resolved: TrainConfig) -> None:
@@ -43,8 +49,11 @@ def check_deepspeed_config(resolved: TrainConfig) -> None:
 
 
 def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
-    """Engine settings from the ds_config file plus what the trainer config (resolved for the world) owns."""
+    """Engine settings from the ds_config file plus what the trainer config (resolved for the world) owns.
+    A top-level key of the file that DeepSpeed would not read, or a value of the wrong type, is refused here
+    (`check_top_level`), so every path to DeepSpeed (launcher, ranks, tools) refuses it alike."""
     settings = load_engine_settings(cfg)
+    check_top_level(cfg, settings)
     settings.update({
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
         "gradient_accumulation_steps": cfg.batch.grad_accum,
@@ -57,10 +66,116 @@ def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) 
     zero = settings.setdefault("zero_optimization", {})
     if cfg.run.precision == "bf16" and zero.get("stage", 0) > 0:
         # fp32 gradient accumulation (DeepSpeed supports it with ZeRO only; ZeRO-0 bf16 accumulates in bf16)
-        settings["data_types"] = {"grad_accum_dtype": "fp32"}
+        data_types = settings.get("data_types", {})
+        if data_types.get("grad_accum_dtype", "fp32") != "fp32":
+            raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config}: data_types.grad_accum_dtype="
+                             f"{data_types['grad_accum_dtype']!r}; with run.precision=bf16 at ZeRO 1-3 the trainer "
+                             f"accumulates in fp32, remove it")
+        settings["data_types"] = {**data_types, "grad_accum_dtype": "fp32"}  # the file's other data_types stay
     if zero.get("stage") == 3 and "stage3_max_reuse_distance" not in zero:
         zero["stage3_max_reuse_distance"] = tie_aware_reuse_distance(model_cfg)
     return settings
+
+
+# The top-level scalars DeepSpeed reads, and their JSON types (defaults: deepspeed/runtime/constants.py, use:
+# deepspeed/runtime/config.py). DeepSpeedConfig stores them as given, so a wrong type failed far from the file:
+# "steps_per_print": "x" was a TypeError traceback inside the ranks at the first step. None: null is allowed
+# (DeepSpeed's default is null). Every other key DeepSpeed reads is a section, a JSON object that DeepSpeed's
+# own config classes check inside; tests/test_cli_errors.py checks this list against `deepspeed_reads()`.
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(["dump_state", "disable_python_gc", "disable_allgather", "prescale_gradients", "memory_breakdown",
+                     "managed_gradient_accumulation", "zero_force_ds_cpu_optimizer", "wall_clock_breakdown",
+                     "use_data_before_expert_parallelism", "dataloader_drop_last"], (bool,)),
+    "gradient_predivide_factor": (float,),
+    "gradient_allreduce_op": (str,),  # its values DeepSpeedConfig checks itself, as those of the two *_data_type
+    "seq_parallel_communication_data_type": (str,),
+    "communication_data_type": (str, None),
+    "log_level": (str, None),
+    "steps_per_print": (int, None),
+    "vocabulary_size": (int, None),
+    "sequence_parallel_size": (int,),  # these two: read by deepspeed.initialize, before DeepSpeedConfig
+    "data_parallel_size": (int,),
+}
+_EXPECTED = {bool: "true or false", float: "a number", int: "a positive integer", str: "a string",
+             dict: "a JSON object"}
+
+
+class _LookupLog(dict):
+    """A dict that notes every key looked up in it (`get`, `[]`, `in`, `in .keys()`), also in its copies."""
+
+    def __init__(self, items: dict[str, Any], seen: set[Any]) -> None:
+        super().__init__(items)
+        self.seen = seen
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.seen.add(key)
+        return super().__contains__(key)
+
+    def keys(self) -> KeysView[str]:  # type: ignore[override]  # `key in d.keys()` then goes through __contains__
+        return KeysView(self)
+
+    def __copy__(self) -> "_LookupLog":  # DeepSpeedConfig parses a copy of what it is given
+        return _LookupLog(self, self.seen)
+
+
+@functools.cache
+def deepspeed_reads() -> frozenset[str]:
+    """Every top-level key the installed DeepSpeed reads: those DeepSpeedConfig (the engine's parser, also
+    zero.Init's) looks up, noted while it parses a minimal config, and the two deepspeed.initialize reads."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen: set[Any] = set()
+    DeepSpeedConfig(_LookupLog({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}, seen))
+    return frozenset(seen | {"sequence_parallel_size", "data_parallel_size"})
+
+
+def _removed_keys() -> frozenset[str]:
+    """Blocks of features DeepSpeed removed: it looks them up only to refuse them, with its own message (a private
+    name of deepspeed.runtime.config; none where it is gone, and those keys are then refused as unknown)."""
+    import deepspeed.runtime.config as ds_config
+
+    return frozenset(getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))
+
+
+def check_top_level(cfg: TrainConfig, settings: dict[str, Any]) -> None:
+    """Refuse a top-level key of the ds_config file that DeepSpeed does not read, and a value of the wrong type.
+
+    Why: DeepSpeed ignores a key it does not know (`"zero_optimisation": {"stage": 3}` trained at ZeRO 0), and
+    stores top-level scalars as given, to fail inside the ranks (the file's keys only: the trainer's own are
+    refused by `load_engine_settings`)."""
+    import deepspeed
+
+    where = f"parallel.ds_config={cfg.parallel.ds_config}"
+    removed = _removed_keys()
+    settable = deepspeed_reads() - removed - TRAINER_OWNED_DS_KEYS
+    for key, value in settings.items():
+        if key in removed:
+            continue  # DeepSpeedConfig refuses it by name (`refusals_named`)
+        if key not in settable:
+            close = difflib.get_close_matches(key, settable, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"DeepSpeed reads: {', '.join(sorted(settable))}"
+            raise ValueError(f"{where}: unknown top-level key {key!r}, which DeepSpeed {deepspeed.__version__} "
+                             f"does not read ({hint})")
+        typ, *null = _SCALAR_TYPES.get(key, (dict,))
+        if not (_has_type(value, typ) or (null and value is None)):
+            raise ValueError(f"{where}: {key}={value!r}, expected {_EXPECTED[typ]}{' or null' if null else ''}")
+
+
+def _has_type(value: Any, typ: type) -> bool:
+    """JSON's view: true is no number, an integer is a number (every integer above is a count or a period: >= 1)."""
+    if isinstance(value, bool):
+        return typ is bool
+    if typ is int:
+        return isinstance(value, int) and value >= 1  # "steps_per_print": 0 divided by zero at the first step
+    return isinstance(value, (int, float) if typ is float else typ)
 
 
 def tie_aware_reuse_distance(model_cfg: ModelConfig) -> int:
