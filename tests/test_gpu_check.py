@@ -61,3 +61,16 @@ def test_fetch_gpu_wheels_help_and_bad_arguments_download_nothing(args: list[str
                           text=True, timeout=30)
     assert proc.returncode == code and says in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert (sorted(whl.iterdir()) if whl.is_dir() else None) == before
+
+
+def test_summary_shows_a_missing_mfu_as_a_dash() -> None:
+    """A variant with no micro-batch within the budget has no MFU there: the summary printed '-%'."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check_report import throughput_lines
+
+    row = {"peak_gib_at_common_micro_batch": 1.0, "tokens_per_s_equal_batch": 100.0, "mfu_equal_batch": 0.25,
+           "ratio_equal_batch": 1.0, "micro_batch_equal_memory": None, "peak_gib_equal_memory": None,
+           "tokens_per_s_equal_memory": None, "mfu_equal_memory": None, "ratio_equal_memory": None}
+    tp = {"budget_gib_per_rank": 1.0, "common_micro_batch": 2, "peak_flops_per_rank": 1e12, "peak_flops_source": "x",
+          "overrides": [], "variants": {"g4": row}}
+    assert throughput_lines(tp)[-1] == "| g4 | 1.00 | 100 | 25.0% | 1.000 | - | - | - | - | - |"

@@ -139,7 +139,7 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
 
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
-        raise ValueError(f"run directory {run_dir}: not found")
+        raise ValueError(f"run directory {run_dir}: {'a file, not a folder' if run_dir.exists() else 'not found'}")
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"run directory {run_dir}: no config.yaml (is it a trainer.train run directory?)")
     cfg = load_config(run_dir / "config.yaml")
