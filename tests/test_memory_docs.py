@@ -99,6 +99,7 @@ def test_compare_writes_beside_the_first_run(runs_dir: Path, capsys: pytest.Capt
     (["docs", "--out", "memory.txt"], "--out=memory.txt"),
     (["docs", "--bogus"], "unrecognized arguments"),
     (["docs", "--reuse-runs", "--runs-dir", "/nonexistent/runs"], "not found"),
+    (["docs", "--reuse-runs", "--steps", "5"], "--steps=5"),  # nothing is trained: it was ignored
 ])
 def test_docs_bad_input_is_one_line(argv: list[str], expected: str, capsys: pytest.CaptureFixture) -> None:
     code, _, err = memory_cli(argv, capsys)

@@ -238,11 +238,13 @@ def docs_main(argv: list[str]) -> int:
                         help="the page to write; PNGs go beside it (default: docs/memory.md)")
     parser.add_argument("--runs-dir", default=str(REPO_ROOT / "runs" / "memory-docs"),
                         help="where the runs go, one folder per layout (default: runs/memory-docs)")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 3)")
     parser.add_argument("--reuse-runs", action="store_true",
                         help="render from the reports already in --runs-dir instead of training")
     args = parser.parse_args(argv)
-    if args.steps < 1:
+    if args.steps is not None and args.reuse_runs:  # nothing is trained: it would be ignored
+        raise ValueError(f"--steps={args.steps}: trains the runs, which --reuse-runs does not; give one or the other")
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps={args.steps}: expected a positive integer")
     out, runs_dir = Path(args.out), Path(args.runs_dir).resolve()
     if out.is_dir() or out.suffix != ".md":
@@ -257,7 +259,7 @@ def docs_main(argv: list[str]) -> int:
         for layout in LAYOUTS:  # every report checked before anything is written
             for variant in VARIANTS:
                 load_report(str(runs_dir / layout / variant))
-    elif code := train_runs(runs_dir, args.steps):
+    elif code := train_runs(runs_dir, args.steps or 3):
         return code
     out.parent.mkdir(parents=True, exist_ok=True)
     construction = sorted((REPO_ROOT / "benchmarks" / "results").glob(CONSTRUCTION_GLOB))
