@@ -155,6 +155,15 @@ def test_a_key_given_as_value_and_as_section_is_refused(overrides, key):
     bad_overrides(overrides, key)
 
 
+@pytest.mark.parametrize("override, says", [
+    ("run.downstream_tasks=", "run.downstream_tasks has no value: expected a string"),
+    ("optim.lr=", "optim.lr has no value: expected a number"),
+])
+def test_an_empty_value_is_named_as_none_given(override, says):
+    """`key=` is null: the error said "run.downstream_tasks=None", a value nobody typed."""
+    assert bad_overrides([override], override[:-1]) == says
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  lr: 1.0e-3\nschedule:\n  warmup: 5\n")

@@ -235,6 +235,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _given(key: str, value: Any) -> str:
+    """How an error shows the value: `key=` on the command line (or an empty YAML field) is null, and
+    "run.downstream_tasks=None" named a value nobody typed."""
+    return f"{key} has no value" if value is None else f"{key}={value!r}"
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check `value` against the annotation `typ`; returns the value (tuples from lists)."""
     origin, args = get_origin(typ), get_args(typ)
@@ -242,15 +248,15 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return value
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key}={value!r}: expected one of {list(args)}")
+            raise ValueError(f"{_given(key, value)}: expected one of {list(args)}")
         return value
     if origin in (tuple,):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{key}={value!r}: expected a list of {len(args)} numbers")
+            raise ValueError(f"{_given(key, value)}: expected a list of {len(args)} numbers")
         return tuple(_coerce(key, v, a) for v, a in zip(value, args))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{key}={value!r}: expected a mapping")
+            raise ValueError(f"{_given(key, value)}: expected a mapping")
         return value
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -263,7 +269,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 return _coerce(key, value, option)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{key}={value!r}: invalid")
+        raise ValueError(errors[0] if errors else f"{_given(key, value)}: invalid")
     if typ is float:
         if isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
             try:
@@ -271,21 +277,21 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}={value!r}: expected a number")
+            raise ValueError(f"{_given(key, value)}: expected a number")
         if not math.isfinite(value):  # YAML reads `.inf` / `.nan`; no setting means either
-            raise ValueError(f"{key}={value!r}: expected a finite number")
+            raise ValueError(f"{_given(key, value)}: expected a finite number")
         return float(value)
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}={value!r}: expected an integer")
+            raise ValueError(f"{_given(key, value)}: expected an integer")
         return value
     if typ is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key}={value!r}: expected true or false")
+            raise ValueError(f"{_given(key, value)}: expected true or false")
         return value
     if typ is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key}={value!r}: expected a string")
+            raise ValueError(f"{_given(key, value)}: expected a string")
         return value
     return value
 
