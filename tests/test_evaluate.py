@@ -594,6 +594,18 @@ def test_downstream_fewshot_too_large_is_refused_before_ranks_start(tmp_path, fi
     assert "run dir" not in proc.stdout  # the launcher refused it: no rank started
 
 
+@pytest.mark.distributed
+def test_downstream_fewshot_too_large_is_refused_under_torchrun_before_training(tmp_path, fixture_shards) -> None:
+    """Only trainer.launch checked the shots: under another launcher (torchrun, `deepspeed run.sh`) the run
+    trained until its first downstream scoring, then failed mid-run."""
+    proc = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "run.sh", f"data.path={fixture_shards}",
+                 f"model.vocab_size={FIXTURE_VOCAB_SIZE}", "run.downstream_every=2", "run.downstream_tasks=arc_easy",
+                 "run.downstream_fewshot=600", "run.steps=4", f"run.out_dir={tmp_path}", "run.name=tr"], timeout=240)
+    assert proc.returncode != 0
+    assert "error: run.downstream_fewshot=600: task arc_easy has 570 " in proc.stderr, proc.stderr[-3000:]
+    assert "step " not in proc.stdout and not (tmp_path / "tr" / "checkpoints").exists()
+
+
 def _stream_run(run: Path, tokenizer: Path, validation: Path | None) -> Path:
     """A run directory of a streamed run (config.yaml only: evaluate reads its data settings)."""
     import yaml

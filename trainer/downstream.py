@@ -50,11 +50,16 @@ def check_fewshot(cfg: TrainConfig) -> list[str]:
 
 
 def check(s: Session) -> Any:
-    """Tasks and tokenizer usable (one-line ValueError otherwise); returns the tokenizer (rank 0)."""
+    """Tasks, shots and tokenizer usable (one-line ValueError otherwise); returns the tokenizer. The shots are
+    checked here too, on rank 0, for launchers other than trainer.launch (`deepspeed run.sh`), and their notes
+    are printed here, for all."""
     check_task_names(s.cfg)
     rt = run_tokenizer(s.cfg)
     if rt.path is None:
         raise ValueError(f"run.downstream_every={s.cfg.run.downstream_every}: {rt.note}")
+    if s.rank == 0:
+        for note in check_fewshot(s.cfg):
+            print(note, flush=True)
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(rt.path), eos_token=rt.eos_token,

@@ -174,8 +174,7 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     check_source(cfg, "validation", 0, nproc)
     if cfg.run.downstream_every:
         check_task_names(cfg)
-        for note in check_fewshot(cfg):  # too many shots failed only at the first downstream scoring, mid-run
-            print(note, flush=True)
+        check_fewshot(cfg)  # too many shots failed only at the first downstream scoring, mid-run (notes: rank 0)
     if cfg.run.resume == "auto":  # another model, layout or batch than the checkpoint's: refused before the ranks
         checkpoint.precheck_resume(cfg.run_dir() / "checkpoints", nproc, checkpoint.identity(resolved, nproc))
     cfg.make_run_dir()  # an unusable run.out_dir is one line here, not a traceback from rank 0
