@@ -1,5 +1,6 @@
 """Checkpoints: a run stopped and resumed continues bit-identically; `latest` only names complete ones."""
 
+import os
 import re
 from pathlib import Path
 
@@ -274,3 +275,68 @@ def test_launcher_precheck_refuses_before_ranks_start(tmp_path: Path) -> None:
     (tag / "trainer_state_rank0.pt").write_bytes(b"garbage")  # damaged: the ranks fall back and say so
     checkpoint.precheck_resume(tmp_path, 2, _batch_identity(2, "batch.grad_accum=2"))
     checkpoint.precheck_resume(tmp_path / "fresh", 2, _batch_identity(2, "batch.grad_accum=2"))  # no checkpoint
+
+
+def _complete_tag(ckpt_dir: Path, step: int, manifest: bool = True) -> Path:
+    """A tag as save() leaves it, without DeepSpeed: two rank states, one torch 'shard', the manifest."""
+    import torch
+
+    tag = ckpt_dir / checkpoint.tag_for(step)
+    tag.mkdir(parents=True)
+    for rank in range(2):
+        torch.save({"step": step, "world_size": 2, "data": {}, "rng": checkpoint._rng_state()},
+                   tag / f"trainer_state_rank{rank}.pt")
+    torch.save({"weights": torch.ones(64)}, tag / "mp_rank_00_model_states.pt")
+    if manifest:
+        checkpoint.write_manifest(tag, step, 2)
+    return tag
+
+
+def test_missing_latest_falls_back_to_the_newest_complete_tag(tmp_path: Path) -> None:
+    """No `latest` was a fresh start even with tags there: the run rewrote them in place. Only a run with no complete
+    tag starts fresh now (a kill inside the first save leaves one without a manifest); otherwise the newest tag with a manifest that verifies is taken, with a note (a tag
+    without one may be a save that did not finish: never taken), and none is one line."""
+    assert checkpoint.resume_tag(tmp_path / "absent", 2) == (None, None)
+    (tmp_path / "step_best").mkdir()  # a user's folder, not a tag of ours
+    assert checkpoint.resume_tag(tmp_path, 2) == (None, None)
+    for step in (2, 4):
+        _complete_tag(tmp_path, step)
+    _complete_tag(tmp_path, 6, manifest=False)  # unfinished
+    tag, note = checkpoint.resume_tag(tmp_path, 2)
+    assert tag == "step00000004", note
+    assert note == (f"skipped latest: checkpoint {tmp_path / 'latest'}: missing, but {tmp_path} holds 2 tags "
+                    f"(step00000002 to step00000004) with a manifest (a save stopped before it named its tag, or "
+                    f"latest was deleted); "
+                    f"resuming from step00000004")
+    os.truncate(tmp_path / "step00000004" / "mp_rank_00_model_states.pt", 100)
+    assert checkpoint.resume_tag(tmp_path, 2).tag == "step00000002"
+    os.truncate(tmp_path / "step00000002" / "mp_rank_00_model_states.pt", 100)
+    with pytest.raises(ValueError) as info:
+        checkpoint.resume_tag(tmp_path, 2)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"checkpoint {tmp_path / 'latest'}: missing"), message
+    assert str(tmp_path / "step00000004" / "mp_rank_00_model_states.pt") in message, message  # why not the newest
+    assert message.endswith("no complete checkpoint (a tag with manifest.json) verifies either (run.resume=never "
+                            "or another run.name starts over)"), message
+
+
+def test_torch_files_of_a_tag_without_manifest_must_open(tmp_path: Path) -> None:
+    """Tags from before manifests: a truncated DeepSpeed shard is found in its zip directory, before DeepSpeed's
+    loader fails on it with a traceback; an intact one, or one in torch's pre-zip format, passes."""
+    import torch
+
+    tag = _complete_tag(tmp_path, 2, manifest=False)
+    checkpoint.verify_tag(tmp_path, tag.name, 2)
+    torch.save({"old": torch.ones(3)}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+               _use_new_zipfile_serialization=False)
+    checkpoint.verify_tag(tmp_path, tag.name, 2)
+    shard = tag / "mp_rank_00_model_states.pt"
+    for damage in (b"truncated", b"garbage", b""):
+        if damage == b"truncated":
+            os.truncate(shard, 100)
+        else:
+            shard.write_bytes(damage)
+        with pytest.raises(ValueError) as info:
+            checkpoint.verify_tag(tmp_path, tag.name, 2)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"checkpoint {shard}: not a readable torch file"), message

@@ -267,10 +267,17 @@ def test_manifest_paths_outside_the_tag_are_refused(tmp_path: Path) -> None:
              "malformed entry")
 
 
-def test_no_latest_is_a_fresh_start_even_with_tags(tmp_path: Path) -> None:
-    _fake_tag(tmp_path, "step00000002")
-    assert checkpoint.resume_tag(tmp_path, 2) == (None, None)
+def test_no_latest_is_a_fresh_start_only_without_a_complete_tag(tmp_path: Path) -> None:
+    """A kill inside the first save (no manifest yet) starts over; a complete tag without `latest` (a kill
+    between its manifest and `latest`, or a deleted `latest`) is resumed, as it used to be overwritten."""
+    unfinished = tmp_path / "first" / "step00000001"
+    unfinished.mkdir(parents=True)
+    torch.save({"step": 1, "world_size": 2}, unfinished / "trainer_state_rank0.pt")
+    assert checkpoint.resume_tag(tmp_path / "first", 2) == (None, None)
     assert checkpoint.resume_tag(tmp_path / "missing", 2) == (None, None)
+    _fake_tag(tmp_path / "done", "step00000002")
+    point = checkpoint.resume_tag(tmp_path / "done", 2)
+    assert point.tag == "step00000002" and "latest: missing" in point.skipped
 
 
 def test_choose_resume_refuses_another_models_checkpoint_before_anything_is_written(tmp_path: Path) -> None:

@@ -456,6 +456,62 @@ def test_rollback_refuses_in_one_line_and_moves_nothing(tmp_path: Path, case: st
     assert not list((tmp_path / "run").glob("replaced-*"))
 
 
+def test_missing_latest_resumes_from_the_newest_complete_tag(tmp_path: Path) -> None:
+    """A run whose `checkpoints/latest` was gone (deleted, or a kill between a first tag's manifest and `latest`)
+    started over from step 1: it rewrote the step tags in place and replaced metrics.jsonl, with no identity
+    check. It now resumes from the newest tag that verifies, with a note, and refuses another model's."""
+    args = [f"run.out_dir={tmp_path}", "run.steps=6", "run.save_every=1", "run.keep_checkpoints=0"]
+    whole = _run([*args, "run.name=whole"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = _run([*args, "run.name=nl", "run.stop_at_step=5"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "nl"
+    (run / "checkpoints" / "latest").unlink()
+    before = _digest(run)
+    other = _run([*args, "run.name=nl", "model.tie_group_size=1"])
+    assert other.returncode == 2, other.stderr[-3000:]
+    errors = _errors(other.stderr)
+    assert len(errors) == 1 and "step00000005" in errors[0] and "model.tie_group_size" in errors[0], errors
+    assert _digest(run) == before
+    resumed = _run([*args, "run.name=nl"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"skipped latest: checkpoint {run / 'checkpoints' / 'latest'}: missing" in resumed.stdout
+            and "; resuming from step00000005" in resumed.stdout), resumed.stdout[-3000:]
+    assert "at step 5" in resumed.stdout, resumed.stdout[-3000:]
+    after = _digest(run)
+    assert all(after[name] == digest for name, digest in before.items() if name.startswith("checkpoints/step")), \
+        "a complete tag was rewritten"
+    assert (run / "checkpoints" / "latest").read_text() == "step00000006"
+
+    def losses(name: str) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in _strict_rows(tmp_path / name / "metrics.jsonl") if "loss" in r}
+
+    assert losses("nl") == losses("whole")
+
+
+def test_truncated_shard_of_a_checkpoint_without_manifest_is_one_line(tmp_path: Path) -> None:
+    """Tags from before manifests had only their rank files checked: a truncated DeepSpeed shard reached
+    DeepSpeed's loader (a `PytorchStreamReader failed reading zip archive` traceback on a rank, exit 1)."""
+    from trainer import checkpoint
+
+    args = [f"run.out_dir={tmp_path}", "run.name=old", "run.steps=4", "run.save_every=2", "run.keep_checkpoints=0"]
+    first = _run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "old" / "checkpoints"
+    for tag in ("step00000002", "step00000004"):  # as an older version wrote them
+        (ckpt / tag / checkpoint.MANIFEST).unlink()
+        checkpoint.verify_tag(ckpt, tag, 2)  # intact: they still load
+    shard = ckpt / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    os.truncate(shard, 1000)
+    before = _digest(tmp_path / "old")
+    again = _run([*args[:2], "run.steps=6", *args[3:]])
+    assert again.returncode == 2, again.stderr[-3000:]
+    errors = _errors(again.stderr)
+    assert len(errors) == 1 and str(shard) in errors[0] and "not a readable torch file" in errors[0], errors
+    assert "PytorchStreamReader" not in again.stderr
+    assert _digest(tmp_path / "old") == before
+
+
 def test_a_rank_killed_mid_training_is_one_line_without_its_peers_traceback(tmp_path: Path) -> None:
     """The OOM killer's SIGKILL on one rank broke its peer's collective, and the peer's gloo traceback came
     before the launcher's one line about the killed rank."""

@@ -12,7 +12,8 @@ trainer state or a missing rank file is one line naming the file instead of an u
 traceback; `resume_tag` picks the newest tag that verifies. Verification reads every byte of the tag
 once (sha256: 1.4 GB/s on one core of the CPU machine this was measured on), on each rank that runs it.
 Tags written before manifests existed still load: their rank files are checked for presence and
-readability, DeepSpeed's shards cannot be checked.
+readability, DeepSpeed's shards only for a zip directory that opens (a truncated shard is caught, a byte
+flipped inside one is not).
 
 Trainer states hold only tensors and plain types (RNG states included) and are read with
 `torch.load(weights_only=True)`, so a crafted file cannot run code.
@@ -28,6 +29,7 @@ import random
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -221,11 +223,29 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         with _legacy_numpy_globals():
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for damaged files
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")[:120]
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        reason = reason if len(reason) <= 120 else reason[:120].rsplit(" ", 1)[0] + " ..."  # whole words
         raise ValueError(f"checkpoint {path}: not a readable trainer state ({type(err).__name__}: {reason})") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path}: not a trainer state (holds a {type(state).__name__}, not a dict)")
     return state
+
+
+def _check_torch_archive(path: Path) -> None:
+    """A file of `torch.save` whose zip directory does not open (truncated: the directory is at the end;
+    overwritten) is one line naming it, not a `PytorchStreamReader` traceback on a rank. Reads the
+    directory only: for tags without a manifest, which is all there is to check their DeepSpeed shards
+    against; bytes damaged in the middle are the manifest's sha256 to find."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic.startswith(b"\x80"):  # torch's pre-zip (pickle) format: nothing cheap to check
+            return
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as err:
+        raise ValueError(f"checkpoint {path}: not a readable torch file ({type(err).__name__}: {err}; truncated "
+                         f"or overwritten?), expected the zip archive torch.save writes") from None
 
 
 def verify_tag(ckpt_dir: Path, tag: str, world_size: int | None = None) -> None:
@@ -239,10 +259,13 @@ def verify_tag(ckpt_dir: Path, tag: str, world_size: int | None = None) -> None:
         for entry in manifest["files"]:
             _check_listed_file(tag_dir, entry)
         written_by = manifest["world_size"]
-    else:  # written before manifests: only the rank files can be checked
+    else:  # written before manifests: the rank files are read, the other files' zip directories opened
         written_by = read_trainer_state(tag_dir / "trainer_state_rank0.pt").get("world_size")
         if not isinstance(written_by, int) or written_by < 1:
             raise ValueError(f"checkpoint {tag_dir / 'trainer_state_rank0.pt'}: no world_size recorded")
+        for path in _tag_files(tag_dir):
+            if path.suffix == ".pt" and not path.name.startswith("trainer_state_rank"):
+                _check_torch_archive(path)
     world = world_size or written_by
     if written_by != world:
         saved = read_trainer_state(tag_dir / "trainer_state_rank0.pt").get("identity") or {}
@@ -274,28 +297,46 @@ def _complete_tags(ckpt_dir: Path, before: str | None) -> list[str]:
 
 def resume_tag(ckpt_dir: Path, world_size: int) -> ResumePoint:
     """Where `run.resume=auto` continues: the tag `latest` names if it verifies, else the newest older
-    complete tag that does (`skipped` says so). Raises the latest's problem when nothing verifies, rather
-    than starting over on top of a run that has checkpoints. Every rank gets the same answer."""
+    complete tag that does (`skipped` says so). No `latest` is a fresh start only when no tag is complete
+    (a fresh run, or a kill inside the first save, before its manifest): `save` writes a tag's manifest
+    before it points `latest` at it, so a kill in between (or a deleted `latest`) leaves complete tags and
+    no `latest`, and starting over would rewrite them and metrics.jsonl in place; the newest complete tag
+    that verifies is taken instead, as for a garbage `latest`. A tag without a manifest is never a
+    fallback: it may be a save that did not finish. Raises the latest's problem when nothing verifies,
+    rather than starting over on top of a run that has checkpoints. Every rank gets the same answer."""
     if not (ckpt_dir / LATEST).is_file():
-        return ResumePoint(None, None)
-    try:
-        tag = latest_tag(ckpt_dir)
-    except ValueError as err:  # empty, garbage or dangling `latest`: any complete tag may do
-        tag, problem = None, str(err)
+        tags = _complete_tags(ckpt_dir, None)[::-1] if ckpt_dir.is_dir() else []
+        if not tags:
+            return ResumePoint(None, None)  # a fresh run, or a first save that did not finish
+        tag, problem = None, (f"checkpoint {ckpt_dir / LATEST}: missing, but {ckpt_dir} holds {_span(tags)} with a "
+                              f"manifest (a save stopped before it named its tag, or {LATEST} was deleted)")
     else:
         try:
-            verify_tag(ckpt_dir, tag, world_size)
-            return ResumePoint(tag, None)
-        except ValueError as err:
-            problem = str(err)
+            tag = latest_tag(ckpt_dir)
+        except ValueError as err:  # empty, garbage or dangling `latest`: any complete tag may do
+            tag, problem = None, str(err)
+        else:
+            try:
+                verify_tag(ckpt_dir, tag, world_size)
+                return ResumePoint(tag, None)
+            except ValueError as err:
+                problem = str(err)
+    newest_failure = None
     for candidate in _complete_tags(ckpt_dir, before=tag):
         try:
             verify_tag(ckpt_dir, candidate, world_size)
-        except ValueError:
+        except ValueError as err:
+            newest_failure = newest_failure or str(err)
             continue
         return ResumePoint(candidate, f"skipped {tag or LATEST}: {problem}; resuming from {candidate}")
-    raise ValueError(f"{problem}; no older complete checkpoint verifies either (run.resume=never or another "
-                     f"run.name starts over)")
+    if tag is None and newest_failure:  # no tag of `latest`'s to blame: say why the newest complete one failed
+        problem = f"{problem}; {newest_failure}"
+    which = "older complete checkpoint" if tag else f"complete checkpoint (a tag with {MANIFEST})"
+    raise ValueError(f"{problem}; no {which} verifies either (run.resume=never or another run.name starts over)")
+
+
+def _span(tags: list[str]) -> str:
+    return tags[0] if len(tags) == 1 else f"{len(tags)} tags ({tags[0]} to {tags[-1]})"
 
 
 def choose_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> ResumePoint:
