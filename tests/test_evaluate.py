@@ -424,6 +424,11 @@ def test_damaged_export_config_and_tokenizer_are_named(tmp_path, capsys) -> None
     _fails(capsys, [str(out), "--tasks", "none"], f"{config}: source: expected an object")
     edit(lambda m: m["model_config"].update(d_model=-5))
     _fails(capsys, [str(out), "--tasks", "none"], f"{config}: model.d_model=-5")
+    # not JSON, or another format: the export was "not a run directory, checkpoint or export", naming nothing
+    config.write_text("{garbled")
+    _fails(capsys, [str(out), "--tasks", "none"], f"{config}: unreadable (Expecting property name")
+    edit(lambda m: m.pop("format"))
+    _fails(capsys, [str(out), "--tasks", "none"], f'{config}: expected a trainer.export config ("format": ')
     config.write_text(good)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         saved = (out / name).read_text()

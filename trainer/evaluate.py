@@ -133,6 +133,11 @@ def resolve_target(path: str | Path, hf: bool = False) -> Target:
         return _exported(path, None, hf)
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
         return _exported(path.parent.parent, path.name, hf)
+    if (path / "model.safetensors").is_file():  # an export whose config.json is damaged: say what is wrong with it
+        from trainer.export import CONFIG, FORMAT, read_config
+
+        if read_config(path).get("format") != FORMAT:
+            raise ValueError(f"{path / CONFIG}: expected a trainer.export config (\"format\": \"{FORMAT}\")")
     raise ValueError(f"{path}: not a run directory (config.yaml), checkpoint (runs/<name>/checkpoints/<tag>) "
                      f"or export (config.json of a trainer.export)")
 
