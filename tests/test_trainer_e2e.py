@@ -217,6 +217,7 @@ def test_stream_files_missing_are_named_by_their_key(key: str, tmp_path) -> None
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}=") and "no such file" in lines[0], proc.stderr
 
 
+@pytest.mark.distributed
 def test_bad_stream_validation_file_fails_before_training(tmp_path) -> None:
     """Streamed files are read lazily: a validation file without the text field surfaced only at the final
     validation, after every step was trained and saved (and a rerun then had nothing to do)."""
@@ -234,6 +235,12 @@ def test_bad_stream_validation_file_fails_before_training(tmp_path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0] and "'text'" in lines[0], proc.stderr
     assert not (tmp_path / "bad").exists()  # nothing trained, no run directory
+    # the ranks check it too, for launchers that check nothing first (torchrun, `deepspeed run.sh`)
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "run.sh",
+                            *proc.args[2:]], cwd=REPO_ROOT, env={**_env(), **env}, capture_output=True, text=True,
+                           timeout=300)
+    assert ranks.returncode != 0 and f"error: {bad}:1" in ranks.stderr, ranks.stderr[-3000:]
+    assert "step " not in ranks.stdout and not (tmp_path / "bad" / "checkpoints").exists()
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from models.accounting import Accounting, account, layer_parts
 from models.config import LayerPlan, ModelConfig, layer_plan
 from trainer import engine as eng
 from trainer.config import TrainConfig
-from trainer.data import BatchSource, check_source, make_source
+from trainer.data import BatchSource, make_source
 from trainer.losses import RouterTap, lean_cross_entropy, training_loss
 from trainer.optim import expert_bank_uses, expert_owner_of, set_lr
 
@@ -59,7 +59,6 @@ def open_session(cfg: TrainConfig) -> Session:
     model_cfg = cfg.model_config()
     gate = eng.UpdateGate()
     engine, ds_config = eng.initialize(eng.build(model_cfg, cfg), cfg, gate)
-    check_source(cfg, "validation", rank, world)  # under any launcher: a bad file before training, not after
     torch.manual_seed(cfg.run.seed + rank)
     return Session(cfg=cfg, model_cfg=model_cfg, plan=layer_plan(model_cfg),
                    accounting=account(model_cfg, cfg.data.seq_len), ds_config=ds_config, rank=rank, world=world,

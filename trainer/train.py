@@ -13,7 +13,7 @@ from models.config import plan_notes
 from trainer import checkpoint, downstream
 from trainer import engine as eng
 from trainer.config import TrainConfig
-from trainer.data import ensure_data
+from trainer.data import check_source, ensure_data
 from trainer.memory import write_run_report
 from trainer.metrics import Progress, dumps
 from trainer.preemption import LAUNCHER_GONE, StopSignal
@@ -102,6 +102,9 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
         cfg.make_run_dir()
     eng.barrier()
     s = open_session(cfg)
+    # Under any launcher (trainer.launch read it already): streamed files are read lazily, and a bad validation
+    # file failed only at the final validation, after every step was trained and saved.
+    check_source(s.cfg, "validation", s.rank, s.world)
     if s.rank == 0:
         acc = s.accounting
         print(f"run dir {run_dir}  world {s.world}  ZeRO {s.engine.zero_optimization_stage()}  EP "
