@@ -37,8 +37,8 @@ def model_field_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"a.b": 1} -> {"a": {"b": 1}}. A key given both a value and sub-keys is refused: whichever came
-    later would replace the other unchecked."""
+    """{"a.b": 1} -> {"a": {"b": 1}}. A key given both a value and sub-keys is refused, in either order:
+    whichever came later would replace the other unchecked. A mapping value and sub-keys are joined."""
     tree: dict[str, Any] = {}
     for dotted, value in flat.items():
         node = tree
@@ -48,9 +48,11 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ValueError(f"{dotted}: {'.'.join(parents[:depth])} is given a value, not sub-keys; "
                                  f"give one or the other")
-        if isinstance(node.get(leaf), dict):
-            raise ValueError(f"{dotted}: given both a value and sub-keys ({dotted}.{next(iter(node[leaf]), '')}=...); "
-                             f"give one or the other")
+        if isinstance(node.get(leaf), dict):  # sub-keys came first: a mapping joins them, anything else is refused
+            if not isinstance(value, dict):
+                raise ValueError(f"{dotted}: given both a value and sub-keys ({dotted}.{next(iter(node[leaf]), '')}"
+                                 f"=...); give one or the other")
+            value = merge(node[leaf], value)
         node[leaf] = value
     return tree
 

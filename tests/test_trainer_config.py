@@ -155,6 +155,14 @@ def test_a_key_given_as_value_and_as_section_is_refused(overrides, key):
     bad_overrides(overrides, key)
 
 
+@pytest.mark.parametrize("overrides", [["model.overrides={tie_group_size: 4}", "model.overrides.top_k=1"],
+                                       ["model.overrides.top_k=1", "model.overrides={tie_group_size: 4}"],
+                                       ["model.top_k=1", "model.overrides={tie_group_size: 4}"]])
+def test_a_mapping_value_and_sub_keys_are_joined_in_either_order(overrides):
+    cfg = load_config(None, overrides).model_config()
+    assert (cfg.tie_group_size, cfg.top_k) == (4, 1)
+
+
 @pytest.mark.parametrize("override, says", [
     ("run.downstream_tasks=", "run.downstream_tasks has no value: expected a string"),
     ("optim.lr=", "optim.lr has no value: expected a number"),
