@@ -62,15 +62,15 @@ def throughput_lines(tp: dict[str, Any] | None) -> list[str]:
              "| variant | peak GiB at common mb | tokens/s equal mb | MFU | ratio vs untied | mb at budget | "
              "peak GiB | tokens/s equal memory | MFU | ratio vs untied |", "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def fmt(x: Any, spec: str) -> str:  # spec ".1f%": a percentage, its sign only beside a number
-        return "-" if x is None else format(x, spec.rstrip("%")) + spec[len(spec.rstrip("%")):]
+    def fmt(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
 
     for v, r in tp["variants"].items():
         lines.append(f"| {v} | {r['peak_gib_at_common_micro_batch']:.2f} | {r['tokens_per_s_equal_batch']:,.0f} | "
                      f"{100 * r['mfu_equal_batch']:.1f}% | {fmt(r.get('ratio_equal_batch'), '.3f')} | "
                      f"{fmt(r['micro_batch_equal_memory'], 'd')} | {fmt(r['peak_gib_equal_memory'], '.2f')} | "
                      f"{fmt(r['tokens_per_s_equal_memory'], ',.0f')} | "
-                     f"{fmt(r['mfu_equal_memory'] and 100 * r['mfu_equal_memory'], '.1f%')} | "
+                     f"{fmt(r['mfu_equal_memory'], '.1%')} | "
                      f"{fmt(r.get('ratio_equal_memory'), '.3f')} |")
     return lines
 

@@ -151,7 +151,7 @@ def _peer_reported() -> bool:
     return bool(error_dir) and any(Path(error_dir).glob("rank*.txt"))
 
 
-PEER_LOSS_GRACE_S = 3.0  # how long a failed rank waits before its traceback, for the launcher to stop it
+LAUNCHER_STOP_GRACE_S = 3.0  # how long a failed rank waits before its traceback, for the launcher to stop it
 
 
 def _await_the_launcher() -> None:
@@ -161,7 +161,7 @@ def _await_the_launcher() -> None:
     after the grace has a failure of its own, and its traceback follows. Only under `trainer.launch`."""
     if not os.environ.get(ERROR_DIR_ENV):
         return
-    deadline = time.monotonic() + PEER_LOSS_GRACE_S
+    deadline = time.monotonic() + LAUNCHER_STOP_GRACE_S
     while time.monotonic() < deadline:
         if _peer_reported():
             os._exit(1)

@@ -250,12 +250,12 @@ def check_hf_parity(hf_model: nn.Module, model: nn.Module, hf_dir: Path) -> dict
     a complete hf/ can still hold other weights than model.safetensors (edited, or from another export). Both
     run the same fp32 weights, so only the order of operations differs: tolerance HF_PARITY_RTOL relative to
     the largest logit. ValueError naming hf/ when they disagree."""
-    from trainer.export import _max_diff, parity_batch
+    from trainer.export import max_logit_diff, parity_batch
 
     ids = parity_batch(model.config.vocab_size, min(HF_PARITY_LEN, model.config.max_seq_len))
     with torch.no_grad():
         ours = model(ids).float()
-        diff = _max_diff(hf_model(input_ids=ids).logits, ours)
+        diff = max_logit_diff(hf_model(input_ids=ids).logits, ours)
     tol = HF_PARITY_RTOL * max(1.0, ours.abs().max().item())
     if not diff <= tol:  # NaN fails too
         raise ValueError(f"--hf: {hf_dir}: its logits differ from the export's model.safetensors by up to {diff:.3g} "
@@ -427,7 +427,7 @@ def fewshot_fit(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_le
     return notes
 
 
-def check_fewshot(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_len: int) -> None:
+def check_num_fewshot(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_len: int) -> None:
     """--num-fewshot against the tasks' examples and the model's context (`fewshot_fit`): lm-eval would cut a
     prompt that does not fit from the left without a word. One-line ValueError naming the flag; notes to stderr."""
     try:
@@ -501,7 +501,7 @@ def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | No
     tokenizer = load_tokenizer(target.export_dir, cfg.vocab_size)
     tokenizer_file = target.export_dir / "tokenizer.json"
     if tasks:  # an impossible fit is refused before anything is scored
-        check_fewshot(tasks, num_fewshot, tokenizer_file, cfg.max_seq_len)
+        check_num_fewshot(tasks, num_fewshot, tokenizer_file, cfg.max_seq_len)
     result: dict[str, Any] = {"target": str(target.export_dir), "run_dir": str(target.run_dir or ""),
                               "tag": target.tag, "model": "hf" if hf else "tiedmoe"}
     if hf:  # a missing, incomplete or foreign hf/ is refused before any scoring

@@ -259,7 +259,7 @@ def worker(args: argparse.Namespace) -> None:
 # Main process: launch ranks, convert to HF, check parity, publish atomically
 # --------------------------------------------------------------------------------------------------
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_logit_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
@@ -302,7 +302,7 @@ def check_parity(stage: Path, scratch: Path, precision: str, hf: bool,
             got = copy.deepcopy(model).to(torch.bfloat16)(ids).float()
         else:
             got = model(ids)
-    rows["exported"] = {"max_abs_logit_diff": _max_diff(got, engine_logits)}
+    rows["exported"] = {"max_abs_logit_diff": max_logit_diff(got, engine_logits)}
     if hf:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -317,8 +317,8 @@ def check_parity(stage: Path, scratch: Path, precision: str, hf: bool,
                                                         trust_remote_code=layout == "tied").eval()
         with torch.no_grad():
             hf_logits = hf_model(input_ids=ids).logits.float()
-        rows["hf"] = {"max_abs_logit_diff": _max_diff(hf_logits, engine_logits),
-                      "max_abs_diff_vs_exported": _max_diff(hf_logits, model(ids)),
+        rows["hf"] = {"max_abs_logit_diff": max_logit_diff(hf_logits, engine_logits),
+                      "max_abs_diff_vs_exported": max_logit_diff(hf_logits, model(ids)),
                       "class": type(hf_model).__name__, "sizes": hf_sizes(stage / "hf", hf_model, model, layout)}
     rows["_meta"] = {"batch_shape": list(ids.shape), "logit_max_abs": engine_logits.abs().max().item()}
     return rows

@@ -44,9 +44,6 @@ def local_ranks() -> tuple[int, dict[str, str]]:
         return torch.cuda.device_count(), env
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")
-    # The checks here import DeepSpeed too: without this it printed its "Setting accelerator to CPU" warning
-    # on stdout next to a refusal's one line.
-    os.environ.setdefault("DS_ACCELERATOR", env["DS_ACCELERATOR"])
     return cpu_ranks(env.get("TIEDMOE_CPU_RANKS", "2")), env
 
 
@@ -165,6 +162,10 @@ def redraw(path: str, plot: Callable[[Any, Path], bool], script: str, keys: tupl
 def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     """Check everything that can be checked here, then start the local ranks on run.sh."""
     nproc, env = local_ranks()
+    # The checks below import DeepSpeed too: without its ranks' accelerator it printed "Setting accelerator to
+    # CPU" on stdout next to a refusal's one line.
+    if "DS_ACCELERATOR" in env:
+        os.environ.setdefault("DS_ACCELERATOR", env["DS_ACCELERATOR"])
     resolved = cfg.for_world(nproc)  # world-dependent errors before any process starts
     check_deepspeed_config(resolved)  # DeepSpeed's own schema: inside the ranks it comes after the process groups
     ensure_data(cfg)

@@ -231,6 +231,9 @@ def render_doc(command: str, runs_dir: Path, out: Path, construction: list[Path]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+DEFAULT_STEPS = 3
+
+
 def docs_main(argv: list[str]) -> int:
     parser = OneLineParser(prog="python -m trainer.memory docs", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,7 +241,7 @@ def docs_main(argv: list[str]) -> int:
                         help="the page to write; PNGs go beside it (default: docs/memory.md)")
     parser.add_argument("--runs-dir", default=str(REPO_ROOT / "runs" / "memory-docs"),
                         help="where the runs go, one folder per layout (default: runs/memory-docs)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 3)")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps per run (default {DEFAULT_STEPS})")
     parser.add_argument("--reuse-runs", action="store_true",
                         help="render from the reports already in --runs-dir instead of training")
     args = parser.parse_args(argv)
@@ -259,7 +262,7 @@ def docs_main(argv: list[str]) -> int:
         for layout in LAYOUTS:  # every report checked before anything is written
             for variant in VARIANTS:
                 load_report(str(runs_dir / layout / variant))
-    elif code := train_runs(runs_dir, args.steps or 3):
+    elif code := train_runs(runs_dir, args.steps or DEFAULT_STEPS):
         return code
     out.parent.mkdir(parents=True, exist_ok=True)
     construction = sorted((REPO_ROOT / "benchmarks" / "results").glob(CONSTRUCTION_GLOB))
