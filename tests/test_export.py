@@ -126,7 +126,8 @@ def _write_run(run_dir: Path, overrides: list[str], tag: str | None = "step00000
         (run_dir / "checkpoints" / tag).mkdir(parents=True)
         for rank in range(2):
             torch.save({"step": 2, "world_size": 2}, run_dir / "checkpoints" / tag / f"trainer_state_rank{rank}.pt")
-            (run_dir / "checkpoints" / tag / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").touch()
+            # a readable torch file: tags without a manifest get their shards' zip directories opened
+            torch.save({}, run_dir / "checkpoints" / tag / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
         if latest:
             (run_dir / "checkpoints" / "latest").write_text(tag)
 
