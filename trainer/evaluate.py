@@ -28,13 +28,14 @@ Bad input: one line `error: ...`, exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +386,20 @@ def primary_metric(row: dict[str, Any]) -> str:
     return "acc_norm" if "acc_norm,none" in row else "acc"
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """`datasets` without its progress bars (it prints them on stderr while it builds a split's cache)."""
+    import datasets
+
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
 def fewshot_fit(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_len: int,
                 length: str = "the maximum length", advice: str | None = None) -> list[str]:
     """Whether `num_fewshot` shots can be drawn and fit `max_len` tokens, judged on each task's own
@@ -404,7 +419,8 @@ def fewshot_fit(tasks: list[str], num_fewshot: int, tokenizer_file: Path, max_le
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tokenizer = load_tokenizer(tokenizer_file)
-    loaded = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load(tasks)["tasks"]
+    with _quiet_datasets():  # a first load builds the arrow cache with a progress bar: not beside a refusal's line
+        loaded = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load(tasks)["tasks"]
     notes = []
     for task in tasks:
         shots, questions = _examples(loaded[task])
