@@ -340,3 +340,19 @@ def test_torch_files_of_a_tag_without_manifest_must_open(tmp_path: Path) -> None
             checkpoint.verify_tag(tmp_path, tag.name, 2)
         message = str(info.value)
         assert "\n" not in message and message.startswith(f"checkpoint {shard}: not a readable torch file"), message
+
+
+def test_tools_without_latest_name_the_tags_there_are(tmp_path: Path) -> None:
+    """export and reshard said 'no complete checkpoint yet' for a run whose `latest` was lost, tags and all."""
+    from trainer import export
+
+    assert checkpoint.without_latest(tmp_path) == f"no {tmp_path / 'latest'} (no complete checkpoint yet)"
+    for step in (2, 4):
+        (tmp_path / checkpoint.tag_for(step)).mkdir()
+    assert checkpoint.without_latest(tmp_path) == (f"no {tmp_path / 'latest'}, though {tmp_path} holds 2 tags "
+                                                   f"(step00000002 to step00000004)")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step00000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  source: random\n")
+    with pytest.raises(ValueError, match=r"holds step00000002; name one: trainer.export --tag TAG"):
+        export.resolve(run, None)

@@ -335,6 +335,15 @@ def resume_tag(ckpt_dir: Path, world_size: int) -> ResumePoint:
     raise ValueError(f"{problem}; no {which} verifies either (run.resume=never or another run.name starts over)")
 
 
+def without_latest(ckpt_dir: Path) -> str:
+    """Why a tool given no tag has none to take (`latest` is missing), naming the tags there are: a run whose
+    `latest` was lost still has them (the trainer resumes from the newest that verifies)."""
+    tags = step_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+    if not tags:
+        return f"no {ckpt_dir / LATEST} (no complete checkpoint yet)"
+    return f"no {ckpt_dir / LATEST}, though {ckpt_dir} holds {_span(tags)}"
+
+
 def _span(tags: list[str]) -> str:
     return tags[0] if len(tags) == 1 else f"{len(tags)} tags ({tags[0]} to {tags[-1]})"
 

@@ -149,8 +149,8 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
     if tag is None:
         tag = checkpoint.latest_tag(ckpt_dir)
         if tag is None:
-            raise ValueError(f"run directory {run_dir}: no {ckpt_dir / checkpoint.LATEST} (no complete checkpoint "
-                             f"yet); name one: trainer.export --tag TAG, trainer.evaluate {ckpt_dir}/TAG")
+            raise ValueError(f"run directory {run_dir}: {checkpoint.without_latest(ckpt_dir)}; name one: "
+                             f"trainer.export --tag TAG, trainer.evaluate {ckpt_dir}/TAG")
     elif not checkpoint.is_plain_name(tag):  # '../x' would export into (and replace) a directory outside export/
         raise ValueError(f"checkpoint tag {tag!r}: expected the name of a folder under {ckpt_dir}, like step00000000")
     elif not (ckpt_dir / tag).is_dir():

@@ -129,7 +129,7 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
         latest = None
     tag = tag or latest
     if tag is None:
-        raise ValueError(f"run directory {run_dir}: no complete checkpoint yet ({ckpt_dir / checkpoint.LATEST})")
+        raise ValueError(f"run directory {run_dir}: {checkpoint.without_latest(ckpt_dir)}; name one with --tag")
     checkpoint.verify_tag(ckpt_dir, tag)
     world = checkpoint.read_trainer_state(ckpt_dir / tag / "trainer_state_rank0.pt")["world_size"]
     out = ckpt_dir / tag / LAYOUT_FREE
