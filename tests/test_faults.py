@@ -472,6 +472,7 @@ def test_missing_latest_resumes_from_the_newest_complete_tag(tmp_path: Path) -> 
     assert other.returncode == 2, other.stderr[-3000:]
     errors = _errors(other.stderr)
     assert len(errors) == 1 and "step00000005" in errors[0] and "model.tie_group_size" in errors[0], errors
+    assert "run dir" not in other.stdout  # refused by the launcher, before any rank started
     assert _digest(run) == before
     resumed = _run([*args, "run.name=nl"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -361,13 +361,16 @@ def choose_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> Res
 
 def precheck_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> None:
     """For the launcher: refuse before any rank starts a resume the ranks would refuse for its world
-    size, model, layout, optimizer, batch or seed (`check_identity`), judged on the tag `latest` names.
+    size, model, layout, optimizer, batch or seed (`check_identity`), judged on the tag `latest` names (without
+    `latest`, the newest complete tag).
 
     Only a look at one small file: the ranks still verify the tag and may fall back to an older one
     (`choose_resume`, which decides). A damaged `latest` or trainer state, or a tag converted for
     another layout (`layout_free.pt`, `trainer.reshard`), is left to them."""
     try:
         tag = latest_tag(ckpt_dir)
+        if tag is None and ckpt_dir.is_dir():  # no `latest`: the ranks take the newest complete tag (`resume_tag`)
+            tag = next(iter(_complete_tags(ckpt_dir, None)), None)
         state = read_trainer_state(ckpt_dir / tag / "trainer_state_rank0.pt") if tag else None
     except ValueError:
         return
