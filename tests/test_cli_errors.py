@@ -101,6 +101,8 @@ def test_ranks_check_the_ds_config_before_any_process_group(tmp_path):
     ('"flops_profiler": 1', ["flops_profiler=1", "a JSON object"], []),
     ('"elasticity": {"enabled": true}', ["elasticity", "removed"], []),  # DeepSpeed's own refusal, named
     ('"bfloat16": {"enabled": true}', ["'bfloat16'", "set by the trainer"], []),  # bf16's old name
+    # DeepSpeed's own value check: its ValueError named no file
+    ('"zero_optimization": {"stage": 1}, "gradient_allreduce_op": "max"', ["Invalid gradient_allreduce_op"], []),
     ('"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}',
      ["data_types.grad_accum_dtype='bf16'"], ["run.precision=bf16"]),  # the trainer's fp32 replaced it
 ])

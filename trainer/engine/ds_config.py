@@ -39,13 +39,20 @@ def check_deepspeed_config(resolved: TrainConfig) -> None:
     up; a rank that leaves there with the one-line error can reset a peer still connecting its gloo group,
     which then dies with a traceback. Here it is one line from the launcher, or from every rank alike."""
     import deepspeed.comm as dist
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    from pydantic import ValidationError
 
     # DeepSpeedConfig takes the world as 1 without a process group (the batch sizes are then given for one rank),
     # and as the group's size in a process that has one (a second run in one process: tests, tools)
     seen = dist.get_world_size() if dist.is_initialized() else 1
+    settings = deepspeed_config(resolved, resolved.model_config(), seen)  # its own errors name their key already
     with refusals_named(resolved):
-        DeepSpeedConfig(deepspeed_config(resolved, resolved.model_config(), seen))
+        try:
+            DeepSpeedConfig(settings)
+        except ValidationError:
+            raise
+        except ValueError as err:  # its value checks ("Invalid gradient_allreduce_op ...") named no file
+            raise DeepSpeedConfigError(" ".join(str(err).split())) from None
 
 
 def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
