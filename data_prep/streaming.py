@@ -85,6 +85,23 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def example_text(example: Any, text_field: str) -> str:
+    """An example's text ("" for none), or a DataError naming the fields it has."""
+    if not isinstance(example, dict) or text_field not in example:
+        fields = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
+        raise DataError(f"dataset: example has no field {text_field!r} (fields: {fields}); {SET_TEXT_FIELD}")
+    return column_text(example[text_field], text_field, "dataset")
+
+
+def document_tokens(tokenizer: Any, texts: list[str], eos_id: int) -> list[int]:
+    """The texts' token ids, each document followed by end-of-text: how the stream is joined into windows."""
+    ids: list[int] = []
+    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids.extend(encoding.ids)
+        ids.append(eos_id)
+    return ids
+
+
 class StreamingTokenLoader:
     """Fixed-length windows tokenized on the fly from a streamed dataset; each rank reads a disjoint part.
 
@@ -159,11 +176,7 @@ class StreamingTokenLoader:
                 self._texts_this_epoch = 0
                 continue
             self.examples_consumed += 1
-            if not isinstance(example, dict) or self.text_field not in example:
-                fields = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
-                raise DataError(f"dataset: example has no field {self.text_field!r} (fields: {fields}); "
-                                f"{SET_TEXT_FIELD}")
-            text = column_text(example[self.text_field], self.text_field, "dataset")
+            text = example_text(example, self.text_field)
             if text:
                 texts.append(text)
                 self._texts_this_epoch += 1
@@ -171,9 +184,7 @@ class StreamingTokenLoader:
 
     def _fill(self, needed: int) -> None:
         while len(self._buffer) < needed:
-            for encoding in self.tokenizer.encode_batch(self._next_texts(), add_special_tokens=False):
-                self._buffer.extend(encoding.ids)
-                self._buffer.append(self.eos_id)
+            self._buffer.extend(document_tokens(self.tokenizer, self._next_texts(), self.eos_id))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """{"input_ids": int64 [micro_batch_size, seq_len], "labels": int64 [micro_batch_size, seq_len]} where labels are the next tokens."""

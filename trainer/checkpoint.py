@@ -82,7 +82,9 @@ def tag_for(step: int) -> str:
 
 def step_tags(ckpt_dir: Path) -> list[str]:
     """The tags the trainer writes (`tag_for`), oldest first: only these are resumed, pruned or rolled back
-    (a user's folder such as `step_best_copy` is not ours)."""
+    (a user's folder such as `step_best_copy` is not ours); none when there is no `ckpt_dir` yet."""
+    if not ckpt_dir.is_dir():
+        return []
     return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.fullmatch(p.name))
 
 
@@ -305,7 +307,7 @@ def resume_tag(ckpt_dir: Path, world_size: int) -> ResumePoint:
     fallback: it may be a save that did not finish. Raises the latest's problem when nothing verifies,
     rather than starting over on top of a run that has checkpoints. Every rank gets the same answer."""
     if not (ckpt_dir / LATEST).is_file():
-        tags = _complete_tags(ckpt_dir, None)[::-1] if ckpt_dir.is_dir() else []
+        tags = _complete_tags(ckpt_dir, None)[::-1]
         if not tags:
             return ResumePoint(None, None)  # a fresh run, or a first save that did not finish
         tag, problem = None, (f"checkpoint {ckpt_dir / LATEST}: missing, but {ckpt_dir} holds {_span(tags)} with a "
@@ -338,7 +340,7 @@ def resume_tag(ckpt_dir: Path, world_size: int) -> ResumePoint:
 def without_latest(ckpt_dir: Path) -> str:
     """Why a tool given no tag has none to take (`latest` is missing), naming the tags there are: a run whose
     `latest` was lost still has them (the trainer resumes from the newest that verifies)."""
-    tags = step_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+    tags = step_tags(ckpt_dir)
     if not tags:
         return f"no {ckpt_dir / LATEST} (no complete checkpoint yet)"
     return f"no {ckpt_dir / LATEST}, though {ckpt_dir} holds {_span(tags)}"
@@ -369,7 +371,7 @@ def precheck_resume(ckpt_dir: Path, world_size: int, ident: dict[str, Any]) -> N
     another layout (`layout_free.pt`, `trainer.reshard`), is left to them."""
     try:
         tag = latest_tag(ckpt_dir)
-        if tag is None and ckpt_dir.is_dir():  # no `latest`: the ranks take the newest complete tag (`resume_tag`)
+        if tag is None:  # no `latest`: the ranks take the newest complete tag (`resume_tag`)
             tag = next(iter(_complete_tags(ckpt_dir, None)), None)
         state = read_trainer_state(ckpt_dir / tag / "trainer_state_rank0.pt") if tag else None
     except ValueError:

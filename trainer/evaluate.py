@@ -316,9 +316,8 @@ def _stream_tokens(cfg: Any, tokenizer_file: Path, eos_token: str | None, need: 
     """`data.stream_validation` read once, in order (no shuffle), through the training's streaming reader."""
     import numpy as np
 
-    from data_prep.corpus import SET_TEXT_FIELD, column_text
     from data_prep.errors import DataError
-    from data_prep.streaming import open_streaming_dataset
+    from data_prep.streaming import document_tokens, example_text, open_streaming_dataset
     from data_prep.tokenizer import find_eos_id, load_tokenizer
     from trainer.data import repo_path
 
@@ -327,25 +326,17 @@ def _stream_tokens(cfg: Any, tokenizer_file: Path, eos_token: str | None, need: 
     eos_id = find_eos_id(tokenizer, eos_token, where=f"tokenizer {tokenizer_file}")
     ids: list[int] = []
     texts: list[str] = []
-
-    def encode() -> None:
-        for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
-            ids.extend(encoding.ids)
-            ids.append(eos_id)
-        texts.clear()
-
     try:
         for example in open_streaming_dataset(str(repo_path(cfg.data.stream_validation)), field):
-            if not isinstance(example, dict) or field not in example:
-                raise DataError(f"an example has no field {field!r}; {SET_TEXT_FIELD}")
-            text = column_text(example[field], field, "dataset")
+            text = example_text(example, field)
             if text:  # the training's loader skips empty documents too
                 texts.append(text)
             if len(texts) == 64:
-                encode()
+                ids += document_tokens(tokenizer, texts, eos_id)
+                texts.clear()
                 if need is not None and len(ids) >= need:
                     break
-        encode()
+        ids += document_tokens(tokenizer, texts, eos_id)
     except DataError as err:  # it names the file; the user edits the config key
         raise ValueError(f"{key}: {err}") from None
     return np.asarray(ids if need is None else ids[:need], dtype=np.int64)

@@ -24,11 +24,13 @@ def refusals_named(cfg: TrainConfig) -> Iterator[None]:
         yield
     except ValidationError as err:
         detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config}: DeepSpeed refuses it "
-                         f"({err.title}: {detail})") from None
+        raise _refused(cfg, f"{err.title}: {detail}") from None
     except DeepSpeedConfigError as err:  # e.g. a block of a feature DeepSpeed removed ("elasticity": {...})
-        raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config}: DeepSpeed refuses it "
-                         f"({str(err).strip()})") from None
+        raise _refused(cfg, str(err)) from None
+
+
+def _refused(cfg: TrainConfig, why: str) -> ValueError:
+    return ValueError(f"parallel.ds_config={cfg.parallel.ds_config}: DeepSpeed refuses it ({' '.join(why.split())})")
 
 
 def check_deepspeed_config(resolved: TrainConfig) -> None:
@@ -39,7 +41,7 @@ def check_deepspeed_config(resolved: TrainConfig) -> None:
     up; a rank that leaves there with the one-line error can reset a peer still connecting its gloo group,
     which then dies with a traceback. Here it is one line from the launcher, or from every rank alike."""
     import deepspeed.comm as dist
-    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import ValidationError
 
     # DeepSpeedConfig takes the world as 1 without a process group (the batch sizes are then given for one rank),
@@ -52,7 +54,7 @@ def check_deepspeed_config(resolved: TrainConfig) -> None:
         except ValidationError:
             raise
         except ValueError as err:  # its value checks ("Invalid gradient_allreduce_op ...") named no file
-            raise DeepSpeedConfigError(" ".join(str(err).split())) from None
+            raise _refused(resolved, str(err)) from None
 
 
 def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
