@@ -207,6 +207,39 @@ def test_killed_launcher_leaves_no_rank_behind(tmp_path: Path) -> None:
     assert (tmp_path / "orphans" / "checkpoints" / "latest").is_file()  # they saved on the way out
 
 
+def test_a_second_job_on_a_training_run_is_refused_and_the_first_goes_on(tmp_path: Path) -> None:
+    """Two jobs on one run.name (a requeued job while the first still runs) both resumed from `latest`, then
+    wrote the same tags, `latest` and metrics.jsonl over each other. Refused by the launcher, by rank 0 under
+    torchrun, and by rollback; the lock dies with its job."""
+    from trainer.launch import torchrun_command
+    args = [f"run.out_dir={tmp_path}", "run.name=busy", "run.steps=400", "run.save_every=1"]
+    job = _start(args)
+    _wait_for_step(job, 2)
+    holder = str(_ranks(job)[0].pid)
+    second = _run(args)
+    cmd, env = torchrun_command(2, ["run.sh", *BASE, *args], _env())
+    under_torchrun = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    back = subprocess.run([sys.executable, "-m", "trainer.rollback", str(tmp_path / "busy"), "--tag", "step00000001"],
+                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert job.poll() is None  # the first job was not disturbed
+    for proc in (second, back):
+        errors = _errors(proc.stderr)
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+        assert "is in use by another job" in errors[0] and f"pid {holder}" in errors[0], errors
+        assert "Traceback" not in proc.stderr
+    assert under_torchrun.returncode != 0  # torchrun's own ChildFailedError report surrounds the rank's line
+    refusals = [line for line in under_torchrun.stderr.splitlines() if line.startswith("error: ")]
+    assert len(refusals) == 1 and "is in use by another job" in refusals[0], under_torchrun.stderr[-3000:]
+    assert "[rank1]: Traceback" not in under_torchrun.stderr, under_torchrun.stderr[-3000:]  # no peer left in a barrier
+    assert "step " not in second.stdout + under_torchrun.stdout  # neither trained a step
+    os.kill(job.pid, signal.SIGTERM)
+    job.communicate(timeout=120)
+    assert job.returncode == 0
+    stopped_at = int((tmp_path / "busy" / "checkpoints" / "latest").read_text().removeprefix("step"))
+    again = _run(args + [f"run.stop_at_step={stopped_at + 1}"])
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+
+
 def test_sigterm_to_the_deepspeed_command_saves_and_stops_the_ranks(tmp_path: Path) -> None:
     """`deepspeed run.sh ...` on one node: the `deepspeed` command neither handles nor passes on SIGTERM, so killing
     it left its launch.py and the ranks training to the last step; README: the ranks save and exit 0."""

@@ -112,7 +112,7 @@ def _run(cfg: TrainConfig, config: str | None, overrides: list[str], in_rank: bo
     if not in_rank:
         from trainer.launch import launch
     else:
-        from trainer.engine import shutdown
+        from trainer.engine import RefusedOnEveryRank, shutdown
         from trainer.preemption import die_with_parent, interrupt
         from trainer.train import train
     for sig in watched:
@@ -127,7 +127,7 @@ def _run(cfg: TrainConfig, config: str | None, overrides: list[str], in_rank: bo
         shutdown()  # does not return
         return 0
     except ValueError as err:
-        return _fail(err, 2, in_rank)
+        return _fail(err, 2, in_rank, alike_on_every_rank=in_rank and isinstance(err, RefusedOnEveryRank))
     except TrainingDiverged as err:
         return _fail(err, 3, in_rank)
     except Exception:
@@ -188,6 +188,8 @@ def _fail(err: object, code: int, in_rank: bool, alike_on_every_rank: bool = Fal
         path.with_suffix(".tmp").replace(path)  # the launcher reads it as soon as it appears: never half-written
         time.sleep(REPORTED_PAUSE_S)  # the launcher stops the peers while this rank's connections are still open
     elif in_rank and alike_on_every_rank and os.environ.get("LOCAL_RANK", "0") != "0":
+        for sig in (signal.SIGTERM, signal.SIGINT):  # the launcher's stop ends this wait quietly: nothing to save
+            signal.signal(sig, signal.SIG_DFL)
         time.sleep(PEER_GRACE_S)  # rank 0's exit comes first, so the launcher reports its code
     else:
         print(line, file=sys.stderr)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint
+from trainer import checkpoint, run_lock
 from trainer.cli import ERROR_DIR_ENV, error_file_name
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import check_source, ensure_data
@@ -176,6 +176,7 @@ def launch(cfg: TrainConfig, config: str | None, overrides: list[str]) -> int:
     if cfg.run.downstream_every:
         check_task_names(cfg)
         check_fewshot(cfg)  # too many shots failed only at the first downstream scoring, mid-run (notes: rank 0)
+    run_lock.check_free(cfg.run_dir())  # a job still training this run.name: refused before its checkpoints are read
     if cfg.run.resume == "auto":  # another model, layout or batch than the checkpoint's: refused before the ranks
         checkpoint.precheck_resume(cfg.run_dir() / "checkpoints", nproc, checkpoint.identity(resolved, nproc))
     cfg.make_run_dir()  # an unusable run.out_dir is one line here, not a traceback from rank 0

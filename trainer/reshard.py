@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint
+from trainer import checkpoint, run_lock
 from trainer import engine as eng
 from trainer.argtypes import OneLineParser
 from trainer.config import TrainConfig, load_config, zero_stage
@@ -112,6 +112,11 @@ def reshard(run_dir: str | Path, tag: str | None) -> Path:
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"run directory {run_dir}: no config.yaml (is it a run directory?)")
+    with run_lock.held(run_dir):  # a job training this run would save over the tag and move `latest` meanwhile
+        return _convert(run_dir, tag)
+
+
+def _convert(run_dir: Path, tag: str | None) -> Path:
     cfg = load_config(run_dir / "config.yaml")
     if cfg.optim.name != "adamw":
         raise ValueError(f"optim.name={cfg.optim.name!r}: resharding carries AdamW state only (Muon's "

@@ -8,7 +8,7 @@ deleted: move them back to undo), copies `metrics.jsonl` there too, and points `
 one atomic rename. The next start of the run (same config and run.name) continues from that step: it
 drops the later rows of metrics.jsonl and TensorBoard hides their events (purge_step), so the curves
 continue from the tag. Nothing is moved when the tag does not verify; an unknown tag names the ones
-there are. Stop the run first: a running one would write its next checkpoint over the rollback.
+there are. A run still training is refused (`trainer.run_lock`): stop it first.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer import checkpoint
+from trainer import checkpoint, run_lock
 from trainer.argtypes import OneLineParser
 
 
@@ -28,6 +28,11 @@ def rollback(run_dir: str | Path, tag: str) -> tuple[list[str], Path | None]:
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise ValueError(f"run directory {run_dir}: no checkpoints/ folder (is it a run directory?)")
+    with run_lock.held(run_dir):  # a job training this run would write its next checkpoint over the rollback
+        return _roll_back(run_dir, ckpt_dir, tag)
+
+
+def _roll_back(run_dir: Path, ckpt_dir: Path, tag: str) -> tuple[list[str], Path | None]:
     tags = checkpoint.step_tags(ckpt_dir)
     if tag not in tags:
         there = ", ".join(tags) if tags else "none"

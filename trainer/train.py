@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from models.config import plan_notes
-from trainer import checkpoint, downstream
+from trainer import checkpoint, downstream, run_lock
 from trainer import engine as eng
 from trainer.config import TrainConfig
 from trainer.data import check_source, ensure_data
@@ -97,10 +97,7 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
     eng.check_deepspeed_config(cfg.for_world(eng.launched_world_size()))  # config errors before any process group
     eng.init_distributed()
     run_dir = cfg.run_dir()
-    if eng.rank() == 0:
-        ensure_data(cfg)
-        cfg.make_run_dir()
-    eng.barrier()
+    eng.on_rank_zero(lambda: _prepare(cfg, run_dir))
     s = open_session(cfg)
     # Under any launcher (trainer.launch read it already): streamed files are read lazily, and a bad validation
     # file failed only at the final validation, after every step was trained and saved.
@@ -118,6 +115,14 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
         for note in s.cfg.unused_optim_notes():
             print(note, flush=True)
     return s, run_dir
+
+
+def _prepare(cfg: TrainConfig, run_dir: Path) -> None:
+    """Rank 0's part of the start: the data built once, the run directory made and held by this job until it
+    ends (`trainer.run_lock`: a second job on this run.name is refused)."""
+    ensure_data(cfg)
+    cfg.make_run_dir()
+    run_lock.claim(run_dir)
 
 
 def _record_run_files(s: Session, run_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,6 +86,30 @@ def barrier() -> None:
     import deepspeed.comm as dist
 
     dist.barrier()
+
+
+class RefusedOnEveryRank(ValueError):
+    """Bad input that rank 0 found and every rank raises alike (`on_rank_zero`): one line per node, no peer
+    left waiting in a collective."""
+
+
+def on_rank_zero(action: Callable[[], None]) -> None:
+    """Run `action` on rank 0 while the others wait; a ValueError it raises is raised on every rank.
+
+    Work only rank 0 does (building data, making and locking the run directory) used to end in a barrier:
+    when it refused, rank 0 left and its peers died in that barrier with gloo's traceback, which hid the
+    one line under torchrun or `deepspeed run.sh`."""
+    import deepspeed.comm as dist
+
+    box: list[str | None] = [None]
+    if rank() == 0:
+        try:
+            action()
+        except ValueError as err:
+            box[0] = str(err)
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RefusedOnEveryRank(box[0])
 
 
 def _all_reduce(values: list[float], op: str) -> list[float]:
