@@ -99,6 +99,12 @@ class TokenWindowLoader:
         while filled < length:
             offset = start + filled - int(self._starts[shard])
             piece = self._shards[shard][offset: offset + length - filled]
+            if len(piece) and int(piece.max()) >= self.vocab_size:  # an IndexError traceback deep in the embedding
+                bad = offset + int(np.argmax(piece >= self.vocab_size))
+                raise DataError(f"{self._shards[shard].filename}: token {int(self._shards[shard][bad])} at position "
+                                f"{bad} is outside the tokenizer's vocab of {self.vocab_size} "
+                                f"({self.data_dir / MANIFEST_NAME}); the shard is damaged or from another tokenizer: "
+                                f"rebuild the data")
             out[filled: filled + len(piece)] = piece
             filled += len(piece)
             shard += 1

@@ -172,6 +172,22 @@ def test_a_bad_command_line_under_another_launcher_is_one_line(tmp_path, launche
     assert len(errors) == 1 and errors[0].startswith("error: run.stepz: unknown key"), proc.stderr[-3000:]
 
 
+def test_a_world_size_error_under_the_deepspeed_command_is_one_line(tmp_path):
+    """Errors that depend on the world size (known only inside the ranks under `deepspeed run.sh`) were printed
+    by every rank: they are alike on every rank, so local rank 0 prints them."""
+    from trainer.launch import _free_port
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port",
+           str(_free_port()), "run.sh", "data.source=random", "parallel.expert_parallel_size=4",
+           f"run.out_dir={tmp_path}/runs"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "parallel.expert_parallel_size=4" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_rank_failing_after_a_peer_reported_is_quiet(tmp_path, monkeypatch):
     """The launcher prints the first rank's one-line error; a peer whose collective broke because that rank
     left would add a traceback that hides it."""

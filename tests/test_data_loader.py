@@ -182,6 +182,22 @@ def test_corrupted_shard_fails_its_checksum(damaged: Path) -> None:
     TokenWindowLoader(damaged, "train", SEQ_LEN, 1, verify=False)
 
 
+def test_a_token_outside_the_vocab_is_named_not_an_embedding_traceback(damaged: Path) -> None:
+    """A shard whose manifest and checksum agree (rewritten after the fact) but holding an id >= the tokenizer's
+    vocab was an IndexError traceback from the embedding inside the ranks."""
+    manifest = load_manifest(damaged)
+    entry = manifest["splits"]["train"]["shards"][0]
+    shard = damaged / entry["file"]
+    data = np.fromfile(shard, dtype=np.uint16)
+    data[:] = FIXTURE_VOCAB_SIZE + 5  # every window of this shard holds it
+    data.tofile(shard)
+    loader = TokenWindowLoader(damaged, "train", SEQ_LEN, 4, verify=False)
+    with pytest.raises(DataError, match=rf"{shard.name}: token {FIXTURE_VOCAB_SIZE + 5} at position \d+ is outside "
+                                        rf"the tokenizer's vocab of {FIXTURE_VOCAB_SIZE}"):
+        for _ in range(loader.windows_per_rank):
+            loader.next_batch()
+
+
 def test_manifest_from_another_tokenizer(damaged: Path, data_dir: Path, tmp_path: Path) -> None:
     other = build_fixture_dataset(tmp_path / "other", vocab_size=384)
     with pytest.raises(DataError, match=r"sha256 .*another tokenizer"):

@@ -54,10 +54,57 @@ def test_nan_with_stop_exits_3_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert proc.returncode == 3, proc.stderr[-3000:]
     errors = _errors(proc.stderr)
     assert len(errors) == 1 and errors[0].startswith("error: step 3: non-finite loss"), errors
+    assert "step00000002 is still the latest checkpoint" in errors[0], errors
     ckpt = tmp_path / "nan" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step00000002"
     assert not (ckpt / "step00000003").exists()
     _strict_rows(tmp_path / "nan" / "metrics.jsonl")
+
+
+def test_a_run_stopped_during_its_final_validation_is_finished_by_the_next_start(tmp_path: Path) -> None:
+    """SIGTERM during the final validation (after the last checkpoint) exits 130 saying "run the same command
+    again"; that said "nothing to do" and the run never got its summary.json or final val_ce."""
+    args = [f"run.out_dir={tmp_path}", "run.name=fin", "run.steps=3"]
+    first = _run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "fin"
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()  # where a stop inside the final validation leaves the run
+    rows = [line for line in (run / "metrics.jsonl").read_text().splitlines() if "val_ce" not in line]
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    again = _run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "writing them now" in again.stdout and "nothing to do" not in again.stdout, again.stdout[-2000:]
+    redone = json.loads((run / "summary.json").read_text())
+    assert redone["steps"] == 3 and redone["val_ce"] == summary["val_ce"], (redone, summary)
+    assert redone["final_loss"] == summary["final_loss"]
+    assert [r["val_ce"] for r in _strict_rows(run / "metrics.jsonl") if "val_ce" in r] == [summary["val_ce"]]
+    third = _run(args)
+    assert third.returncode == 0 and "nothing to do" in third.stdout, third.stdout[-2000:]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_latest_stays(tmp_path: Path) -> None:
+    """A full disk (here a file-size limit, which root cannot bypass as it does permissions) was two tracebacks
+    from torch.save inside DeepSpeed, exit 1."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, 2 * 2**20))  # the optimizer shards are larger
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails (EFBIG) instead of killing
+
+    args = [f"run.out_dir={tmp_path}", "run.name=full", "run.steps=4", "run.save_every=2"]
+    first = _run(args + ["run.stop_at_step=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "run.sh", *BASE, *args], cwd=REPO_ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _errors(proc.stderr)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"error: cannot write checkpoint {tmp_path / 'full' / 'checkpoints' / 'step00000004'}")
+    assert "step00000002 is still the latest checkpoint" in errors[0], errors
+    assert (tmp_path / "full" / "checkpoints" / "latest").read_text() == "step00000002"
+    resumed = _run(args)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
 
 
 def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path: Path) -> None:
@@ -77,7 +124,7 @@ def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path: Path) -> 
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
 
 
-def test_nonfinite_gradient_of_a_finite_loss_under_skip_says_what_skip_covers(monkeypatch) -> None:
+def test_nonfinite_gradient_of_a_finite_loss_under_skip_says_what_skip_covers(monkeypatch, tmp_path) -> None:
     """run.on_nonfinite=skip drops updates whose loss is non-finite; a finite loss with a non-finite gradient
     norm still stops, and the error said "run.on_nonfinite=stop ... or set run.on_nonfinite=skip"."""
     from types import SimpleNamespace
@@ -87,12 +134,13 @@ def test_nonfinite_gradient_of_a_finite_loss_under_skip_says_what_skip_covers(mo
     from trainer.session import StepResult
 
     monkeypatch.setattr(train_module, "nonfinite_layers", lambda s, out: [])  # collective in a real run
-    s = SimpleNamespace(cfg=load_config(None, ["run.on_nonfinite=skip"]), rank=0)
+    s = SimpleNamespace(cfg=load_config(None, ["run.on_nonfinite=skip", f"run.out_dir={tmp_path}"]), rank=0)
     out = StepResult(loss=9.0, ce=9.0, lb=1.0, z=4.0, router_logits=[], engine_grad_norm=float("nan"))
     with pytest.raises(train_module.TrainingDiverged) as info:
         train_module._check_finite(s, 2, out, skips_in_a_row=0)
     message = str(info.value)
-    assert message.startswith("step 3: non-finite loss 9.0 / gradient norm nan"), message
+    assert message.startswith("step 3: non-finite gradient norm nan (loss 9)"), message  # the loss is finite
+    assert "no checkpoint was saved yet" in message, message  # said "the last checkpoint is still the latest"
     assert "run.on_nonfinite=skip drops only updates whose loss is non-finite" in message, message
     assert "run.on_nonfinite=stop" not in message, message
 
@@ -172,6 +220,24 @@ def test_sigterm_saves_exits_0_and_resumes_bit_identically(tmp_path: Path, targe
 
     split, whole = losses("split"), losses("straight")
     assert set(split) == set(whole) and all(split[k] == whole[k] for k in whole), (split, whole)
+
+
+@pytest.mark.parametrize("sig, target", [(signal.SIGUSR1, "launcher"), (signal.SIGHUP, "group")])
+def test_sigusr1_and_sighup_stop_with_a_checkpoint(tmp_path: Path, sig: signal.Signals, target: str) -> None:
+    """Slurm's `--signal=USR1@N` warning and a closed terminal's SIGHUP (to the whole process group) killed the job
+    without a checkpoint: the launcher exited 1 ("a rank was killed by SIGUSR1") or died with every rank."""
+    job = subprocess.Popen([sys.executable, "run.sh", *BASE, f"run.out_dir={tmp_path}", "run.name=s", "run.steps=400"],
+                           cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    _wait_for_step(job, 2)
+    if target == "group":
+        os.killpg(job.pid, sig)
+    else:
+        os.kill(job.pid, sig)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err[-3000:]
+    assert f"({sig.name} received)" in out and "checkpoint saved" in out, out[-2000:]
+    assert (tmp_path / "s" / "checkpoints" / "latest").is_file()
 
 
 def _catches_sigterm(proc: psutil.Process) -> bool:
@@ -462,7 +528,8 @@ def test_rollback_to_an_older_checkpoint_continues_as_the_run_did(tmp_path: Path
 
 
 @pytest.mark.parametrize("case, says", [("unknown", "no such checkpoint under"), ("damaged", "step00000002"),
-                                        ("no-run", "no checkpoints/ folder"), ("no-tag", "--tag")])
+                                        ("no-run", "no checkpoints/ folder"), ("no-tag", "--tag"),
+                                        ("unwritable", "nothing was changed")])
 def test_rollback_refuses_in_one_line_and_moves_nothing(tmp_path: Path, case: str, says: str) -> None:
     from trainer import checkpoint
 
@@ -479,6 +546,11 @@ def test_rollback_refuses_in_one_line_and_moves_nothing(tmp_path: Path, case: st
         (ckpt / "step00000002" / "mp_rank_00_model_states.pt").write_bytes(b"y" * 10)
     elif case == "no-run":
         run_dir = tmp_path / "elsewhere"
+    elif case == "unwritable":  # `latest` cannot be staged (a folder in the way: permissions do not stop root)
+        (ckpt / ".latest.tmp").mkdir()
+        torch.save({k: 0 for k in ("step", "world_size", "data", "rng")}, ckpt / tag / "trainer_state_rank0.pt")  # a tag that verifies
+        checkpoint.write_manifest(ckpt / tag, 2, 1)
+        (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # copied aside first
     argv = [str(run_dir)] + ([] if case == "no-tag" else ["--tag", tag])
     proc = subprocess.run([sys.executable, "-m", "trainer.rollback", *argv], cwd=REPO_ROOT, env=_env(),
                           capture_output=True, text=True, timeout=60)

@@ -167,3 +167,20 @@ def test_failed_reshard_ranks_are_named(tmp_path: Path, monkeypatch: pytest.Monk
                         lambda *a, **k: subprocess.CompletedProcess([], 1, stdout="", stderr=log))
     with pytest.raises(RuntimeError, match=r"^reshard ranks failed \(exit 1\): TypeError: boom$"):
         reshard.reshard(tmp_path, None)
+
+
+def test_an_unwritable_tag_is_refused_before_the_ranks_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranks gathered everything, then torch.save failed: torchrun's report ending in 'open file failed',
+    without the file's name, exit 1."""
+    from trainer import checkpoint, reshard
+
+    (tmp_path / "config.yaml").write_text("data:\n  source: random\n")
+    tag_dir = tmp_path / "checkpoints" / "step00000002"
+    tag_dir.mkdir(parents=True)
+    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text("step00000002")
+    (tag_dir / f".{reshard.LAYOUT_FREE}.probe").mkdir()  # unwritable where it counts (permissions do not stop root)
+    monkeypatch.setattr(checkpoint, "verify_tag", lambda *a: None)
+    monkeypatch.setattr(checkpoint, "read_trainer_state", lambda path: {"world_size": 2})
+    monkeypatch.setattr(reshard, "spawn_cpu_ranks", lambda *a, **k: pytest.fail("ranks started"))
+    with pytest.raises(ValueError, match=rf"^cannot write {tag_dir / reshard.LAYOUT_FREE} \("):
+        reshard.reshard(tmp_path, None)

@@ -480,24 +480,50 @@ def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], kee
     """Collective: every rank calls it. Returns the tag written."""
     rank, world = eng.rank(), eng.world_size()
     tag = tag_for(step)
-    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    if rank == 0:  # a tag rewritten (after a fallback) is incomplete again until its new manifest
-        for stale in [ckpt_dir / tag / MANIFEST, *(ckpt_dir / tag).glob(f".{MANIFEST}.part*")]:
-            stale.unlink(missing_ok=True)
-    state = {"step": step, "world_size": world, "data": data_state, "rng": _rng_state(), "identity": ident}
-    tmp = ckpt_dir / tag / f".trainer_state_rank{rank}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt_dir / tag / f"trainer_state_rank{rank}.pt")
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    eng.barrier()  # every rank's files are on disk
-    hash_share(ckpt_dir / tag, rank, world)
-    eng.barrier()  # ... and hashed, before the manifest is written and `latest` moves
-    if rank == 0:
-        write_manifest(ckpt_dir / tag, step, world)
-        point_latest(ckpt_dir, tag)
-        _prune(ckpt_dir, keep, current=tag)
+    try:
+        (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+        if rank == 0:  # a tag rewritten (after a fallback) is incomplete again until its new manifest
+            for stale in [ckpt_dir / tag / MANIFEST, *(ckpt_dir / tag).glob(f".{MANIFEST}.part*")]:
+                stale.unlink(missing_ok=True)
+        state = {"step": step, "world_size": world, "data": data_state, "rng": _rng_state(), "identity": ident}
+        tmp = ckpt_dir / tag / f".trainer_state_rank{rank}.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt_dir / tag / f"trainer_state_rank{rank}.pt")
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        eng.barrier()  # every rank's files are on disk
+        hash_share(ckpt_dir / tag, rank, world)
+        eng.barrier()  # ... and hashed, before the manifest is written and `latest` moves
+        if rank == 0:
+            write_manifest(ckpt_dir / tag, step, world)
+            point_latest(ckpt_dir, tag)
+            _prune(ckpt_dir, keep, current=tag)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "inline_container" not in str(err):  # not torch.save's file writer
+            raise
+        raise CheckpointNotWritten(_not_written(ckpt_dir, tag, err)) from None
     eng.barrier()
     return tag
+
+
+class CheckpointNotWritten(ValueError):
+    """A full disk or an unwritable run directory while saving: one line (exit 2), the previous tag in force."""
+
+
+def _not_written(ckpt_dir: Path, tag: str, err: OSError | RuntimeError) -> str:
+    """Why a save failed, in words: torch.save's writer reports a full disk as 'unexpected pos' (RuntimeError)."""
+    if isinstance(err, OSError):
+        why = f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}"
+    else:
+        free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else 0
+        why = (f"no space left on device ({free / 2**20:.0f} MiB free)" if free < 2**30 else
+               f"torch.save failed: {str(err).splitlines()[0][:200]}")
+    try:
+        kept = latest_tag(ckpt_dir)
+    except ValueError:
+        kept = None
+    was = f"{kept} is still the latest checkpoint" if kept else "no checkpoint was saved yet"
+    return (f"cannot write checkpoint {ckpt_dir / tag} ({why}); {was}: free space or make run.out_dir writable, then "
+            f"run the same command again to resume")
 
 
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from trainer import checkpoint, run_lock
-from trainer.cli import ERROR_DIR_ENV, error_file_name
+from trainer.cli import ERROR_DIR_ENV, STOP_SIGNALS, error_file_name
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import check_source, ensure_data
 from trainer.downstream import check_fewshot, check_task_names
@@ -189,7 +189,7 @@ def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
 
     Why not torchrun: it starts ranks in their own session (they outlive a killed launcher), dies on
     SIGTERM without letting them save, and wraps a rank's one-line error in a ChildFailedError
-    traceback. Here SIGTERM / SIGINT are passed on to the ranks (which finish the step, save and exit
+    traceback. Here SIGTERM / SIGINT / SIGHUP / SIGUSR1 are passed on to the ranks (which finish the step, save and exit
     0), a failed rank stops the others at once, and its one-line error is printed once; the exit
     code is the failed rank's (2: bad input or refused checkpoint).
     """
@@ -202,7 +202,8 @@ def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
         forwarded: list[int] = []
         # Forwarding is set up before the first rank starts: a signal while they start (a job killed at once)
         # reached a launcher that had none yet and died, leaving the started ranks running without it.
-        previous = {sig: signal.signal(sig, _forward_to(ranks, forwarded)) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, _forward_to(ranks, forwarded)) for sig in STOP_SIGNALS
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
         try:
             for r in range(nproc):
                 if forwarded:
@@ -246,7 +247,9 @@ def _forward_to(ranks: list[subprocess.Popen], forwarded: list[int]) -> Callable
         forwarded.append(signum)
         for proc in ranks:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # ranks save at the end of the current step
+                # ranks save at the end of the current step and name the signal; SIGINT goes on as SIGTERM (the
+                # ranks of a background job ignore SIGINT)
+                proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
     return forward
 

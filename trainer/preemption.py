@@ -1,4 +1,4 @@
-"""Stopping a run cleanly when the cluster asks: SIGTERM / SIGINT, or the launcher dying.
+"""Stopping a run cleanly when the cluster asks: SIGTERM / SIGINT / SIGHUP / SIGUSR1, or the launcher dying.
 
 A signal only sets a flag; after every optimizer step the ranks agree on it with one all-reduce
 (`stop_requested`), so they all finish the same step, save one checkpoint and exit 0, and the next
@@ -17,6 +17,7 @@ from types import FrameType
 import psutil
 
 from trainer import engine as eng
+from trainer.cli import STOP_SIGNALS
 
 _PR_SET_PDEATHSIG = 1
 
@@ -36,11 +37,13 @@ def interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 class StopSignal:
-    """Records SIGTERM / SIGINT instead of dying, while the loop runs."""
+    """Records a stop signal (`trainer.cli.STOP_SIGNALS`) instead of dying, while the loop runs; one the process
+    ignores (SIGHUP under nohup, SIGINT of a background job) stays ignored."""
 
     def __init__(self) -> None:
         self.received: str | None = _pending[-1] if _pending else None
-        self._previous = {sig: signal.signal(sig, self._record) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS
+                          if signal.getsignal(sig) is not signal.SIG_IGN}
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name

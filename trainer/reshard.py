@@ -138,6 +138,7 @@ def _convert(run_dir: Path, tag: str | None) -> Path:
     checkpoint.verify_tag(ckpt_dir, tag)
     world = checkpoint.read_trainer_state(ckpt_dir / tag / "trainer_state_rank0.pt")["world_size"]
     out = ckpt_dir / tag / LAYOUT_FREE
+    _check_writable(out)
     proc = spawn_cpu_ranks(["trainer.reshard", "--worker", str(run_dir), "--tag", tag, "--out", str(out)], world,
                            capture=True)
     if proc.returncode != 0 or not out.is_file():
@@ -150,6 +151,17 @@ def _convert(run_dir: Path, tag: str | None) -> Path:
         print(f"note: {ckpt_dir / checkpoint.LATEST} names {latest}: the run resumes from that tag, not from {tag}; "
               f"to continue on another layout, convert {latest} (python -m trainer.reshard {run_dir})")
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """The ranks' torch.save into an unwritable tag failed after they had gathered everything, as torchrun's
+    30-line report ending in 'open file failed' without the file's name."""
+    probe = out.with_name(f".{out.name}.probe")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write {out} ({err.strerror or err}): make {out.parent} writable") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,15 +40,29 @@ def _roll_back(run_dir: Path, ckpt_dir: Path, tag: str) -> tuple[list[str], Path
     checkpoint.verify_tag(ckpt_dir, tag)
     newer = [t for t in tags if t > tag]
     aside = None
-    if newer:
-        aside = checkpoint.aside_dir(run_dir)
-        (aside / "checkpoints").mkdir(parents=True)
-        if (run_dir / "metrics.jsonl").is_file():  # the next start drops its rows after the tag's step
-            shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
-    checkpoint.point_latest(ckpt_dir, tag)  # first: a crash below leaves extra tags, never a lost latest
-    for name in newer:
-        (ckpt_dir / name).rename(aside / "checkpoints" / name)
+    try:
+        if newer:
+            aside = checkpoint.aside_dir(run_dir)
+            (aside / "checkpoints").mkdir(parents=True)
+            if (run_dir / "metrics.jsonl").is_file():  # the next start drops its rows after the tag's step
+                shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
+        checkpoint.point_latest(ckpt_dir, tag)  # first: a crash below leaves extra tags, never a lost latest
+    except OSError as err:  # an unwritable run directory: a traceback, and a replaced-<time>/ left for nothing
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        raise ValueError(f"cannot roll back {run_dir} ({_why(err)}); nothing was changed") from None
+    for i, name in enumerate(newer):
+        try:
+            (ckpt_dir / name).rename(aside / "checkpoints" / name)
+        except OSError as err:
+            raise ValueError(f"{ckpt_dir / checkpoint.LATEST} now names {tag}, but {ckpt_dir / name} could not be "
+                             f"moved to {aside} ({_why(err)}): move {', '.join(newer[i:])} there before starting "
+                             f"the run (it would write its checkpoints over them)") from None
     return newer, aside
+
+
+def _why(err: OSError) -> str:
+    return f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,14 +96,17 @@ def _due(step: int, every: int) -> bool:
 
 def _start(cfg: TrainConfig) -> tuple[Session, Path]:
     """Process group, data, session; the run directory gets the resolved config and DeepSpeed config."""
-    eng.check_deepspeed_config(cfg.for_world(eng.launched_world_size()))  # config errors before any process group
+    try:  # config errors before any process group; every rank meets them alike (one line per node)
+        eng.check_deepspeed_config(cfg.for_world(eng.launched_world_size()))
+    except ValueError as err:
+        raise eng.RefusedOnEveryRank(str(err)) from None
     eng.init_distributed()
     run_dir = cfg.run_dir()
     eng.on_rank_zero(lambda: _prepare(cfg, run_dir))
     s = open_session(cfg)
     # Under any launcher (trainer.launch read it already): streamed files are read lazily, and a bad validation
     # file failed only at the final validation, after every step was trained and saved.
-    check_source(s.cfg, "validation", s.rank, s.world)
+    eng.on_every_rank(lambda: check_source(s.cfg, "validation", s.rank, s.world))
     if s.rank == 0:
         acc = s.accounting
         print(f"run dir {run_dir}  world {s.world}  ZeRO {s.engine.zero_optimization_stage()}  EP "
@@ -190,11 +195,15 @@ def _check_finite(s: Session, step: int, out: StepResult, skips_in_a_row: int) -
         return
     layers = nonfinite_layers(s, out)
     where = f"; router logits non-finite in layer(s) {layers}" if layers else ""
-    what = (f"step {step + 1}: non-finite loss {out.loss} / gradient norm "
-            f"{out.grad_norm if out.grad_norm is not None else out.engine_grad_norm}{where}")
+    norm = out.grad_norm if out.grad_norm is not None else out.engine_grad_norm
+    if math.isfinite(out.loss):  # a finite loss with a non-finite norm was called a "non-finite loss"
+        what = f"step {step + 1}: non-finite gradient norm {norm} (loss {out.loss:.4g}){where}"
+    else:
+        what = f"step {step + 1}: non-finite loss {out.loss}{where}"
+    kept = _last_checkpoint(s)
     if out.skipped and skips_in_a_row >= s.cfg.run.max_consecutive_skips:
         raise TrainingDiverged(f"{what}; {skips_in_a_row} updates in a row were skipped, so the model, not a batch, "
-                               f"is broken; stopped without saving (the last checkpoint is still the latest)")
+                               f"is broken; stopped without saving ({kept})")
     if out.skipped:
         _check_weights(s, step)  # skipping helps a bad batch, not weights that are already broken
         if s.rank == 0:
@@ -202,9 +211,18 @@ def _check_finite(s: Session, step: int, out: StepResult, skips_in_a_row: int) -
         return
     if s.cfg.run.on_nonfinite == "skip":  # the loss was finite (else train_step dropped the update), the norm not
         raise TrainingDiverged(f"{what}; stopped without saving it (run.on_nonfinite=skip drops only updates whose "
-                               f"loss is non-finite; the last checkpoint is still the latest: lower optim.lr)")
-    raise TrainingDiverged(f"{what}; stopped without saving it (run.on_nonfinite=stop; the last checkpoint "
-                           f"is still the latest: lower optim.lr or set run.on_nonfinite=skip)")
+                               f"loss is non-finite; {kept}: lower optim.lr)")
+    raise TrainingDiverged(f"{what}; stopped without saving it (run.on_nonfinite=stop; {kept}: lower optim.lr or "
+                           f"set run.on_nonfinite=skip)")
+
+
+def _last_checkpoint(s: Session) -> str:
+    """What a restart would resume from: 'the last checkpoint is still the latest' was said of runs with none."""
+    try:
+        tag = checkpoint.latest_tag(s.cfg.run_dir() / "checkpoints")
+    except ValueError:
+        tag = None
+    return f"{tag} is still the latest checkpoint" if tag else "no checkpoint was saved yet"
 
 
 def _check_weights(s: Session, step: int) -> None:
@@ -212,7 +230,7 @@ def _check_weights(s: Session, step: int) -> None:
     an update that overflows the weights)."""
     if not eng.params_finite(s.engine):
         raise TrainingDiverged(f"step {step + 1}: the weights are non-finite after the update; stopped without "
-                               f"saving them (the last checkpoint is still the latest: lower optim.lr)")
+                               f"saving them ({_last_checkpoint(s)}: lower optim.lr)")
 
 
 def _preempted(s: Session, run_dir: Path, result: RunResult, progress: Progress, step: int,
@@ -236,7 +254,13 @@ def _routing(s: Session, out: StepResult) -> dict[str, float]:
 
 def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, start: int, stop: int) -> RunResult:
     """Final validation loss and summary.json (nothing when the run was already complete)."""
-    if start >= stop:
+    finishing = start >= stop and not _summary_written(run_dir, stop)
+    if finishing:  # a stop during the final validation: `nothing to do` left the run without its summary for good
+        if s.rank == 0:
+            print(f"step {stop} is trained and saved, but its final validation and summary.json were not written "
+                  f"(stopped during them): writing them now", flush=True)
+        result.losses.append(_last_logged_loss(run_dir, stop))
+    elif start >= stop:
         progress.close()
         if s.rank == 0:
             # below the run's length, only run.stop_at_step stops it: starting over is not the hint to give
@@ -246,7 +270,8 @@ def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, st
                   flush=True)
         return result
     result.val_loss = validation_ce(s)
-    write_run_report(s, run_dir)  # refreshed at the end (peak memory of the whole run)
+    if not finishing:  # no step in this session: the report of the one that trained stays
+        write_run_report(s, run_dir)  # refreshed at the end (peak memory of the whole run)
     progress.log_eval(stop - 1, result.val_loss)
     progress.close()
     s.close()
@@ -255,6 +280,25 @@ def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, st
                           skipped_updates=progress.skipped)
     if s.rank == 0:
         val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
-        print(f"done: step {stop}/{s.steps}, final loss {result.losses[-1]:.4f}, val ce {val}", flush=True)
+        loss = "n/a" if result.losses[-1] is None else f"{result.losses[-1]:.4f}"
+        print(f"done: step {stop}/{s.steps}, final loss {loss}, val ce {val}", flush=True)
         (run_dir / "summary.json").write_text(dumps(result.summary, indent=2))
     return result
+
+
+def _summary_written(run_dir: Path, stop: int) -> bool:
+    """Whether summary.json describes step `stop`, decided on every rank alike (the validation is collective)."""
+    try:
+        written = json.loads((run_dir / "summary.json").read_text()).get("steps") == stop
+    except (OSError, ValueError, AttributeError):
+        written = False
+    return eng.max_over_ranks([0.0 if written else 1.0])[0] == 0.0
+
+
+def _last_logged_loss(run_dir: Path, stop: int) -> float | None:
+    """The loss metrics.jsonl logged for step `stop` (the final step always logs), for a summary written later."""
+    try:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    return next((r.get("loss") for r in reversed(rows) if r.get("step") == stop and "loss" in r), None)

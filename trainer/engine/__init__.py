@@ -40,7 +40,7 @@ from trainer.engine.measure import (GatherCounter, GradientWatch, deepspeed_esti
                                     local_param_elements, optimizer_tensors_by_kind, params_finite)
 from trainer.engine.muon_layouts import attach_muon_layouts, check_muon_layouts
 from trainer.engine.runtime import (RefusedOnEveryRank, barrier, comm_device, gather_over_ranks, init_distributed,
-                                    launched_world_size, max_over_ranks, mean_over_ranks, on_rank_zero, rank,
+                                    launched_world_size, max_over_ranks, mean_over_ranks, on_every_rank, on_rank_zero, rank,
                                     set_cpu_local_size, shutdown, synchronize, to_device, use_cpu_if_no_gpu,
                                     world_size)
 from trainer.engine.state import (ADAM_STATE_KEYS, gather_state_dict, gather_training_state,
@@ -54,7 +54,7 @@ __all__ = [
     "drop_idle_module_hooks",
     "gather_over_ranks", "gather_state_dict", "gather_training_state", "global_grad_norm", "grad_sq_norms",
     "gradient_tensors", "held_tensor", "init_distributed", "initialize", "is_expert_param", "launched_world_size",
-    "local_expert_elements", "local_param_elements", "max_over_ranks", "mean_over_ranks", "on_rank_zero", "optimizer_factory",
+    "local_expert_elements", "local_param_elements", "max_over_ranks", "mean_over_ranks", "on_every_rank", "on_rank_zero", "optimizer_factory",
     "optimizer_tensors_by_kind", "params_finite", "plain_initialize", "rank", "scatter_training_state",
     "set_cpu_local_size", "shutdown", "synchronize", "tie_aware_reuse_distance", "tied_expert_parallel", "to_device",
     "use_cpu_if_no_gpu", "world_size",

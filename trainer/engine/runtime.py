@@ -112,6 +112,23 @@ def on_rank_zero(action: Callable[[], None]) -> None:
         raise RefusedOnEveryRank(box[0])
 
 
+def on_every_rank(action: Callable[[], None]) -> None:
+    """Run `action` on every rank; when it raises ValueError on any, every rank raises the lowest rank's. A check
+    that fails on some ranks only (one rank's data) would otherwise leave the others in the next collective."""
+    import deepspeed.comm as dist
+
+    mine: str | None = None
+    try:
+        action()
+    except ValueError as err:
+        mine = str(err)
+    every: list[str | None] = [None] * world_size()
+    dist.all_gather_object(every, mine)
+    refused = next((m for m in every if m is not None), None)
+    if refused is not None:
+        raise RefusedOnEveryRank(refused)
+
+
 def _all_reduce(values: list[float], op: str) -> list[float]:
     import deepspeed.comm as dist
 
