@@ -658,3 +658,15 @@ def test_optimizer_fields_the_optimizer_does_not_read_are_noted():
         "note: optim.muon_ns_steps=3 is not used by optim.name=adamw"]
     for path in sorted((REPO_ROOT / "trainer" / "configs").glob("*.yaml")):  # shipped configs set nothing unused
         assert load_config(path).unused_optim_notes() == [], path.name
+
+
+@pytest.mark.parametrize("text, key", [
+    ("run: {1: 2, foo: 3}\n", "run.1"),  # mixed key types: sorting them was a TypeError traceback
+    ("run: {steps: 3}\n1: x\n", "1: unknown key"),
+    ("run: {null: 2, true: 3, name: x}\n", "run.None"),
+    ("model: {overrides: {1: 2}}\n", "model.overrides.1"),  # from_preset(**{1: 2}): "keywords must be strings"
+])
+def test_non_string_yaml_keys_are_named(tmp_path, text, key):
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    one_line_error(lambda: load_config(path), key)

@@ -301,7 +301,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         raise ValueError(f"{prefix.rstrip('.')}: expected a mapping, got {values!r}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    # YAML keys need not be strings (`1: 2`, `null: x`): sorted by their text, as mixed types do not compare
+    unknown = sorted(set(values) - names, key=str)
     if unknown:
         raise ValueError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
@@ -361,6 +362,10 @@ def _coerce_model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """Type-check model overrides against ModelConfig like every other key (`init_std: 2e-2` -> float).
     Unknown names pass through; `from_preset` reports them."""
     hints = get_type_hints(ModelConfig)
+    for name in overrides:
+        if not isinstance(name, str):  # `{1: 2}`: no field name (from_preset takes them as keywords: a TypeError)
+            raise ValueError(f"model.overrides.{name!r}: unknown field; expected ModelConfig field names "
+                             f"(known: {', '.join(sorted(hints))})")
     return {name: _coerce(f"model.{name}", value, hints[name]) if name in hints else value
             for name, value in overrides.items()}
 
