@@ -665,8 +665,29 @@ def test_optimizer_fields_the_optimizer_does_not_read_are_noted():
     ("run: {steps: 3}\n1: x\n", "1: unknown key"),
     ("run: {null: 2, true: 3, name: x}\n", "run.None"),
     ("model: {overrides: {1: 2}}\n", "model.overrides.1"),  # from_preset(**{1: 2}): "keywords must be strings"
+    ("? [1, 2]\n: 3\n", "found unhashable key"),  # a TypeError from the duplicate-key check
 ])
 def test_non_string_yaml_keys_are_named(tmp_path, text, key):
     path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    one_line_error(lambda: load_config(path), key)
+
+
+def test_yaml_merge_keys_are_read_as_safe_load_reads_them(tmp_path):
+    """`<<: {...}` was refused as 'could not determine a constructor for the tag ...merge'."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("run: {steps: 3, name: anc}\nschedule:\n  <<: {warmup_steps: 1}\n"
+                    "optim:\n  <<: [{lr: 1.0e-3, eps: 1.0e-7}, {lr: 2.0e-3}]\n  lr: 5.0e-4\n")
+    cfg = load_config(path)
+    assert cfg.schedule.warmup_steps == 1 and cfg.run.steps == 3
+    assert cfg.optim.lr == 5e-4 and cfg.optim.eps == 1e-7  # an explicit key overrides a merged one: no repeat
+
+
+@pytest.mark.parametrize("text, key", [
+    ("run:\n  <<: {steps: 3}\n  name: x\n  name: y\n", "duplicate key 'name'"),  # written twice beside a merge
+    ("run:\n  <<: {steps: 3, steps: 4}\n", "duplicate key 'steps'"),  # written twice inside the merged mapping
+])
+def test_a_key_written_twice_is_refused_beside_merges(tmp_path, text, key):
+    path = tmp_path / "dup.yaml"
     path.write_text(text)
     one_line_error(lambda: load_config(path), key)
