@@ -529,3 +529,17 @@ def test_a_refusal_by_deepspeed_in_the_launcher_prints_nothing_else(tmp_path):
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     _assert_one_error_line(proc, "parallel.ds_config", "bogus_knob")
     assert proc.stdout == ""
+
+
+def test_run_sh_config_with_integer_and_string_unknown_keys_is_named(tmp_path):
+    """`run: {1: 2, foo: 3}` was a TypeError traceback (sorting keys of mixed types), in run.sh and trainer.memory."""
+    config = tmp_path / "mixed.yaml"
+    config.write_text("run: {1: 2, foo: 3}\n")
+    _assert_one_error_line(run_python(["run.sh", str(config)]), "run.1: unknown key")
+    plan = ["-m", "trainer.memory", "plan", str(config), "--gpus", "8", "--gpu-mem-gib", "80"]
+    _assert_one_error_line(run_python(plan), "run.1: unknown key")
+
+
+def test_run_sh_run_name_longer_than_255_bytes_is_refused():
+    """The launcher's look for a checkpoint under runs/<name> was an OSError 'File name too long' traceback."""
+    _assert_one_error_line(run_python(["run.sh", "run.name=" + "a" * 300, "run.steps=3"]), "run.name=", "255 bytes")

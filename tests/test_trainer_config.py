@@ -691,3 +691,11 @@ def test_a_key_written_twice_is_refused_beside_merges(tmp_path, text, key):
     path = tmp_path / "dup.yaml"
     path.write_text(text)
     one_line_error(lambda: load_config(path), key)
+
+
+def test_run_name_longer_than_a_file_name_is_refused():
+    """The launcher's look for a checkpoint under runs/<name> ended in OSError 'File name too long' (exit 1)."""
+    message = bad_overrides(["run.name=" + "a" * 300], "run.name")
+    assert "300 bytes" in message and "at most 255 bytes" in message
+    bad_overrides(["run.name=" + "é" * 128], "run.name")  # 256 bytes in UTF-8, 128 characters
+    assert load_config(None, ["run.name=" + "a" * 255]).run.name == "a" * 255

@@ -451,6 +451,10 @@ def validate(cfg: TrainConfig) -> None:
         # the run directory is run.out_dir/run.name: a path here would write (or resume) outside run.out_dir
         raise ValueError(f"run.name={cfg.run.name!r}: expected a plain folder name (no '/'); "
                          f"use run.out_dir for the parent folder")
+    name_bytes = len(cfg.run.name.encode("utf-8", "surrogatepass"))
+    if name_bytes > 255:  # the file systems' limit on one name: the launcher's look for a checkpoint failed on it
+        raise ValueError(f"run.name={cfg.run.name[:40]!r}... is {name_bytes} bytes long; expected a folder name of "
+                         f"at most 255 bytes (UTF-8)")
     if cfg.run.downstream_every and cfg.data.source == "random":
         raise ValueError(f"run.downstream_every={cfg.run.downstream_every}: needs text data (data.source=shards or "
                          f"stream); random tokens have no tokenizer to score tasks with")
