@@ -699,3 +699,20 @@ def test_run_name_longer_than_a_file_name_is_refused():
     assert "300 bytes" in message and "at most 255 bytes" in message
     bad_overrides(["run.name=" + "é" * 128], "run.name")  # 256 bytes in UTF-8, 128 characters
     assert load_config(None, ["run.name=" + "a" * 255]).run.name == "a" * 255
+
+
+@pytest.mark.parametrize("text, key", [
+    ('{"zero_optimization": {"stage": 3}, "zero_optimization": {"stage": 1}}', "'zero_optimization'"),
+    ('{"zero_optimization": {"stage": 3, "stage": 1}}', "'stage'"),
+])
+def test_ds_config_key_written_twice_is_refused(tmp_path, text, key):
+    """json keeps the last: the first run trained at ZeRO-1 with rc 0."""
+    path = tmp_path / "dup.json"
+    path.write_text(text)
+    message = bad_overrides([f"parallel.ds_config={path}"], "parallel.ds_config")
+    assert f"duplicate key {key}" in message and str(path) in message
+
+
+def test_ds_config_that_is_a_directory_says_so(tmp_path):
+    message = bad_overrides([f"parallel.ds_config={tmp_path}"], "parallel.ds_config")
+    assert f"{tmp_path} is a directory, expected a JSON file" in message and "not found" not in message

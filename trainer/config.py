@@ -524,9 +524,21 @@ def load_engine_settings(cfg: TrainConfig) -> dict[str, Any]:
     path = Path(cfg.parallel.ds_config)
     path = path if path.is_absolute() else REPO_ROOT / path
     if not path.is_file():
-        raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config!r}: file {path} not found")
+        what = f"{path} is a directory, expected a JSON file" if path.is_dir() else f"file {path} not found"
+        raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config!r}: {what}")
+
+    def refuse_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        """json keeps the last of two equal keys: `{"zero_optimization": {...}, "zero_optimization": {...}}`
+        ran the second silently (YAML configs refuse it too)."""
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"parallel.ds_config {path}: duplicate key {key!r}; give each key once")
+            seen.add(key)
+        return dict(pairs)
+
     try:
-        settings = json.loads(path.read_text())
+        settings = json.loads(path.read_text(), object_pairs_hook=refuse_repeats)
     except (OSError, UnicodeDecodeError) as err:  # a binary or unreadable file named, not a bare codec error
         raise ValueError(f"parallel.ds_config {path}: unreadable, expected a UTF-8 JSON file "
                          f"({err.strerror if isinstance(err, OSError) else err.reason})") from None
