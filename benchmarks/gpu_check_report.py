@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from trainer.argtypes import OneLineParser, input_file, input_folder, reader_may_leave  # noqa: E402
 from trainer.parity import cell_tolerance, grad_norm_tolerance  # noqa: E402
 
 LOSS_TOL = 1e-5
@@ -94,14 +96,36 @@ def default_lines(summary: dict[str, Any] | None, metrics: dict[str, Any] | None
     return [line]
 
 
+def read_steps(parser: OneLineParser, path: Path) -> list[dict[str, Any]]:
+    """gpu_check.sh's steps file: one JSON object a line with step, rc and seconds; anything else is refused."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        parser.error(f"--steps {path}: unreadable ({err.strerror if isinstance(err, OSError) else err.reason})")
+    steps = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)
+        except ValueError:
+            step = None
+        if not isinstance(step, dict) or not {"step", "rc", "seconds"} <= set(step):
+            parser.error(f"--steps {path}: line {number} is not a JSON object with step, rc and seconds")
+        steps.append(step)
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=Path, required=True, help="JSON lines: step, rc, seconds")
-    parser.add_argument("--default-metrics", type=Path, help="last metrics.jsonl line of the default run")
-    parser.add_argument("--dry-run", type=int, default=0)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=input_folder, help="the folder gpu_check.sh wrote its results into")
+    parser.add_argument("--steps", type=input_file, required=True, help="JSON lines: step, rc, seconds")
+    parser.add_argument("--default-metrics", type=input_file, help="last metrics.jsonl line of the default run")
+    parser.add_argument("--dry-run", type=int, choices=(0, 1), default=0)
     args = parser.parse_args(argv)
-    steps = [json.loads(line) for line in args.steps.read_text().splitlines() if line.strip()] if args.steps.is_file() else []
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        parser.error(f"argument out: cannot write gpu_check.json and summary.md into {str(args.out)!r}")
+    steps = read_steps(parser, args.steps)
     default = read_json(args.out / "default_run.json")
     metrics = read_json(args.default_metrics) if args.default_metrics else None
     parity = read_json(args.out / "parity.json")
@@ -121,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
               "parity": parity, "throughput": throughput,
               "activations": activations}
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    print("\n".join(md))
+    with reader_may_leave():  # `... | head` is no error: the files are written already
+        print("\n".join(md))
     return 1 if failed else 0
 
 

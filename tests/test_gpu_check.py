@@ -74,3 +74,43 @@ def test_summary_shows_a_missing_mfu_as_a_dash() -> None:
     tp = {"budget_gib_per_rank": 1.0, "common_micro_batch": 2, "peak_flops_per_rank": 1e12, "peak_flops_source": "x",
           "overrides": [], "variants": {"g4": row}}
     assert throughput_lines(tp)[-1] == "| g4 | 1.00 | 100 | 25.0% | 1.000 | - | - | - | - | - |"
+
+
+def _report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check_report.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case, named", [
+    ("no arguments", "required: out, --steps"),  # was argparse's usage block, its last line `PROG: error: ...`
+    ("missing out", "'{tmp}/nope': folder not found"),  # FileNotFoundError traceback
+    ("out is a file", "'{tmp}/steps.jsonl' is a file, expected a folder"),  # NotADirectoryError traceback
+    ("missing steps", "argument --steps: 'x': file not found"),  # read as no steps at all: exit 0
+    ("steps is a folder", "is a folder, expected a file"),
+    ("bad steps line", "line 2 is not a JSON object with step, rc and seconds"),
+    ("missing metrics", "argument --default-metrics"),
+    ("dry-run 2", "argument --dry-run"),
+])
+def test_report_bad_arguments_are_one_error_line(tmp_path: Path, case: str, named: str) -> None:
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text('{"step": "parity", "rc": 0, "seconds": 3}\n' + ("oops\n" if case == "bad steps line" else ""))
+    out, given = str(tmp_path), str(steps)
+    args = {"no arguments": [], "missing out": [f"{tmp_path}/nope", "--steps", given],
+            "out is a file": [given, "--steps", given], "missing steps": [out, "--steps", "x"],
+            "steps is a folder": [out, "--steps", out], "bad steps line": [out, "--steps", given],
+            "missing metrics": [out, "--steps", given, "--default-metrics", f"{tmp_path}/m.json"],
+            "dry-run 2": [out, "--steps", given, "--dry-run", "2"]}[case]
+    proc = _report(*args)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert named.format(tmp=tmp_path) in lines[0], lines[0]
+    assert not (tmp_path / "summary.md").exists()
+
+
+def test_report_of_a_folder_with_no_results_says_so(tmp_path: Path) -> None:
+    """Each result may be missing when its step failed: the summary says so, and a failed step exits 1."""
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text('{"step": "parity", "rc": 124, "seconds": 3}\n')
+    proc = _report(str(tmp_path), "--steps", str(steps), "--dry-run", "1")
+    assert proc.returncode == 1 and "parity: no result" in proc.stdout, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["failed_steps"] == ["parity"]

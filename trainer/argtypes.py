@@ -41,6 +41,27 @@ def output_file(text: str) -> str:
     return text
 
 
+def input_file(text: str) -> Path:
+    """A file a tool reads: a missing one, or a folder, is refused as it is parsed (not read as empty, nor a
+    traceback once the tool has started)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: file not found")
+    return path
+
+
+def input_folder(text: str) -> Path:
+    """A folder a tool reads (and may write its results into): missing, or a file, refused as it is parsed."""
+    path = Path(text)
+    if path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, expected a folder")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: folder not found")
+    return path
+
+
 def refuse_repeats(flag: str, values: Sequence[object]) -> None:
     """A list flag (sizes, cells, variants, tasks) naming one entry twice would measure or score it twice, and
     count it twice in a mean: ValueError naming the flag and the repeated entry."""
