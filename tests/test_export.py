@@ -247,3 +247,84 @@ def test_config_edited_after_the_checkpoint_is_named(tmp_path, capsys) -> None:
                    tmp_path / "run" / "checkpoints" / "step00000002" / f"trainer_state_rank{rank}.pt")
     _fails(capsys, [str(tmp_path / "run")], "model.d_model=96, this run has 64; "
            f"{(tmp_path / 'run' / 'config.yaml').resolve()} was edited after the checkpoint was written")
+
+
+# ---- bf16 runs: parity judged against bf16's own rounding noise ----------------------------------------
+
+BF16_RUN = ["run.precision=bf16", "run.steps=60", "run.log_every=60", "run.eval_every=0", "run.eval_batches=1"]
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory) -> dict:
+    """The auditor's bf16 run (default corpus, 60 steps: logits near 6, where one bf16 ulp is 0.03), exported
+    by the CLI, plus the engine's logits of its parity batch from the export's own worker ranks."""
+    from trainer.launch import spawn_cpu_ranks
+
+    runs = tmp_path_factory.mktemp("bf16_runs")
+    proc = subprocess.run([sys.executable, "run.sh", *BF16_RUN, f"run.out_dir={runs}", "run.name=b"], cwd=REPO_ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_dir = runs / "b"
+    cli = subprocess.run([sys.executable, "-m", "trainer.export", str(run_dir)], cwd=REPO_ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    stage, scratch = runs / "stage", runs / "scratch"
+    stage.mkdir(), scratch.mkdir()
+    worker = spawn_cpu_ranks(["trainer.export", "--worker", str(run_dir), "--tag", "step00000060", "--stage", str(stage),
+                              "--scratch", str(scratch), "--step", "60"], 2, capture=True)
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    return {"run_dir": run_dir, "cli": cli, "stage": stage, "scratch": scratch}
+
+
+@pytest.mark.distributed
+def test_bf16_export_passes_after_training(bf16_run) -> None:
+    """A fixed 5e-2 bound failed this export (max |diff| 0.125 at logits near 6: 4 bf16 ulps, or one top-k
+    routing choice flipped by rounding) and evaluate then refused the run."""
+    cli = bf16_run["cli"]
+    assert cli.returncode == 0 and "PASS" in cli.stdout, cli.stdout[-3000:] + cli.stderr[-3000:]
+    report = json.loads((bf16_run["run_dir"] / "export" / "step00000060" / "export.json").read_text())
+    ex = report["parity"]["exported"]
+    assert report["rule"] == "bf16-mean" and ex["mean_abs_logit_diff"] <= ex["bf16_noise_mean_abs"]
+    assert "mean |diff|" in cli.stdout
+
+
+def _tampered(stage: Path, dest: Path, change) -> Path:
+    """A copy of the export with one tensor changed, as a broken gather or name mapping would leave it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(stage, dest)
+    weights = load_file(str(dest / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def _swap_experts(w: dict) -> None:  # experts 0 and 1 of the first (tied leader) bank exchanged
+    key = next(k for k in w if k.endswith("mlp.experts.gate_up_proj"))
+    w[key] = w[key][[1, 0, *range(2, w[key].shape[0])]].contiguous()
+
+
+def _permute_q(w: dict) -> None:  # one attention projection's rows permuted
+    key = next(k for k in w if k.endswith("self_attn.q_proj.weight"))
+    w[key] = w[key][torch.randperm(w[key].shape[0], generator=torch.Generator().manual_seed(0))].contiguous()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("change", [None, _swap_experts, _permute_q], ids=["honest", "swapped-experts", "permuted-q"])
+def test_bf16_parity_still_catches_a_broken_export(bf16_run, tmp_path, change) -> None:
+    stage = bf16_run["stage"] if change is None else _tampered(bf16_run["stage"], tmp_path / "x", change)
+    parity = export.check_parity(stage, bf16_run["scratch"], "bf16", hf=False)
+    ok, rule = export.judge(parity, "bf16", None)
+    assert ok == (change is None), parity
+    if change is None:  # the old fixed bound would have failed this honest export
+        assert parity["exported"]["max_abs_logit_diff"] > 5e-2
+
+
+@pytest.mark.distributed
+def test_bf16_tol_is_honoured(bf16_run) -> None:
+    """--tol was silently replaced by 5e-2 for bf16 runs; given, it bounds the largest |diff| there too."""
+    parity = export.check_parity(bf16_run["stage"], bf16_run["scratch"], "bf16", hf=False)
+    largest = parity["exported"]["max_abs_logit_diff"]
+    assert export.judge(parity, "bf16", largest * 2) == (True, {"tolerance": largest * 2, "rule": "max"})
+    assert export.judge(parity, "bf16", largest / 2)[0] is False
