@@ -360,13 +360,17 @@ def test_only_passing_tokenizer_aware_exports_are_reused(tmp_path) -> None:
     from trainer.evaluate import _reusable
 
     out = _hand_export(tmp_path / "export", 512, None)
-    assert not _reusable(out)  # no export.json: never checked
-    (out / "export.json").write_text(json.dumps({"ok": True}))
-    assert _reusable(out)
     meta = json.loads((out / "config.json").read_text())
+    meta["source"]["checkpoint_sha256"] = "aa"
+    (out / "config.json").write_text(json.dumps(meta))
+    assert not _reusable(out, "aa")  # no export.json: never checked
+    (out / "export.json").write_text(json.dumps({"ok": True}))
+    assert _reusable(out, "aa")
+    assert not _reusable(out, "bb")  # the tag was rewritten since (rollback, run.resume=never): export again
+    assert not _reusable(out, None)  # a tag without a manifest: nothing tells which write it was
     del meta["tokenizer"]  # written before exports carried tokenizers: export again
     (out / "config.json").write_text(json.dumps(meta))
-    assert not _reusable(out)
+    assert not _reusable(out, "aa")
 
 
 @pytest.mark.distributed
@@ -526,7 +530,7 @@ def test_hf_on_a_run_exports_with_hf(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(export, "resolve", fake_resolve)
     monkeypatch.setattr(export, "run_export", fake_run_export)
-    monkeypatch.setattr(evaluate, "_reusable", lambda out: True)  # an export is there, without hf/
+    monkeypatch.setattr(evaluate, "_reusable", lambda out, fingerprint: True)  # an export is there, without hf/
     with pytest.raises(ValueError, match="stop here"):
         evaluate.resolve_target(run, hf=True)
     assert calls == [("resolve", True), ("export", True)]  # resolve(hf=True) refuses what HF cannot express
@@ -696,3 +700,50 @@ def test_validation_metrics_match_plain_cross_entropy(dtype) -> None:
     assert got["tokens"] == 5 * seq_len and got["bytes"] == 5 * seq_len
     assert got["ce"] == pytest.approx(want, rel=1e-6)
     assert got["bits_per_byte"] == pytest.approx(want / math.log(2), rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_a_rewritten_checkpoint_is_exported_again_and_old_results_are_marked_stale(tmp_path, capsys) -> None:
+    """After a rollback and retraining, step 4 is another model under the same tag name: evaluate scored the
+    export of the old step 4 again ('using the export ...') and compare showed its result as the run's."""
+    from trainer import checkpoint, evaluate, rollback
+    from trainer.export import load_exported
+
+    shards = build_fixture_dataset(tmp_path / "shards")
+    train = ["run.sh", f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", "run.steps=4",
+             "run.save_every=2", "run.keep_checkpoints=0", f"run.out_dir={tmp_path / 'runs'}", "run.name=rb",
+             "data.seq_len=32", "batch.micro_batch_size=4", "run.eval_batches=1"]
+    run_dir, evaluate_it = tmp_path / "runs" / "rb", [str(tmp_path / "runs" / "rb"), "--tasks", "none"]
+    proc = _run(train)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert evaluate.main(evaluate_it) == 0
+    first = json.loads((run_dir / "eval" / "step00000004.json").read_text())
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    rollback.rollback(run_dir, "step00000002")
+    proc = _run(train + ["optim.lr=1e-2"])  # steps 3-4 trained again, differently
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    capsys.readouterr()
+
+    assert evaluate.main(evaluate_it) == 0
+    err = capsys.readouterr().err
+    assert "using the export" not in err and "came from an earlier write of step00000004" in err, err
+    export_dir = run_dir / "export" / "step00000004"
+    now = checkpoint.fingerprint(run_dir / "checkpoints", "step00000004")
+    assert json.loads((export_dir / "config.json").read_text())["source"]["checkpoint_sha256"] == now
+    second = json.loads((run_dir / "eval" / "step00000004.json").read_text())
+    assert second["checkpoint_sha256"] == now != first["checkpoint_sha256"]
+    assert abs(second["validation"]["ce"] - first["validation"]["ce"]) > 1e-3
+
+    # reference: the new checkpoint's weights (freshly exported) scored by plain cross-entropy on the same windows
+    model = load_exported(export_dir)
+    tokens, seq_len = evaluate.validation_tokens(run_dir, export_dir / "tokenizer.json", None, "<|endoftext|>")
+    ids = torch.stack([torch.as_tensor(tokens[w * seq_len: (w + 1) * seq_len + 1], dtype=torch.long)
+                       for w in range((len(tokens) - 1) // seq_len)])
+    with torch.no_grad():
+        logits = model(ids[:, :-1])
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert abs(second["validation"]["ce"] - ce) < 1e-4
+
+    table = evaluate.compare([str(tmp_path / "first.json"), str(run_dir / "eval" / "step00000004.json")])
+    assert "rb@step00000004 (stale)" in table and "note: rb@step00000004 (stale): scored an earlier write" in table
+    assert table.count("(stale)") == 2  # the column header and its note; the current result is not marked

@@ -182,6 +182,14 @@ def write_manifest(tag_dir: Path, step: int, world_size: int) -> None:
         part.unlink()
 
 
+def fingerprint(ckpt_dir: Path, tag: str) -> str | None:
+    """sha256 of `<tag>/manifest.json`: it lists every file's sha256 and is rewritten by each save, so it
+    tells a tag rewritten after a rollback or `run.resume=never` from the one an export or result came
+    from (the tag name alone does not). None for a tag without a manifest (nothing cheap to compare)."""
+    path = Path(ckpt_dir) / tag / MANIFEST
+    return _sha256(path) if path.is_file() else None
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())

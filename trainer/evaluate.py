@@ -6,7 +6,9 @@
 
 TARGET is a run directory (its latest checkpoint), a checkpoint directory (`runs/<name>/checkpoints/
 <tag>`) or an export directory (`python -m trainer.export`). A checkpoint is exported first, with the
-export code and its parity check, into `runs/<name>/export/<tag>` (reused when already there).
+export code and its parity check, into `runs/<name>/export/<tag>` (reused when already there and made from
+the checkpoint as it is now: the sha256 of the tag's manifest.json, so a tag rewritten after a rollback or
+`run.resume=never` is exported again; `compare` marks results of an earlier write `(stale)`).
 
 Reported:
 - validation cross-entropy (nats/token), perplexity and bits-per-byte on the run's held-out split (packed
@@ -91,15 +93,38 @@ def _export_target(export_dir: Path) -> Target:
     return Target(export_dir, run_dir, source.get("tag") or export_dir.name)
 
 
-def _reusable(export_dir: Path) -> bool:
-    """A passing export that records its tokenizer (older exports predate tokenizers: export again)."""
+def _reusable(export_dir: Path, fingerprint: str | None) -> bool:
+    """A passing export that records its tokenizer (older exports predate tokenizers: export again) and was
+    made from this very write of its tag: a tag rewritten after a rollback or `run.resume=never` has the old
+    name but other weights, so the name alone would score a stale model."""
     from trainer.export import CONFIG, REPORT
 
     try:
         report = json.loads((export_dir / REPORT).read_text())
-        return bool(report.get("ok")) and "tokenizer" in json.loads((export_dir / CONFIG).read_text())
+        meta = json.loads((export_dir / CONFIG).read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    return (bool(report.get("ok")) and isinstance(meta, dict) and "tokenizer" in meta and fingerprint is not None
+            and _source_fingerprint(meta) == fingerprint)
+
+
+def _source_fingerprint(meta: Any) -> str | None:
+    """The checkpoint fingerprint an export's config.json records (None: older export, or none recorded)."""
+    source = meta.get("source") if isinstance(meta, dict) else None
+    return source.get("checkpoint_sha256") if isinstance(source, dict) else None
+
+
+def _stale_note(export_dir: Path, fingerprint: str | None) -> str:
+    """Why an export there is not reused (empty when there is none to speak of)."""
+    if not (export_dir / "config.json").is_file():
+        return ""
+    try:
+        made_from = _source_fingerprint(json.loads((export_dir / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError):
+        return ""
+    if fingerprint is not None and made_from is not None and made_from != fingerprint:
+        return f" (the export there came from an earlier write of {export_dir.name}: the checkpoint was rewritten since)"
+    return ""
 
 
 def _exported(run_dir: Path, tag: str | None, hf: bool = False) -> Target:
@@ -112,10 +137,10 @@ def _exported(run_dir: Path, tag: str | None, hf: bool = False) -> Target:
 
     src = export.resolve(run_dir, tag, hf)
     out = src.run_dir / "export" / src.tag
-    if _reusable(out) and (not hf or (out / "hf" / "config.json").is_file()):
+    if _reusable(out, src.fingerprint) and (not hf or (out / "hf" / "config.json").is_file()):
         print(f"using the export {out}", file=sys.stderr)
         return Target(out, src.run_dir, src.tag)
-    print(f"exporting {src.ckpt_dir / src.tag} -> {out} ...", file=sys.stderr)
+    print(f"exporting {src.ckpt_dir / src.tag} -> {out}{_stale_note(out, src.fingerprint)} ...", file=sys.stderr)
     ok, _, dest = export.run_export(src.run_dir, src.tag, hf=hf)
     if not ok:
         raise RuntimeError(f"export of {src.ckpt_dir / src.tag} failed its parity check; see {dest}")
@@ -510,7 +535,8 @@ def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | No
     if tasks:  # an impossible fit is refused before anything is scored
         check_num_fewshot(tasks, num_fewshot, tokenizer_file, cfg.max_seq_len)
     result: dict[str, Any] = {"target": str(target.export_dir), "run_dir": str(target.run_dir or ""),
-                              "tag": target.tag, "model": "hf" if hf else "tiedmoe"}
+                              "tag": target.tag, "model": "hf" if hf else "tiedmoe",
+                              "checkpoint_sha256": _source_fingerprint(read_config(target.export_dir))}
     if hf:  # a missing, incomplete or foreign hf/ is refused before any scoring
         hf_model = load_hf(target.export_dir)
         result["hf_parity"] = check_hf_parity(hf_model, model, target.export_dir / "hf")
@@ -612,12 +638,28 @@ def load_result(result_path: Path) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"{result_path}: not a trainer.evaluate result") from None
 
 
+def stale(result: dict[str, Any]) -> bool:
+    """The result scored an earlier write of its checkpoint tag than the run holds now (a rollback or
+    `run.resume=never` retrained it): shown as current, it would pass old numbers off as the run's."""
+    from trainer import checkpoint
+
+    recorded = result.get("checkpoint_sha256")
+    if not recorded or not result.get("run_dir"):
+        return False
+    now = checkpoint.fingerprint(Path(result["run_dir"]) / "checkpoints", str(result["tag"]))
+    return now is not None and now != recorded
+
+
 def compare(paths: list[str]) -> str:
-    columns = {}
+    columns, notes = {}, []
     for arg in paths:
         name, result = load_result(find_result(arg))
+        if stale(result):
+            name += " (stale)"
+            notes.append(f"note: {name}: scored an earlier write of checkpoint {result['tag']}; the run's checkpoint "
+                         f"was rewritten since (evaluate it again)")
         columns[name if name not in columns else f"{name} ({len(columns)})"] = result
-    return markdown_table(columns)
+    return "\n".join([markdown_table(columns), *notes])
 
 
 # --------------------------------------------------------------------------------------------------

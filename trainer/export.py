@@ -131,6 +131,7 @@ class Source:
     world_size: int
     step: int | None
     cfg: Any  # TrainConfig
+    fingerprint: str | None = None  # checkpoint.fingerprint of the tag: which write of it was exported
 
 
 def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
@@ -176,7 +177,7 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
                                   hint=f"{run_dir / 'config.yaml'} was edited after the checkpoint was written: "
                                        f"restore the value it was written with")
     cfg.for_world(world)  # the checkpoint's layout must still be a valid one for this config
-    return Source(run_dir, ckpt_dir, tag, world, state.get("step"), cfg)
+    return Source(run_dir, ckpt_dir, tag, world, state.get("step"), cfg, checkpoint.fingerprint(ckpt_dir, tag))
 
 
 def check_out(out: Path) -> None:
@@ -245,6 +246,7 @@ def worker(args: argparse.Namespace) -> None:
         out = Path(args.stage)
         save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
         source = {"run_dir": str(run_dir), "tag": args.tag, "step": args.step, "world_size": world,
+                  "checkpoint_sha256": args.fingerprint,
                   "zero_stage": engine.zero_optimization_stage(),
                   "expert_parallel_size": cfg.parallel.expert_parallel_size, "precision": cfg.run.precision,
                   "weights": "optimizer fp32 master" if cfg.run.precision == "bf16" else "module (fp32)"}
@@ -403,7 +405,8 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     try:
         with tempfile.TemporaryDirectory() as scratch:
             proc = spawn_cpu_ranks(["trainer.export", "--worker", str(src.run_dir), "--tag", src.tag,
-                                    "--stage", str(stage), "--scratch", scratch, "--step", str(src.step)],
+                                    "--stage", str(stage), "--scratch", scratch, "--step", str(src.step),
+                                    "--fingerprint", str(src.fingerprint)],
                                    src.world_size, capture=True)
             if proc.returncode != 0 or not (Path(scratch) / "engine_logits.pt").is_file():
                 errors = re.findall(r"^\[rank\d+\]: (\w*(?:Error|Exception)\b.*)$", proc.stderr, re.M)
@@ -479,9 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("--fingerprint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         args.step = None if args.step in (None, "None") else int(args.step)
+        args.fingerprint = None if args.fingerprint in (None, "None") else args.fingerprint
         worker(args)
         return 0
     try:
