@@ -96,7 +96,7 @@ def test_export_ships_the_run_tokenizer(hf_export) -> None:
     report = json.loads((out / "export.json").read_text())
     assert report["tokenizer"]["eos_token_id"] == 0 and report["tokenizer"]["file"] == "tokenizer.json"
     for where in (out, out / "hf"):
-        tok = AutoTokenizer.from_pretrained(str(where))
+        tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=where.name == "hf")
         ids = tok(TEXT)["input_ids"]
         assert len(ids) > 10 and max(ids) < FIXTURE_VOCAB_SIZE
         assert tok.decode(ids) == TEXT
@@ -104,6 +104,37 @@ def test_export_ships_the_run_tokenizer(hf_export) -> None:
     for name in ("config.json", "generation_config.json"):
         cfg = json.loads((out / "hf" / name).read_text())
         assert (cfg["eos_token_id"], cfg["bos_token_id"], cfg["pad_token_id"]) == (0, 0, 0), name
+
+
+TOKENIZER_CALLS = {  # what README's Export section tells a user to call, per folder
+    "export": "AutoTokenizer.from_pretrained(d)",
+    "hf": "AutoTokenizer.from_pretrained(d, trust_remote_code=True)",  # tied layout: config.json names custom code
+    "hf ": "PreTrainedTokenizerFast.from_pretrained(d)",
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("where, call", list(TOKENIZER_CALLS.items()))
+def test_documented_tokenizer_loading_neither_asks_nor_warns(hf_export, where, call) -> None:
+    """Plain AutoTokenizer on the tied hf/ read config.json first (transformers 5 always does), whose auto_map
+    names custom code: in a terminal it asked 'Do you wish to run the custom code? [y/N]', else it warned
+    'You are using a model of type tiedmoe_olmoe to instantiate a model of type'. stdin closed, as in a job."""
+    folder = hf_export["export"] / where.strip() if where.strip() != "export" else hf_export["export"]
+    code = (f"from transformers import AutoTokenizer, PreTrainedTokenizerFast\nd = {str(folder)!r}\ntok = {call}\n"
+            f"print(repr(tok.decode(tok({TEXT!r})['input_ids'])), tok.eos_token_id)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env={**_env(), "HF_HUB_OFFLINE": "1"},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"{TEXT!r} 0"
+    assert "custom code" not in proc.stderr and "instantiate a model of type" not in proc.stderr, proc.stderr
+
+
+def test_readme_names_the_tokenizer_calls_that_work() -> None:
+    """The tied hf/ cannot be read by a bare AutoTokenizer without asking about custom code: README must say
+    how (it promised `AutoTokenizer.from_pretrained(DIR)` for hf/ too)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    for call in set(TOKENIZER_CALLS.values()):
+        assert call.replace("(d", "(DIR") in readme, call
 
 
 @pytest.mark.distributed
