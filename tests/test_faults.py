@@ -107,6 +107,26 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_latest_stays(tmp_pa
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
 
 
+def test_resume_on_other_data_names_the_checkpoint_and_the_data_settings(tmp_path: Path) -> None:
+    """Another data.path on resume was refused with "loader state field 'num_windows' is 38701 but this loader has
+    312; cannot resume exactly": neither the checkpoint nor the setting was named."""
+    from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
+
+    one = build_fixture_dataset(tmp_path / "one")
+    other = build_fixture_dataset(tmp_path / "other", validation_fraction=0.3)
+    args = ["data.source=shards", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", f"run.out_dir={tmp_path}", "run.name=d",
+            "run.steps=4"]
+    first = _run([*args, f"data.path={one}", "run.stop_at_step=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    refused = _run([*args, f"data.path={other}"])
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = _errors(refused.stderr)
+    assert len(errors) == 1, refused.stderr[-3000:]
+    assert errors[0].startswith(f"error: checkpoint {tmp_path / 'd' / 'checkpoints' / 'step00000002'}: its data "
+                                f"position does not fit this run's data"), errors
+    assert "data.* settings" in errors[0] and "run.resume=never" in errors[0], errors
+
+
 def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path: Path) -> None:
     """Steps logged after the checkpoint a run resumes from are trained again: their metrics.jsonl rows
     and TensorBoard points were kept and written a second time (step 3 twice here)."""

@@ -44,21 +44,21 @@ def output_file(text: str) -> str:
 def input_file(text: str) -> Path:
     """A file a tool reads: a missing one, or a folder, is refused as it is parsed (not read as empty, nor a
     traceback once the tool has started)."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text!r}: file not found")
-    return path
+    return _existing(text, folder=False)
 
 
 def input_folder(text: str) -> Path:
     """A folder a tool reads (and may write its results into): missing, or a file, refused as it is parsed."""
+    return _existing(text, folder=True)
+
+
+def _existing(text: str, folder: bool) -> Path:
     path = Path(text)
-    if path.is_file():
-        raise argparse.ArgumentTypeError(f"{text!r} is a file, expected a folder")
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: folder not found")
+    kind, other = ("folder", "file") if folder else ("file", "folder")
+    if path.exists() and path.is_dir() != folder:
+        raise argparse.ArgumentTypeError(f"{text!r} is a {other}, expected a {kind}")
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text!r}: {kind} not found")
     return path
 
 

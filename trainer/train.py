@@ -161,7 +161,12 @@ def _resume(s: Session, run_dir: Path) -> int:
         eng.barrier()
         return 0
     state = checkpoint.load(s.engine, ckpt_dir, point.tag, verify=False)
-    s.source.load_state_dict(state["data"])
+    try:
+        s.source.load_state_dict(state["data"])
+    except ValueError as err:  # named neither the checkpoint nor the setting that changed
+        raise ValueError(f"checkpoint {ckpt_dir / point.tag}: its data position does not fit this run's data ({err}); "
+                         f"resume with the data it was written with (the data.* settings in "
+                         f"{run_dir / 'config.yaml'}), or use another run.name or run.resume=never") from None
     if s.rank == 0:
         note = checkpoint.check_identity(ckpt_dir, point.tag, ident)  # the batch change it accepted, if any
         if note:
@@ -254,7 +259,7 @@ def _routing(s: Session, out: StepResult) -> dict[str, float]:
 
 def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, start: int, stop: int) -> RunResult:
     """Final validation loss and summary.json (nothing when the run was already complete)."""
-    finishing = start >= stop and not _summary_written(run_dir, stop)
+    finishing = start == stop and not _summary_written(run_dir, stop)  # (a checkpoint past run.stop_at_step: not)
     if finishing:  # a stop during the final validation: `nothing to do` left the run without its summary for good
         if s.rank == 0:
             print(f"step {stop} is trained and saved, but its final validation and summary.json were not written "
