@@ -716,3 +716,24 @@ def test_ds_config_key_written_twice_is_refused(tmp_path, text, key):
 def test_ds_config_that_is_a_directory_says_so(tmp_path):
     message = bad_overrides([f"parallel.ds_config={tmp_path}"], "parallel.ds_config")
     assert f"{tmp_path} is a directory, expected a JSON file" in message and "not found" not in message
+
+
+def test_eval_batches_past_the_validation_split_gets_a_note(tmp_path: Path) -> None:
+    """run.eval_batches larger than the packed validation split re-read its windows (a new epoch of the loader)
+    without a word; the note's counts are the loader's own."""
+    from data_prep.loader import TokenWindowLoader
+    from data_prep.testing import FIXTURE_VOCAB_SIZE, build_fixture_dataset
+    from trainer.data import validation_reuse_note
+
+    shards = build_fixture_dataset(tmp_path / "shards")
+    base = ["data.source=shards", f"data.path={shards}", f"model.vocab_size={FIXTURE_VOCAB_SIZE}", "data.seq_len=32",
+            "batch.micro_batch_size=4"]
+    per_rank = TokenWindowLoader(shards, "validation", 32, 4, rank=0, world_size=2).windows_per_rank
+    fits = per_rank // 4
+    assert validation_reuse_note(load_config(None, [*base, f"run.eval_batches={fits}"]), 2) is None
+    note = validation_reuse_note(load_config(None, [*base, f"run.eval_batches={fits + 1}"]), 2)
+    assert note is not None and note.startswith(f"note: run.eval_batches={fits + 1} x batch.micro_batch_size=4 "
+                                                f"reads {4 * (fits + 1)} validation windows per rank; the split has "
+                                                f"{per_rank} per rank"), note
+    assert note.endswith(f"run.eval_batches={fits} reads each at most once"), note
+    assert validation_reuse_note(load_config(None, ["data.source=random", "run.eval_batches=1000"]), 2) is None

@@ -15,7 +15,7 @@ from models.config import plan_notes
 from trainer import checkpoint, downstream, run_lock
 from trainer import engine as eng
 from trainer.config import TrainConfig
-from trainer.data import check_source, ensure_data
+from trainer.data import check_source, ensure_data, validation_reuse_note
 from trainer.memory import write_run_report
 from trainer.metrics import Progress, dumps
 from trainer.preemption import LAUNCHER_GONE, StopSignal
@@ -118,6 +118,9 @@ def _start(cfg: TrainConfig) -> tuple[Session, Path]:
         for note in plan_notes(s.model_cfg):  # a short last group, or tie_* settings that tie nothing
             print(f"note: model: {note}", flush=True)
         for note in s.cfg.unused_optim_notes():
+            print(note, flush=True)
+        note = validation_reuse_note(s.cfg, s.world)
+        if note:
             print(note, flush=True)
     return s, run_dir
 
