@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from trainer.config import REPO_ROOT, load_config
 from trainer.reference import reference_run
@@ -68,6 +69,16 @@ def test_continue_on_another_layout_matches_the_reference(converted: Path, tmp_p
     expected = reference_run(cfg, ranks, start=state).losses
     assert sorted(got) == [1, 2, 3, 4, 5, 6]  # metrics.jsonl goes on across the switch
     assert max(abs(got[s] - e) for s, e in zip((4, 5, 6), expected)) <= 1e-5, (got, expected)
+    if ranks == 2:
+        # A tag from before the switch exports on the layout that wrote it (config.yaml now says ZeRO-1 EP1: it
+        # was refused with "written with parallel.expert_parallel_size=2 ... resume with the same layout")
+        old = _run(["-m", "trainer.export", str(out / "r"), "--tag", "step00000003"])
+        assert old.returncode == 0 and "PASS" in old.stdout, old.stdout[-2000:] + old.stderr[-3000:]
+        source = json.loads((out / "r" / "export" / "step00000003" / "config.json").read_text())["source"]
+        assert (source["zero_stage"], source["expert_parallel_size"]) == (3, 2), source
+        export_weights = load_file(str(out / "r" / "export" / "step00000003" / "model.safetensors"))
+        assert export_weights.keys() == state["weights"].keys()
+        assert all(torch.equal(export_weights[k], v) for k, v in state["weights"].items()), "not the tag's weights"
 
 
 @pytest.mark.parametrize("optim", ["sgd", "muon"])

@@ -132,6 +132,7 @@ class Source:
     step: int | None
     cfg: Any  # TrainConfig
     fingerprint: str | None = None  # checkpoint.fingerprint of the tag: which write of it was exported
+    layout: tuple[str, ...] = ()  # overrides that load the tag on the layout that wrote it (`written_layout`)
 
 
 def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
@@ -172,12 +173,33 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
         raise ValueError(f"checkpoint {ckpt_dir / tag}: written by {world} ranks, but "
                          f"trainer_state_rank{missing[0]}.pt is missing")
     checkpoint.verify_tag(ckpt_dir, tag, world)  # a truncated or corrupted file is named here, not in a rank
+    layout = written_layout(cfg, state.get("identity") or {})
+    if layout:
+        cfg = load_config(run_dir / "config.yaml", list(layout))
     if state.get("identity") is not None:  # config.yaml edited since the checkpoint was written?
         checkpoint.check_identity(ckpt_dir, tag, checkpoint.identity(cfg),
                                   hint=f"{run_dir / 'config.yaml'} was edited after the checkpoint was written: "
                                        f"restore the value it was written with")
     cfg.for_world(world)  # the checkpoint's layout must still be a valid one for this config
-    return Source(run_dir, ckpt_dir, tag, world, state.get("step"), cfg, checkpoint.fingerprint(ckpt_dir, tag))
+    return Source(run_dir, ckpt_dir, tag, world, state.get("step"), cfg, checkpoint.fingerprint(ckpt_dir, tag),
+                  layout)
+
+
+def written_layout(cfg: Any, saved: dict[str, Any]) -> tuple[str, ...]:
+    """Overrides of config.yaml that give the layout (expert-parallel size, ZeRO stage) a tag was written on.
+
+    After `trainer.reshard` the run continues on another layout and config.yaml says the new one; the tags
+    from before were refused ("resume with the same layout") though exporting needs no resume: DeepSpeed
+    loads them on their own layout, then the weights are gathered whole. The shipped ds_config of that stage
+    is used (engine settings other than the stage do not change what a checkpoint holds)."""
+    from trainer.config import zero_stage
+
+    overrides = []
+    if "expert_parallel_size" in saved and saved["expert_parallel_size"] != cfg.parallel.expert_parallel_size:
+        overrides.append(f"parallel.expert_parallel_size={saved['expert_parallel_size']}")
+    if "zero_stage" in saved and saved["zero_stage"] != zero_stage(cfg):
+        overrides.append(f"parallel.ds_config=ds_configs/zero{saved['zero_stage']}.json")
+    return tuple(overrides)
 
 
 def check_out(out: Path) -> None:
@@ -222,7 +244,7 @@ def worker(args: argparse.Namespace) -> None:
     eng.init_distributed()
     rank, world = eng.rank(), eng.world_size()
     run_dir = Path(args.run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", args.layout or [])
     cfg = cfg.for_world(world)
     model_cfg = cfg.model_config()
     engine, _ = eng.initialize(eng.build(model_cfg, cfg), cfg)
@@ -406,7 +428,8 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
         with tempfile.TemporaryDirectory() as scratch:
             proc = spawn_cpu_ranks(["trainer.export", "--worker", str(src.run_dir), "--tag", src.tag,
                                     "--stage", str(stage), "--scratch", scratch, "--step", str(src.step),
-                                    "--fingerprint", str(src.fingerprint)],
+                                    "--fingerprint", str(src.fingerprint),
+                                    *(f"--layout={override}" for override in src.layout)],
                                    src.world_size, capture=True)
             if proc.returncode != 0 or not (Path(scratch) / "engine_logits.pt").is_file():
                 errors = re.findall(r"^\[rank\d+\]: (\w*(?:Error|Exception)\b.*)$", proc.stderr, re.M)
@@ -483,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--fingerprint", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", action="append", help=argparse.SUPPRESS)  # `written_layout` overrides
     args = parser.parse_args(argv)
     if args.worker:
         args.step = None if args.step in (None, "None") else int(args.step)
