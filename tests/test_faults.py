@@ -83,6 +83,28 @@ def test_a_run_stopped_during_its_final_validation_is_finished_by_the_next_start
     assert third.returncode == 0 and "nothing to do" in third.stdout, third.stdout[-2000:]
 
 
+def test_a_summary_of_an_earlier_write_of_the_last_tag_does_not_count_as_finished(tmp_path: Path) -> None:
+    """After a rollback and a retrain, a stop during the final validation left the first run's summary.json (same
+    step count): the next start took it as written and said "nothing to do" for good."""
+    args = [f"run.out_dir={tmp_path}", "run.name=rb", "run.steps=4", "run.save_every=2"]
+    first = _run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "rb"
+    old = (run / "summary.json").read_text()
+    back = subprocess.run([sys.executable, "-m", "trainer.rollback", str(run), "--tag", "step00000002"], cwd=REPO_ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=60)
+    assert back.returncode == 0, back.stderr
+    retrained = _run(args + ["optim.lr=1e-2"])
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    new = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(old)  # as a stop inside the retrain's final validation leaves it
+    again = _run(args + ["optim.lr=1e-2"])
+    assert again.returncode == 0 and "writing them now" in again.stdout, again.stdout[-2000:]
+    redone = json.loads((run / "summary.json").read_text())
+    assert redone["val_ce"] == new["val_ce"] and redone["checkpoint_sha256"] == new["checkpoint_sha256"]
+    assert redone["checkpoint_sha256"] != json.loads(old)["checkpoint_sha256"]
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_latest_stays(tmp_path: Path) -> None:
     """A full disk (here a file-size limit, which root cannot bypass as it does permissions) was two tracebacks
     from torch.save inside DeepSpeed, exit 1."""
@@ -248,7 +270,8 @@ def test_sigusr1_and_sighup_stop_with_a_checkpoint(tmp_path: Path, sig: signal.S
     without a checkpoint: the launcher exited 1 ("a rank was killed by SIGUSR1") or died with every rank."""
     job = subprocess.Popen([sys.executable, "run.sh", *BASE, f"run.out_dir={tmp_path}", "run.name=s", "run.steps=400"],
                            cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+                           start_new_session=True,  # heeded even when the tests run under nohup (ignored: kept so)
+                           preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     _wait_for_step(job, 2)
     if target == "group":
         os.killpg(job.pid, sig)
@@ -298,7 +321,7 @@ def test_a_second_job_on_a_training_run_is_refused_and_the_first_goes_on(tmp_pat
     wrote the same tags, `latest` and metrics.jsonl over each other. Refused by the launcher, by rank 0 under
     torchrun, and by rollback; the lock dies with its job."""
     from trainer.launch import torchrun_command
-    args = [f"run.out_dir={tmp_path}", "run.name=busy", "run.steps=400", "run.save_every=1"]
+    args = [f"run.out_dir={tmp_path}", "run.name=busy", "run.steps=100000", "run.save_every=1"]
     job = _start(args)
     _wait_for_step(job, 2)
     holder = str(_ranks(job)[0].pid)

@@ -693,6 +693,18 @@ def test_a_key_written_twice_is_refused_beside_merges(tmp_path, text, key):
     one_line_error(lambda: load_config(path), key)
 
 
+def test_a_chain_of_merges_reads_as_safe_load_reads_it():
+    """A mapping that overrides a key it merged, merged again elsewhere, was refused as a duplicate: the loader
+    flattens it in place, so checking it a second time saw the key twice."""
+    import yaml
+
+    from trainer.config import _UniqueKeyLoader
+
+    text = "b: &b {k: 0}\nx: &x {<<: *b, k: 1}\nd: {<<: *x}\n"
+    assert yaml.load(text, Loader=_UniqueKeyLoader) == yaml.safe_load(text) == {"b": {"k": 0}, "x": {"k": 1},
+                                                                                   "d": {"k": 1}}
+
+
 def test_run_name_longer_than_a_file_name_is_refused():
     """The launcher's look for a checkpoint under runs/<name> ended in OSError 'File name too long' (exit 1)."""
     message = bad_overrides(["run.name=" + "a" * 300], "run.name")

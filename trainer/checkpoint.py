@@ -504,11 +504,12 @@ def save(engine: Any, ckpt_dir: Path, step: int, data_state: dict[str, Any], kee
         if rank == 0:
             write_manifest(ckpt_dir / tag, step, world)
             point_latest(ckpt_dir, tag)
-            _prune(ckpt_dir, keep, current=tag)
     except (OSError, RuntimeError) as err:
         if isinstance(err, RuntimeError) and "inline_container" not in str(err):  # not torch.save's file writer
             raise
         raise CheckpointNotWritten(_not_written(ckpt_dir, tag, err)) from None
+    if rank == 0:
+        _prune(ckpt_dir, keep, current=tag)  # after `latest` moved: the save succeeded whatever pruning meets
     eng.barrier()
     return tag
 

@@ -24,6 +24,12 @@ from trainer.config import REPO_ROOT, TrainConfig, load_config
 # Signals that stop a run with a checkpoint: SIGHUP (a closed terminal, when not under nohup) and SIGUSR1 (Slurm's
 # `--signal=USR1@N` warning before the time limit) killed the job without one. An ignored one stays ignored.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def heeded_stop_signals() -> list[signal.Signals]:
+    """The stop signals this process does not ignore (SIGHUP under nohup, SIGINT of a background job stay so)."""
+    return [sig for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+
 ERROR_DIR_ENV = "TIEDMOE_ERROR_DIR"  # where ranks started by trainer.launch leave their one-line error
 CALLER_CWD_ENV = "TIEDMOE_CALLER_CWD"  # the folder run.sh was called from (it then changes to the repo root)
 
@@ -90,8 +96,7 @@ def main(argv: list[str]) -> int:
     # which prints a traceback and drops it: the run went on), then acted on once they are done; from there
     # SIGTERM ends the process as Ctrl-C does, with one line and 130, until the training loop (ranks) or the
     # forwarding to the ranks (launcher) takes both signals over.
-    watched = [sig for sig in STOP_SIGNALS
-               if signal.getsignal(sig) is not signal.SIG_IGN]  # SIGINT of a background job stays ignored
+    watched = heeded_stop_signals()  # SIGINT of a background job stays ignored
     for sig in watched:
         signal.signal(sig, _record)
     try:
@@ -191,7 +196,7 @@ def _fail(err: object, code: int, in_rank: bool, alike_on_every_rank: bool = Fal
         path.with_suffix(".tmp").replace(path)  # the launcher reads it as soon as it appears: never half-written
         time.sleep(REPORTED_PAUSE_S)  # the launcher stops the peers while this rank's connections are still open
     elif in_rank and alike_on_every_rank and os.environ.get("LOCAL_RANK", "0") != "0":
-        for sig in STOP_SIGNALS:  # the launcher's stop ends this wait quietly: nothing to save
+        for sig in heeded_stop_signals():  # the launcher's stop ends this wait quietly: nothing to save
             signal.signal(sig, signal.SIG_DFL)
         time.sleep(PEER_GRACE_S)  # rank 0's exit comes first, so the launcher reports its code
     else:

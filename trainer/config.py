@@ -324,6 +324,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     one written in the mapping itself (YAML's meaning), which is no repeat."""
 
     def _refuse_repeats(self, node: yaml.MappingNode, deep: bool) -> None:
+        if id(node) in self._checked:  # an anchored mapping merged again: SafeConstructor flattened it in place,
+            return  # so its own override of a key it merged now reads as that key twice
+        self._checked.add(id(node))
         seen: set[Any] = set()
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:  # the merged mappings' own keys are checked, not the merge itself
@@ -341,6 +344,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):

@@ -115,10 +115,12 @@ def validation_reuse_note(cfg: TrainConfig, world_size: int) -> str | None:
     wanted = cfg.run.eval_batches * cfg.batch.micro_batch_size
     if per_rank < 1 or wanted <= per_rank:
         return None
+    fits = per_rank // cfg.batch.micro_batch_size
+    cure = (f"run.eval_batches={fits} reads each at most once" if fits else
+            "one micro-batch is already more than the split: a larger validation split reads each once")
     return (f"note: run.eval_batches={cfg.run.eval_batches} x batch.micro_batch_size={cfg.batch.micro_batch_size} "
             f"reads {wanted} validation windows per rank; the split has {per_rank} per rank, so validation reads "
-            f"them again (up to {-(-wanted // per_rank)} times); run.eval_batches="
-            f"{max(per_rank // cfg.batch.micro_batch_size, 1)} reads each at most once")
+            f"them again (up to {-(-wanted // per_rank)} times); {cure}")
 
 
 def check_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> None:

@@ -58,6 +58,9 @@ REPORT = "export.json"
 PARITY_BATCH = 2  # sequences in the fixed parity batch
 PARITY_SEED = 1234
 FP32_TOL = 1e-5  # default --tol: fp32 engine vs exported model differ by op order only
+# bf16: two bf16 forwards that round independently differ by up to ~sqrt(2) x one's distance from fp32 (other
+# op orders on other layouts); an honest export measured 0.27x, broken ones 4-20x
+BF16_NOISE_FACTOR = 2.0
 
 
 
@@ -378,10 +381,10 @@ def judge(parity: dict[str, Any], precision: str, tol: float | None) -> tuple[bo
         limit = FP32_TOL if tol is None else tol
         return all(v["max_abs_logit_diff"] <= limit for v in rows.values()), {"tolerance": limit, "rule": "max"}
     ex = rows["exported"]
-    ok = ex["mean_abs_logit_diff"] <= ex["bf16_noise_mean_abs"]
+    ok = ex["mean_abs_logit_diff"] <= BF16_NOISE_FACTOR * ex["bf16_noise_mean_abs"]
     if "hf" in rows:
         ok = ok and rows["hf"]["max_abs_diff_vs_exported"] <= FP32_TOL
-    return ok, {"tolerance": ex["bf16_noise_mean_abs"], "rule": "bf16-mean"}
+    return ok, {"tolerance": BF16_NOISE_FACTOR * ex["bf16_noise_mean_abs"], "rule": "bf16-mean"}
 
 
 def _publish(stage: Path, out: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from trainer import checkpoint, run_lock
-from trainer.cli import ERROR_DIR_ENV, STOP_SIGNALS, error_file_name
+from trainer.cli import ERROR_DIR_ENV, error_file_name, heeded_stop_signals
 from trainer.config import REPO_ROOT, TrainConfig
 from trainer.data import check_source, ensure_data
 from trainer.downstream import check_fewshot, check_task_names
@@ -202,8 +202,7 @@ def run_local_ranks(nproc: int, cmd: list[str], env: dict[str, str]) -> int:
         forwarded: list[int] = []
         # Forwarding is set up before the first rank starts: a signal while they start (a job killed at once)
         # reached a launcher that had none yet and died, leaving the started ranks running without it.
-        previous = {sig: signal.signal(sig, _forward_to(ranks, forwarded)) for sig in STOP_SIGNALS
-                    if signal.getsignal(sig) is not signal.SIG_IGN}
+        previous = {sig: signal.signal(sig, _forward_to(ranks, forwarded)) for sig in heeded_stop_signals()}
         try:
             for r in range(nproc):
                 if forwarded:

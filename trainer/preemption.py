@@ -17,7 +17,7 @@ from types import FrameType
 import psutil
 
 from trainer import engine as eng
-from trainer.cli import STOP_SIGNALS
+from trainer.cli import heeded_stop_signals
 
 _PR_SET_PDEATHSIG = 1
 
@@ -42,8 +42,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: str | None = _pending[-1] if _pending else None
-        self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS
-                          if signal.getsignal(sig) is not signal.SIG_IGN}
+        self._previous = {sig: signal.signal(sig, self._record) for sig in heeded_stop_signals()}
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name

@@ -40,12 +40,15 @@ def release(run_dir: Path) -> None:
 
 @contextmanager
 def held(run_dir: Path) -> Iterator[None]:
-    """The lock for the length of a tool's change to a run directory (rollback, reshard)."""
+    """The lock for the length of a tool's change to a run directory (rollback, reshard); one this process held
+    already (a training rank 0) stays held."""
+    taken = run_dir.resolve() not in _held
     claim(run_dir)
     try:
         yield
     finally:
-        release(run_dir)
+        if taken:
+            release(run_dir)
 
 
 def check_free(run_dir: Path) -> None:

@@ -262,7 +262,8 @@ def _routing(s: Session, out: StepResult) -> dict[str, float]:
 
 def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, start: int, stop: int) -> RunResult:
     """Final validation loss and summary.json (nothing when the run was already complete)."""
-    finishing = start == stop and not _summary_written(run_dir, stop)  # (a checkpoint past run.stop_at_step: not)
+    written_from = checkpoint.fingerprint(run_dir / "checkpoints", checkpoint.tag_for(stop))  # saved in the loop
+    finishing = start == stop and not _summary_written(run_dir, stop, written_from)  # (past run.stop_at_step: not)
     if finishing:  # a stop during the final validation: `nothing to do` left the run without its summary for good
         if s.rank == 0:
             print(f"step {stop} is trained and saved, but its final validation and summary.json were not written "
@@ -285,7 +286,7 @@ def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, st
     s.close()
     result.summary = describe(s)
     result.summary.update(final_loss=result.losses[-1], val_ce=result.val_loss, steps=stop, start_step=start,
-                          skipped_updates=progress.skipped)
+                          skipped_updates=progress.skipped, checkpoint_sha256=written_from)
     if s.rank == 0:
         val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
         loss = "n/a" if result.losses[-1] is None else f"{result.losses[-1]:.4f}"
@@ -294,10 +295,13 @@ def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, st
     return result
 
 
-def _summary_written(run_dir: Path, stop: int) -> bool:
-    """Whether summary.json describes step `stop`, decided on every rank alike (the validation is collective)."""
+def _summary_written(run_dir: Path, stop: int, fingerprint: str | None) -> bool:
+    """Whether summary.json describes step `stop` as its checkpoint now holds it (a summary of an earlier write of
+    that tag, before a rollback or a fallback, is not), decided on every rank alike (the validation is
+    collective). Summaries from before fingerprints are taken at their step."""
     try:
-        written = json.loads((run_dir / "summary.json").read_text()).get("steps") == stop
+        summary = json.loads((run_dir / "summary.json").read_text())
+        written = summary.get("steps") == stop and summary.get("checkpoint_sha256", fingerprint) == fingerprint
     except (OSError, ValueError, AttributeError):
         written = False
     return eng.max_over_ranks([0.0 if written else 1.0])[0] == 0.0
