@@ -526,13 +526,17 @@ def _not_written(ckpt_dir: Path, tag: str, err: OSError | RuntimeError) -> str:
         free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else 0
         why = (f"no space left on device ({free / 2**20:.0f} MiB free)" if free < 2**30 else
                f"torch.save failed: {str(err).splitlines()[0][:200]}")
-    try:
-        kept = latest_tag(ckpt_dir)
-    except ValueError:
-        kept = None
-    was = f"{kept} is still the latest checkpoint" if kept else "no checkpoint was saved yet"
-    return (f"cannot write checkpoint {ckpt_dir / tag} ({why}); {was}: free space or make run.out_dir writable, then "
+    return (f"cannot write checkpoint {ckpt_dir / tag} ({why}); {latest_note(ckpt_dir)}: free space or make run.out_dir writable, then "
             f"run the same command again to resume")
+
+
+def latest_note(ckpt_dir: Path) -> str:
+    """What a restart would resume from, for messages of a run that stopped without saving."""
+    try:
+        tag = latest_tag(ckpt_dir)
+    except ValueError:
+        tag = None
+    return f"{tag} is still the latest checkpoint" if tag else "no checkpoint was saved yet"
 
 
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:

@@ -226,11 +226,7 @@ def _check_finite(s: Session, step: int, out: StepResult, skips_in_a_row: int) -
 
 def _last_checkpoint(s: Session) -> str:
     """What a restart would resume from: 'the last checkpoint is still the latest' was said of runs with none."""
-    try:
-        tag = checkpoint.latest_tag(s.cfg.run_dir() / "checkpoints")
-    except ValueError:
-        tag = None
-    return f"{tag} is still the latest checkpoint" if tag else "no checkpoint was saved yet"
+    return checkpoint.latest_note(s.cfg.run_dir() / "checkpoints")
 
 
 def _check_weights(s: Session, step: int) -> None:
