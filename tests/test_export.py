@@ -249,6 +249,34 @@ def test_config_edited_after_the_checkpoint_is_named(tmp_path, capsys) -> None:
            f"{(tmp_path / 'run' / 'config.yaml').resolve()} was edited after the checkpoint was written")
 
 
+def test_a_tag_being_exported_is_not_pruned_by_the_running_job(tmp_path, monkeypatch, capsys) -> None:
+    """A run with keep_checkpoints=1 saving while `trainer.export` of its previous tag ran in another shell
+    deleted the tag under the export's ranks. The export holds the tag (a shared flock) from before its
+    checks until it ends; the job's prune keeps a held tag and deletes it at a later save."""
+    from trainer import checkpoint, launch
+
+    _write_run(tmp_path / "run", [])
+    ckpt = tmp_path / "run" / "checkpoints"
+    for rank in range(2):
+        torch.save({"step": 2, "world_size": 2, "data": {}, "rng": {}},
+                   ckpt / "step00000002" / f"trainer_state_rank{rank}.pt")
+    seen = {}
+
+    def a_save_while_the_ranks_read(argv, world, capture=False):  # the running job saves step 3, keep 1
+        (ckpt / "step00000003").mkdir()
+        checkpoint._prune(ckpt, keep=1, current="step00000003")
+        seen["kept"] = (ckpt / "step00000002").is_dir()
+        raise RuntimeError("ranks stop here")
+
+    monkeypatch.setattr(launch, "spawn_cpu_ranks", a_save_while_the_ranks_read)
+    with pytest.raises(RuntimeError, match="ranks stop here"):
+        export.run_export(tmp_path / "run", "step00000002")
+    assert seen["kept"], "the tag being exported was pruned"
+    assert "is being read (trainer.export / trainer.evaluate): kept until a later save" in capsys.readouterr().out
+    checkpoint._prune(ckpt, keep=1, current="step00000003")  # the export ended: the next save prunes it
+    assert checkpoint.step_tags(ckpt) == ["step00000003"]
+
+
 # ---- bf16 runs: parity judged against bf16's own rounding noise ----------------------------------------
 
 BF16_RUN = ["run.precision=bf16", "run.steps=60", "run.log_every=60", "run.eval_every=0", "run.eval_batches=1",

@@ -22,6 +22,7 @@ Trainer states hold only tensors and plain types (RNG states included) and are r
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -540,12 +541,50 @@ def latest_note(ckpt_dir: Path) -> str:
 
 
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
+    """Delete the trainer's tags older than the newest `keep`, except one a reader holds (`reading`): an export
+    or evaluation of it in another shell would lose its files half-read. A kept tag goes at a later save."""
     if keep <= 0:
         return
     tags = step_tags(ckpt_dir)  # only the trainer's own tags
     for old in tags[:-keep]:
-        if old != current:
+        if old == current:
+            continue
+        try:
+            fd = os.open(ckpt_dir / old, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"note: checkpoint {ckpt_dir / old} is being read (trainer.export / trainer.evaluate): "
+                      f"kept until a later save", flush=True)
+                continue
+            except OSError:
+                pass  # a filesystem without flock on directories: prune as before
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def reading(ckpt_dir: Path, tag: str) -> Iterator[None]:
+    """Keep a running job's `_prune` off `ckpt_dir/tag` while a tool reads it (a shared flock on the folder;
+    the kernel drops it when the reader ends, however it ends). A tag already gone is left to the caller's
+    checks; a filesystem without flock on directories reads unprotected, as before."""
+    try:
+        fd = os.open(ckpt_dir / tag, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _saved_value(saved: dict[str, Any], section: str, key: str) -> Any:

@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,10 @@ class Source:
     layout: tuple[str, ...] = ()  # overrides that load the tag on the layout that wrote it (`written_layout`)
 
 
-def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
+def resolve(run_dir: str | Path, tag: str | None, hf: bool = False, held: ExitStack | None = None) -> Source:
+    """The checkpoint `tag` of `run_dir` (default: latest), checked whole before any rank starts. `held`: keep
+    a running job from pruning the tag (`checkpoint.reading`) until the stack closes; taken before the checks,
+    so a tag pruned in between is refused here, not half-read by the ranks."""
     from trainer import checkpoint
     from trainer.config import load_config
 
@@ -158,7 +162,9 @@ def resolve(run_dir: str | Path, tag: str | None, hf: bool = False) -> Source:
                              f"trainer.export --tag TAG, trainer.evaluate {ckpt_dir}/TAG")
     elif not checkpoint.is_plain_name(tag):  # '../x' would export into (and replace) a directory outside export/
         raise ValueError(f"checkpoint tag {tag!r}: expected the name of a folder under {ckpt_dir}, like step00000000")
-    elif not (ckpt_dir / tag).is_dir():
+    if held is not None:
+        held.enter_context(checkpoint.reading(ckpt_dir, tag))
+    if not (ckpt_dir / tag).is_dir():
         have = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
         what = "is not a checkpoint folder" if (ckpt_dir / tag).exists() else "does not exist"
         raise ValueError(f"checkpoint tag {tag!r}: {ckpt_dir / tag} {what} (have: {', '.join(have) or 'none'})")
@@ -417,41 +423,42 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
     chosen = Path(out).resolve() if out else None
     if chosen is not None:  # a bad --out is refused first, as the command line is read
         check_out(chosen)
-    src = resolve(run_dir, tag, hf)
-    model_cfg = src.cfg.model_config()
-    run_tok = run_tokenizer(src.cfg)
-    check_fits(run_tok, model_cfg.vocab_size)  # before any rank starts
-    layout = hf_layout or default_layout(model_cfg)
-    out = chosen or src.run_dir / "export" / src.tag
-    if chosen is None:
-        check_out(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    start = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            proc = spawn_cpu_ranks(["trainer.export", "--worker", str(src.run_dir), "--tag", src.tag,
-                                    "--stage", str(stage), "--scratch", scratch, "--step", str(src.step),
-                                    "--fingerprint", str(src.fingerprint),
-                                    *(f"--layout={override}" for override in src.layout)],
-                                   src.world_size, capture=True)
-            if proc.returncode != 0 or not (Path(scratch) / "engine_logits.pt").is_file():
-                errors = re.findall(r"^\[rank\d+\]: (\w*(?:Error|Exception)\b.*)$", proc.stderr, re.M)
-                sys.stderr.write("\n".join(proc.stderr.splitlines()[-40:]) + "\n")
-                raise RuntimeError(f"export ranks failed (exit {proc.returncode}): "
-                                   f"{errors[0] if errors else 'see the log above'}")
-            tokenizer, meta = add_tokenizer(stage, run_tok, model_cfg.max_seq_len)
-            parity = check_parity(stage, Path(scratch), src.cfg.run.precision, hf, tokenizer, layout)
-        ok, rule = judge(parity, src.cfg.run.precision, tol)
-        report = {"ok": ok, **rule, "source": meta["source"], "tokenizer": tokenizer, "parity": parity,
-                  "files": sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()) + [REPORT],
-                  "seconds": round(time.perf_counter() - start, 2)}
-        (stage / REPORT).write_text(json.dumps(report, indent=1))
-        dest = out if ok else out.with_name(out.name + ".failed")
-        _publish(stage, dest)
-        return ok, report, dest
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with ExitStack() as held:  # the tag is kept from a running job's pruning until the export is published
+        src = resolve(run_dir, tag, hf, held)
+        model_cfg = src.cfg.model_config()
+        run_tok = run_tokenizer(src.cfg)
+        check_fits(run_tok, model_cfg.vocab_size)  # before any rank starts
+        layout = hf_layout or default_layout(model_cfg)
+        out = chosen or src.run_dir / "export" / src.tag
+        if chosen is None:
+            check_out(out)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        start = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                proc = spawn_cpu_ranks(["trainer.export", "--worker", str(src.run_dir), "--tag", src.tag,
+                                        "--stage", str(stage), "--scratch", scratch, "--step", str(src.step),
+                                        "--fingerprint", str(src.fingerprint),
+                                        *(f"--layout={override}" for override in src.layout)],
+                                       src.world_size, capture=True)
+                if proc.returncode != 0 or not (Path(scratch) / "engine_logits.pt").is_file():
+                    errors = re.findall(r"^\[rank\d+\]: (\w*(?:Error|Exception)\b.*)$", proc.stderr, re.M)
+                    sys.stderr.write("\n".join(proc.stderr.splitlines()[-40:]) + "\n")
+                    raise RuntimeError(f"export ranks failed (exit {proc.returncode}): "
+                                       f"{errors[0] if errors else 'see the log above'}")
+                tokenizer, meta = add_tokenizer(stage, run_tok, model_cfg.max_seq_len)
+                parity = check_parity(stage, Path(scratch), src.cfg.run.precision, hf, tokenizer, layout)
+            ok, rule = judge(parity, src.cfg.run.precision, tol)
+            report = {"ok": ok, **rule, "source": meta["source"], "tokenizer": tokenizer, "parity": parity,
+                      "files": sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()) + [REPORT],
+                      "seconds": round(time.perf_counter() - start, 2)}
+            (stage / REPORT).write_text(json.dumps(report, indent=1))
+            dest = out if ok else out.with_name(out.name + ".failed")
+            _publish(stage, dest)
+            return ok, report, dest
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
 
 
 def print_report(report: dict[str, Any], dest: Path) -> None:
