@@ -3,9 +3,9 @@
 Under a launcher (torchrun / `deepspeed run.sh ...`, which set RANK and WORLD_SIZE) it trains on
 this rank; started directly it hands over to `trainer.launch`, which starts the local ranks.
 
-Exit codes: 0 done (or stopped by SIGTERM / SIGINT with a checkpoint saved), 2 bad input (config,
+Exit codes: 0 done (or stopped by a stop signal, `STOP_SIGNALS`, with a checkpoint saved), 2 bad input (config,
 data, checkpoint; one line `error: ...`), 3 training diverged (non-finite loss, run.on_nonfinite=stop),
-130 SIGTERM / SIGINT outside the training loop (while building or resuming: nothing to save), 1 a rank
+130 a stop signal outside the training loop (while building or resuming: nothing to save), 1 a rank
 killed by a signal it cannot catch (SIGKILL: the out-of-memory killer).
 """
 
