@@ -7,6 +7,7 @@ fixture corpus's real tokens, exported with --hf: about 35 s on 2 shared cores f
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import subprocess
@@ -184,10 +185,11 @@ def test_hf_validation_is_scored_by_the_hf_model(hf_export, tmp_path, capsys, mo
         return model
 
     monkeypatch.setattr(evaluate, "load_hf", load_hf)
-    for name, flags in (("ours", []), ("hf", ["--hf"])):
-        assert evaluate.main([str(out), "--tasks", "none", "--val-tokens", "256", *flags, "--batch-size", "4",
-                              "--out", str(tmp_path / f"{name}.json")]) == 0, capsys.readouterr().err
-        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    for name, flags in (("ours", []), ("hf", ["--hf"])):  # default result files: --hf's went over ours
+        assert evaluate.main([str(out), "--tasks", "none", "--val-tokens", "256", *flags, "--batch-size", "4"]) == 0, \
+            capsys.readouterr().err
+        results[name] = json.loads((out.parent / "eval" / f"{out.name}{'-hf' if flags else ''}.json").read_text())
+    assert re.search(r"^\| metric \| step\d+ \(hf\) \|$", capsys.readouterr().out, re.M)  # its column says so
     ours, hf = results["ours"], results["hf"]
     assert hf["model"] == "hf" and ours["model"] == "tiedmoe"
     assert hf["validation"]["tokens"] == ours["validation"]["tokens"] == 256  # 8 windows of seq_len 32
@@ -195,6 +197,8 @@ def test_hf_validation_is_scored_by_the_hf_model(hf_export, tmp_path, capsys, mo
     assert hf["validation"]["ce"] == pytest.approx(ours["validation"]["ce"], rel=1e-5)
     assert hf["validation"]["bits_per_byte"] == pytest.approx(ours["validation"]["bits_per_byte"], rel=1e-5)
     assert hf["hf_parity"]["max_abs_logit_diff"] <= hf["hf_parity"]["tolerance"]
+    table = evaluate.compare([str(out.parent / "eval" / "hf_export.json"), str(out.parent / "eval" / "hf_export-hf.json")])
+    assert re.fullmatch(r"\| metric \| \S+@step\d+ \| \S+@step\d+ \(hf\) \|", table.splitlines()[0]), table
 
 
 def _damaged_hf(hf_export, tmp_path: Path, change) -> Path:

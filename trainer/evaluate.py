@@ -67,10 +67,12 @@ class Target:
     run_dir: Path | None  # the run the export came from, when it is still there (validation data)
     tag: str
 
-    def result_path(self) -> Path:
+    def result_path(self, hf: bool = False) -> Path:
+        """Where the result goes by default; `hf`'s beside ours (`-hf`), not over it: both are kept to compare."""
+        suffix = "-hf" if hf else ""
         if self.run_dir is not None and self.export_dir.parent == self.run_dir / "export":
-            return self.run_dir / "eval" / f"{self.tag}.json"
-        return self.export_dir.parent / "eval" / f"{self.export_dir.name}.json"
+            return self.run_dir / "eval" / f"{self.tag}{suffix}.json"
+        return self.export_dir.parent / "eval" / f"{self.export_dir.name}{suffix}.json"
 
 
 def _is_export(path: Path) -> bool:
@@ -590,8 +592,13 @@ def markdown_table(columns: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _model_label(result: dict[str, Any]) -> str:
+    """' (hf)' for a result of the export's hf/ model: its column is not mistaken for ours."""
+    return " (hf)" if result.get("model") == "hf" else ""
+
+
 def print_result(result: dict[str, Any], path: Path) -> None:
-    print(markdown_table({result["tag"]: result}))
+    print(markdown_table({f"{result['tag']}{_model_label(result)}": result}))
     val, down = result["validation"], result.get("downstream")
     if "note" in val:
         print(f"validation: {val['note']}")
@@ -613,10 +620,11 @@ def find_result(path: str | Path) -> Path:
     if path.is_file() and path.suffix == ".json":
         return path
     if _is_export(path):
-        candidate = _export_target(path).result_path()
-        if candidate.is_file():
-            return candidate
-        raise ValueError(f"{path}: no evaluation result yet ({candidate}); run trainer.evaluate on it first")
+        target = _export_target(path)
+        for candidate in (target.result_path(), target.result_path(hf=True)):  # ours first, else its hf/ model's
+            if candidate.is_file():
+                return candidate
+        raise ValueError(f"{path}: no evaluation result yet ({target.result_path()}); run trainer.evaluate on it first")
     found = sorted((path / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
     if not found:
         raise ValueError(f"{path}: no evaluation result (a JSON file, a run with eval/*.json or an evaluated export)")
@@ -633,7 +641,7 @@ def load_result(result_path: Path) -> tuple[str, dict[str, Any]]:
         if not isinstance(result["validation"], dict):
             raise TypeError
         _rows(result)  # every metric the table will show is there and formats
-        return f"{Path(result.get('run_dir') or result['target']).name}@{result['tag']}", result
+        return f"{Path(result.get('run_dir') or result['target']).name}@{result['tag']}{_model_label(result)}", result
     except (AttributeError, KeyError, TypeError, ValueError):
         raise ValueError(f"{result_path}: not a trainer.evaluate result") from None
 
@@ -763,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         target = resolve_target(_from_caller(args.target), args.hf)
         if not args.out:  # the default place too is checked before scoring, as --out is
             try:
-                output_file(str(target.result_path()))
+                output_file(str(target.result_path(args.hf)))
             except argparse.ArgumentTypeError as err:
                 raise ValueError(f"result file: {err} (choose another with --out)") from None
         result = evaluate(target, tasks, num_fewshot, args.limit, args.batch_size, args.val_tokens, args.hf)
@@ -773,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(_error(err), file=sys.stderr)
         return 1
-    path = Path(args.out).resolve() if args.out else target.result_path()
+    path = Path(args.out).resolve() if args.out else target.result_path(args.hf)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print_result(result, path)
