@@ -758,6 +758,10 @@ def test_a_rewritten_checkpoint_is_exported_again_and_old_results_are_marked_sta
     proc = _run(train + ["optim.lr=1e-2"])  # steps 3-4 trained again, differently
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     capsys.readouterr()
+    # the old export scored directly is scored as asked, with a note that its tag was rewritten since
+    assert evaluate.main([str(run_dir / "export" / "step00000004"), "--tasks", "none",
+                          "--out", str(tmp_path / "old_export.json")]) == 0
+    assert "was exported from an earlier write of step00000004" in capsys.readouterr().err
 
     assert evaluate.main(evaluate_it) == 0
     err = capsys.readouterr().err

@@ -149,6 +149,22 @@ def _exported(run_dir: Path, tag: str | None, hf: bool = False) -> Target:
     return Target(dest, src.run_dir, src.tag)
 
 
+def _note_rewritten(target: Target) -> None:
+    """An export scored directly whose run has rewritten its tag since (rollback, `run.resume=never`): its
+    numbers are of the old weights, which `compare` will head (stale); say so before scoring, not after."""
+    from trainer import checkpoint
+    from trainer.export import read_config
+
+    made_from = _source_fingerprint(read_config(target.export_dir))
+    if target.run_dir is None or made_from is None:
+        return
+    now = checkpoint.fingerprint(target.run_dir / "checkpoints", target.tag)
+    if now is not None and now != made_from:
+        print(f"note: {target.export_dir} was exported from an earlier write of {target.tag}; "
+              f"{target.run_dir / 'checkpoints' / target.tag} was rewritten since: these scores are of the old "
+              f"weights (evaluate {target.run_dir} to export it again)", file=sys.stderr)
+
+
 def resolve_target(path: str | Path, hf: bool = False) -> Target:
     """A run directory, a checkpoint directory or an export directory; ValueError for anything else.
     `hf`: a run or checkpoint is exported with `hf/` (evaluate --hf scores it)."""
@@ -156,7 +172,9 @@ def resolve_target(path: str | Path, hf: bool = False) -> Target:
     if not path.exists():
         raise ValueError(f"{path}: not found")
     if _is_export(path):
-        return _export_target(path)
+        target = _export_target(path)
+        _note_rewritten(target)
+        return target
     if (path / "config.yaml").is_file():
         return _exported(path, None, hf)
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
