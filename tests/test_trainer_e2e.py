@@ -85,6 +85,8 @@ def test_two_rank_zero3_ep2_tied_run_on_real_tokens(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["zero_stage"] == 3 and summary["world_size"] == 2 and summary["expert_parallel_size"] == 2
     assert summary["steps"] == STEPS
+    # the end-of-run memory report counted every optimizer step (it counted only the two it measured)
+    assert json.loads((run_dir / "memory_report.json").read_text())["optimizer_steps_seen"] == STEPS
     measured = summary["expert_elements_per_rank_measured"]
     assert len(measured) == 2 and measured[0] == measured[1] > 0
     # tied banks are stored once: per rank, banks/layers of what the untied model would hold

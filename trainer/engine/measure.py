@@ -194,6 +194,7 @@ class GradientWatch:
         original = optimizer.step
 
         def watched_step(*args: Any, **kwargs: Any) -> Any:
+            self.steps += 1  # every optimizer step of this process (the report's optimizer_steps_seen)
             if self.armed:
                 self._record(engine)
             return original(*args, **kwargs)
@@ -209,7 +210,6 @@ class GradientWatch:
                 seen.add(key)
                 sums[kind] += t.numel() * t.element_size()
         self.expert_bytes, self.other_bytes = sums[True], sums[False]
-        self.steps += 1
 
 
 def deepspeed_estimates(total_params: int, largest_layer_params: int, world: int) -> dict[str, int]:
