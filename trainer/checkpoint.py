@@ -522,13 +522,19 @@ class CheckpointNotWritten(ValueError):
 def _not_written(ckpt_dir: Path, tag: str, err: OSError | RuntimeError) -> str:
     """Why a save failed, in words: torch.save's writer reports a full disk as 'unexpected pos' (RuntimeError)."""
     if isinstance(err, OSError):
-        why = f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}"
+        why = os_error_text(err)
     else:
         free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else 0
         why = (f"no space left on device ({free / 2**20:.0f} MiB free)" if free < 2**30 else
                f"torch.save failed: {str(err).splitlines()[0][:200]}")
     return (f"cannot write checkpoint {ckpt_dir / tag} ({why}); {latest_note(ckpt_dir)}: free space or make run.out_dir writable, then "
             f"run the same command again to resume")
+
+
+def os_error_text(err: OSError) -> str:
+    """An OSError in words with the file it met ('Permission denied: /runs/x/checkpoints/latest'), for the
+    one-line errors of the tools that change a checkpoint folder."""
+    return f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}"
 
 
 def latest_note(ckpt_dir: Path) -> str:

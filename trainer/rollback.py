@@ -50,19 +50,15 @@ def _roll_back(run_dir: Path, ckpt_dir: Path, tag: str) -> tuple[list[str], Path
     except OSError as err:  # an unwritable run directory: a traceback, and a replaced-<time>/ left for nothing
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-        raise ValueError(f"cannot roll back {run_dir} ({_why(err)}); nothing was changed") from None
+        raise ValueError(f"cannot roll back {run_dir} ({checkpoint.os_error_text(err)}); nothing was changed") from None
     for i, name in enumerate(newer):
         try:
             (ckpt_dir / name).rename(aside / "checkpoints" / name)
         except OSError as err:
             raise ValueError(f"{ckpt_dir / checkpoint.LATEST} now names {tag}, but {ckpt_dir / name} could not be "
-                             f"moved to {aside} ({_why(err)}): move {', '.join(newer[i:])} there before starting "
-                             f"the run (it would write its checkpoints over them)") from None
+                             f"moved to {aside} ({checkpoint.os_error_text(err)}): move {', '.join(newer[i:])} "
+                             f"there before starting the run (it would write its checkpoints over them)") from None
     return newer, aside
-
-
-def _why(err: OSError) -> str:
-    return f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
