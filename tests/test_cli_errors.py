@@ -188,6 +188,32 @@ def test_a_world_size_error_under_the_deepspeed_command_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_a_stop_before_training_under_another_launcher_is_said_by_local_rank_0(local_rank, monkeypatch, capsys):
+    """`deepspeed run.sh` stops every rank when one fails: a rank still starting up (slower, on a loaded machine)
+    printed 'interrupted ...' beside its peer's one-line error (the world-size test above, flaky under load)."""
+    from trainer import cli
+
+    def stopped(*_args):
+        raise KeyboardInterrupt
+
+    def exits(code):
+        raise SystemExit(code)
+
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(key, "2" if key == "WORLD_SIZE" else local_rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.delenv(cli.ERROR_DIR_ENV, raising=False)
+    monkeypatch.setattr(cli, "_run", stopped)
+    monkeypatch.setattr(cli.os, "_exit", exits)
+    monkeypatch.setattr(cli.signal, "signal", lambda *_a: None)  # this test process keeps its own handlers
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["data.source=random"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 130
+    assert err.strip() == ("" if local_rank == "1" else f"error: {cli.INTERRUPTED}"), err
+
+
 def test_a_rank_failing_after_a_peer_reported_is_quiet(tmp_path, monkeypatch):
     """The launcher prints the first rank's one-line error; a peer whose collective broke because that rank
     left would add a traceback that hides it."""
