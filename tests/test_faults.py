@@ -83,6 +83,7 @@ def test_a_run_stopped_during_its_final_validation_is_finished_by_the_next_start
     assert third.returncode == 0 and "nothing to do" in third.stdout, third.stdout[-2000:]
 
 
+@pytest.mark.slow  # CI time: a 2-rank run or two of its own; the faults suite keeps a representative subset
 def test_a_summary_of_an_earlier_write_of_the_last_tag_does_not_count_as_finished(tmp_path: Path) -> None:
     """After a rollback and a retrain, a stop during the final validation left the first run's summary.json (same
     step count): the next start took it as written and said "nothing to do" for good."""
@@ -129,6 +130,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_latest_stays(tmp_pa
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
 
 
+@pytest.mark.slow  # CI time: a 2-rank run or two of its own; the faults suite keeps a representative subset
 def test_resume_on_other_data_names_the_checkpoint_and_the_data_settings(tmp_path: Path) -> None:
     """Another data.path on resume was refused with "loader state field 'num_windows' is 38701 but this loader has
     312; cannot resume exactly": neither the checkpoint nor the setting was named."""
@@ -149,6 +151,7 @@ def test_resume_on_other_data_names_the_checkpoint_and_the_data_settings(tmp_pat
     assert "data.* settings" in errors[0] and "run.resume=never" in errors[0], errors
 
 
+@pytest.mark.slow  # CI time: a 2-rank run or two of its own; the faults suite keeps a representative subset
 def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path: Path) -> None:
     """Steps logged after the checkpoint a run resumes from are trained again: their metrics.jsonl rows
     and TensorBoard points were kept and written a second time (step 3 twice here)."""
@@ -240,7 +243,8 @@ def _ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(launcher.pid).children(recursive=True) if "run.sh" in " ".join(p.cmdline())]
 
 
-@pytest.mark.parametrize("target", ["launcher", "one_rank"])
+@pytest.mark.parametrize("target", [pytest.param("launcher", marks=pytest.mark.slow),  # SIGUSR1 covers it in CI
+                                    "one_rank"])
 def test_sigterm_saves_exits_0_and_resumes_bit_identically(tmp_path: Path, target: str) -> None:
     args = [f"run.out_dir={tmp_path}", "run.steps=12"]
     straight = _run(args + ["run.name=straight"])
@@ -508,6 +512,7 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return rows
 
 
+@pytest.mark.slow  # CI time: a 2-rank run or two of its own; the faults suite keeps a representative subset
 def test_resume_with_another_batch(tmp_path: Path) -> None:
     """Resuming with other tokens per optimizer step went on silently (step N, the data position saved with it
     and the LR schedule then meant other tokens): the launcher refuses it before any rank starts, naming the
