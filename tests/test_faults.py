@@ -188,6 +188,14 @@ def test_nonfinite_gradient_of_a_finite_loss_under_skip_says_what_skip_covers(mo
     assert "no checkpoint was saved yet" in message, message  # said "the last checkpoint is still the latest"
     assert "run.on_nonfinite=skip drops only updates whose loss is non-finite" in message, message
     assert "run.on_nonfinite=stop" not in message, message
+    s.cfg.run.on_nonfinite = "stop"  # under stop, the hint offered skip, which drops only non-finite losses
+    with pytest.raises(train_module.TrainingDiverged) as info:
+        train_module._check_finite(s, 2, out, skips_in_a_row=0)
+    assert str(info.value).endswith("lower optim.lr)") and "skip" not in str(info.value), str(info.value)
+    nan_loss = StepResult(loss=float("nan"), ce=9.0, lb=1.0, z=4.0, router_logits=[], engine_grad_norm=float("nan"))
+    with pytest.raises(train_module.TrainingDiverged) as info:
+        train_module._check_finite(s, 2, nan_loss, skips_in_a_row=0)
+    assert str(info.value).endswith("lower optim.lr or set run.on_nonfinite=skip)"), str(info.value)
 
 
 def _tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -266,6 +274,26 @@ def test_sigterm_saves_exits_0_and_resumes_bit_identically(tmp_path: Path, targe
 
     split, whole = losses("split"), losses("straight")
     assert set(split) == set(whole) and all(split[k] == whole[k] for k in whole), (split, whole)
+
+
+def test_a_stop_during_the_last_step_leaves_the_final_validation_to_the_next_start(tmp_path: Path) -> None:
+    """SIGTERM during the last step was recorded, the checkpoint saved, then dropped: the whole final validation
+    ran (tens of seconds; a scheduler's grace period ends in SIGKILL) and the job said "done". It stops after the
+    checkpoint, as on any other step; the next start writes the validation and summary.json."""
+    args = [f"run.out_dir={tmp_path}", "run.name=last", "run.steps=3", "data.seq_len=128",
+            "batch.micro_batch_size=32", "run.eval_batches=10"]  # steps of about a second: the signal lands in step 3
+    job = _start(args)
+    _wait_for_step(job, 2)
+    time.sleep(0.3)
+    os.kill(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err[-3000:]
+    assert "stopped at step 3 of 3 (SIGTERM received)" in out and "done:" not in out, out[-2000:]
+    assert "run the same command again to write its final validation and summary.json" in out, out[-2000:]
+    assert not (tmp_path / "last" / "summary.json").exists()
+    again = _run(args)
+    assert again.returncode == 0 and "writing them now" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert json.loads((tmp_path / "last" / "summary.json").read_text())["steps"] == 3
 
 
 @pytest.mark.parametrize("sig, target", [(signal.SIGUSR1, "launcher"), (signal.SIGHUP, "group")])

@@ -83,8 +83,8 @@ def train(cfg: TrainConfig) -> RunResult:
                     _check_weights(s, step)
                     checkpoint.save(s.engine, run_dir / "checkpoints", step + 1, s.source.state_dict(),
                                     cfg.run.keep_checkpoints, checkpoint.identity(s.cfg, s.world))
-            if preempted and step + 1 < stop:
-                return _preempted(s, run_dir, result, progress, step + 1, signals.received)
+            if preempted:  # on the last step too: the final validation is left to the next start (`_finish`)
+                return _preempted(s, run_dir, result, progress, step + 1, signals.received, stop)
     finally:
         signals.restore()
     return _finish(s, run_dir, result, progress, start, stop)
@@ -220,8 +220,8 @@ def _check_finite(s: Session, step: int, out: StepResult, skips_in_a_row: int) -
     if s.cfg.run.on_nonfinite == "skip":  # the loss was finite (else train_step dropped the update), the norm not
         raise TrainingDiverged(f"{what}; stopped without saving it (run.on_nonfinite=skip drops only updates whose "
                                f"loss is non-finite; {kept}: lower optim.lr)")
-    raise TrainingDiverged(f"{what}; stopped without saving it (run.on_nonfinite=stop; {kept}: lower optim.lr or "
-                           f"set run.on_nonfinite=skip)")
+    skip = " or set run.on_nonfinite=skip" if not math.isfinite(out.loss) else ""  # skip drops non-finite losses only
+    raise TrainingDiverged(f"{what}; stopped without saving it (run.on_nonfinite=stop; {kept}: lower optim.lr{skip})")
 
 
 def _last_checkpoint(s: Session) -> str:
@@ -238,15 +238,18 @@ def _check_weights(s: Session, step: int) -> None:
 
 
 def _preempted(s: Session, run_dir: Path, result: RunResult, progress: Progress, step: int,
-               signal_name: str | None) -> RunResult:
-    """A signal asked the job to stop: the checkpoint of `step` is saved; leave so the job can be resumed."""
+               signal_name: str | None, stop: int) -> RunResult:
+    """A signal asked the job to stop: the checkpoint of `step` is saved; leave so the job can be resumed. At
+    the last step (`stop`) the final validation is left too: it ran for minutes under a scheduler's SIGTERM,
+    whose grace period ends in SIGKILL; the next start writes it (`_finish`)."""
     progress.close()
     s.close()
     if s.rank == 0:  # the launcher passes a Ctrl-C on as SIGTERM (a background job's ranks ignore SIGINT)
         why = (f"{signal_name} received" if signal_name not in (None, LAUNCHER_GONE) else
                signal_name or "a stop signal on another rank")
+        rest = "resume" if step < stop else "write its final validation and summary.json"
         print(f"stopped at step {step} of {s.steps} ({why}): checkpoint saved in "
-              f"{run_dir / 'checkpoints'}; run the same command again to resume", flush=True)
+              f"{run_dir / 'checkpoints'}; run the same command again to {rest}", flush=True)
     return result
 
 
