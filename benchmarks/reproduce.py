@@ -12,7 +12,8 @@ reused when it exists with the same tasks, limit and shots). Afterwards it write
 (the table: unique / active parameters, validation CE and downstream macro average as mean +- half-range
 over seeds, tokens/s, per-rank model-state memory, tie-group routing agreement; then one statement per
 paper claim computed from those numbers), benchmarks/results/reproduce_<scale>.json and a PNG
-(validation curves and downstream scores). `--table-only` trains and evaluates nothing; `--dry-run`
+(validation curves and downstream scores). Those names are the whole suite's (every run finished, the scale's
+steps, seeds 0 1); a table of anything less is named apart (`output_stem`: -steps<N>, -seeds<...>, -partial). `--table-only` trains and evaluates nothing; `--dry-run`
 prints every run's command and state without starting anything.
 
 CPU scale: 8 layers, 16 experts (top-2), d_model 128, expert FFN 64, seq 128, 300 steps on the default
@@ -463,8 +464,9 @@ def context(results: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[
 
 
 def document(results: dict[str, list[dict[str, Any]]], params: dict[str, tuple[int, int]], scale: str,
-             seeds: list[int], steps: int | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """docs/reproduction.md and the claim verdicts it states (`steps`: `--steps`, None for the scale's)."""
+             seeds: list[int], steps: int | None = None, png: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """docs/reproduction.md and the claim verdicts it states (`steps`: `--steps`, None for the scale's; `png`:
+    the plot's file name under benchmarks/results/, by default the complete suite's)."""
     summaries = {name: summarize(runs) if runs else None for name, runs in results.items()}
     verdicts = [assess(claim, summaries) for claim in CLAIMS]
     done = sum(len(runs) for runs in results.values())
@@ -489,7 +491,7 @@ def document(results: dict[str, list[dict[str, Any]]], params: dict[str, tuple[i
         *[claim_line(v) for v in verdicts], "",
         "## Context", "",
         context(results, summaries, scale, steps),
-        f"![validation curves and downstream scores](../benchmarks/results/reproduce_{scale}.png)", ""])
+        f"![validation curves and downstream scores](../benchmarks/results/{png or f'reproduce_{scale}.png'})", ""])
     return text, verdicts
 
 
@@ -536,17 +538,43 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+DEFAULT_SEEDS = [0, 1]
+
+
+def output_stem(scale: str, seeds: list[int], steps: int | None, complete: bool) -> str:
+    """The name of what a table is of. Only the whole suite (every run finished, the scale's steps, the default
+    seeds) is `reproduce_<scale>`; a smoke run (`--steps`), other seeds or a partial table (`--only` or an
+    interrupted suite) is named apart: they replaced the committed results of the full suite."""
+    stem = f"reproduce_{scale}"
+    if steps is not None:
+        stem += f"-steps{steps}"
+    if sorted(seeds) != DEFAULT_SEEDS:
+        stem += f"-seeds{'_'.join(map(str, seeds))}"
+    return stem if complete else stem + "-partial"
+
+
+def doc_path(stem: str) -> Path:
+    """docs/reproduction.md for the whole CPU suite (the document the README cites), else named by the stem."""
+    return REPO / "docs" / ("reproduction.md" if stem == "reproduce_cpu" else f"{stem.replace('reproduce', 'reproduction', 1)}.md")
+
+
 def write_outputs(runs: list[Run], scale: str, seeds: list[int], steps: int | None = None) -> None:
-    """docs/reproduction.md, reproduce_<scale>.json and .png from every finished run of the suite."""
+    """The document, JSON and PNG of every finished run of the suite, named by `output_stem`."""
     results = {variant: [collect(r) for r in runs if r.variant == variant and r.finished()] for variant in VARIANTS}
+    done = sum(len(rs) for rs in results.values())
+    stem = output_stem(scale, seeds, steps, complete=done == len(runs))
+    if done < len(runs):
+        print(f"note: {done} of {len(runs)} runs finished: the partial table goes to {stem}.*, not over the "
+              f"whole suite's results", flush=True)
     params = {}
     for r in runs:
         acc = account(r.cfg.model_config(), r.cfg.data.seq_len)
         params.setdefault(r.variant, (acc.unique_params, acc.active_params_per_token))
-    text, verdicts = document(results, params, scale, seeds, steps)
+    text, verdicts = document(results, params, scale, seeds, steps, png=f"{stem}.png")
     print(text)
-    (REPO / "docs").mkdir(exist_ok=True)
-    (REPO / "docs" / "reproduction.md").write_text(text)
+    doc = doc_path(stem)
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     docs = {t: DOWNSTREAM_LIMIT for t in DOWNSTREAM_TASKS}
     payload = {"scale": scale, "seeds": seeds,
@@ -556,9 +584,9 @@ def write_outputs(runs: list[Run], scale: str, seeds: list[int], steps: int | No
                "variants": {name: {"summary": summarize(rs) if rs else None, "runs": rs}
                             for name, rs in results.items()},
                "claims": verdicts}
-    (RESULTS / f"reproduce_{scale}.json").write_text(json.dumps(payload, indent=1))
-    plot(results, RESULTS / f"reproduce_{scale}.png")
-    print(f"wrote docs/reproduction.md, {RESULTS / f'reproduce_{scale}.json'} and .png")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    plot(results, RESULTS / f"{stem}.png")
+    print(f"wrote {doc.relative_to(REPO)}, {RESULTS / f'{stem}.json'} and .png")
 
 
 def dry_run(runs: list[Run]) -> None:
@@ -575,7 +603,7 @@ def dry_run(runs: list[Run]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS)
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS),
                         help="train and score only these variants (the table still shows every variant)")
     parser.add_argument("--steps", type=int, help="override the scale's step count (smoke runs)")

@@ -196,3 +196,32 @@ def test_what_each_mode_starts(monkeypatch, capsys, args, trains, scores, writes
     if "--dry-run" in args:
         out = capsys.readouterr().out
         assert out.count("   train: ./run.sh ") == runs and out.count("   score: python -m trainer.evaluate ") == runs
+
+
+def test_a_smoke_or_partial_table_does_not_replace_the_whole_suites_results(monkeypatch, tmp_path, capsys) -> None:
+    """`--only untied --seeds 0 --steps 2` rewrote docs/reproduction.md and reproduce_cpu.json / .png (the
+    committed 20-run results) with a 1-run table. Only the whole suite is written under those names."""
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "benchmarks" / "results")
+    monkeypatch.setattr(reproduce, "collect", lambda run: _run(5.5, None, run.seed))
+    monkeypatch.setattr(reproduce, "plot", lambda results, path: path.write_bytes(b"png"))
+
+    def tabulate(argv: list[str], finished: set[str]) -> set[str]:
+        monkeypatch.setattr(reproduce.Run, "finished", lambda self: self.variant in finished)
+        assert reproduce.main(["--table-only", *argv]) == 0
+        return {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+
+    every = set(reproduce.VARIANTS)
+    assert tabulate([], every) == {"docs/reproduction.md", "benchmarks/results/reproduce_cpu.json",
+                                   "benchmarks/results/reproduce_cpu.png"}
+    whole = (tmp_path / "docs" / "reproduction.md").read_text()
+    assert "20 of 20 runs finished" in whole
+    written = tabulate(["--seeds", "0", "--steps", "2"], {"untied"})
+    assert "benchmarks/results/reproduce_cpu-steps2-seeds0-partial.json" in written
+    assert "docs/reproduction_cpu-steps2-seeds0-partial.md" in written
+    assert "the partial table goes to reproduce_cpu-steps2-seeds0-partial.*" in capsys.readouterr().out
+    tabulate(["--steps", "2"], every)  # a complete smoke suite: its own name too
+    assert (tmp_path / "benchmarks" / "results" / "reproduce_cpu-steps2.json").is_file()
+    tabulate(["--scale", "gpu"], every)
+    assert (tmp_path / "docs" / "reproduction_gpu.md").is_file()
+    assert (tmp_path / "docs" / "reproduction.md").read_text() == whole  # the whole CPU suite's, untouched
