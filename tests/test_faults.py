@@ -264,6 +264,7 @@ def test_sigterm_saves_exits_0_and_resumes_bit_identically(tmp_path: Path, targe
     out, err = job.communicate(timeout=120)
     assert job.returncode == 0, err[-3000:]
     assert "stopped at step" in out and "checkpoint saved" in out, out[-2000:]
+    assert "(SIGTERM received)" in out, out[-2000:]  # sent to rank 1, named by rank 0 ('a stop signal on another rank')
     stopped_at = int((tmp_path / "split" / "checkpoints" / "latest").read_text().removeprefix("step"))
     assert 2 <= stopped_at < 12
     resumed = _run(args + ["run.name=split"])
@@ -296,7 +297,8 @@ def test_a_stop_during_the_last_step_leaves_the_final_validation_to_the_next_sta
     assert json.loads((tmp_path / "last" / "summary.json").read_text())["steps"] == 3
 
 
-@pytest.mark.parametrize("sig, target", [(signal.SIGUSR1, "launcher"), (signal.SIGHUP, "group")])
+@pytest.mark.parametrize("sig, target", [(signal.SIGUSR1, "launcher"), (signal.SIGHUP, "group"),
+                                         (signal.SIGINT, "group")])  # Ctrl-C: was named SIGTERM (the launcher's)
 def test_sigusr1_and_sighup_stop_with_a_checkpoint(tmp_path: Path, sig: signal.Signals, target: str) -> None:
     """Slurm's `--signal=USR1@N` warning and a closed terminal's SIGHUP (to the whole process group) killed the job
     without a checkpoint: the launcher exited 1 ("a rank was killed by SIGUSR1") or died with every rank."""
@@ -397,6 +399,7 @@ def test_sigterm_to_the_deepspeed_command_saves_and_stops_the_ranks(tmp_path: Pa
     gone, alive = psutil.wait_procs(below, timeout=120)
     assert not alive, [p.cmdline() for p in alive]
     assert "stopped at step" in out and "checkpoint saved" in out, out[-2000:]
+    assert "(SIGTERM received)" in out, out[-2000:]  # sent to rank 1, named by rank 0 ('a stop signal on another rank')
     stopped_at = int((tmp_path / "ds" / "checkpoints" / "latest").read_text().removeprefix("step"))
     assert 2 <= stopped_at < 400
 

@@ -25,6 +25,7 @@ _PR_SET_PDEATHSIG = 1
 _pending: list[str] = []  # signals `interrupt` saw before the loop
 _runner: list[tuple[psutil.Process, int]] = []  # DeepSpeed's per-node launch.py and its parent pid at start
 LAUNCHER_GONE = "the deepspeed launcher ended"
+_RUNNER_GONE_CODE = 1000  # LAUNCHER_GONE in `stop_requested`'s all-reduce (signal numbers are below 65)
 
 
 def interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -45,13 +46,20 @@ class StopSignal:
         self._previous = {sig: signal.signal(sig, self._record) for sig in heeded_stop_signals()}
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum).name
+        if self.received is None:  # the first names the stop: Ctrl-C's SIGINT comes before the launcher's SIGTERM
+            self.received = signal.Signals(signum).name
 
     def stop_requested(self) -> bool:
-        """Collective: True on every rank when any rank got a signal (or saw the `deepspeed` command end)."""
+        """Collective: True on every rank when any rank got a signal (or saw the `deepspeed` command end). A rank
+        that got none takes a peer's signal as `received`, so rank 0 names the one sent to rank 1."""
         if not self.received and _runner_gone():
             self.received = LAUNCHER_GONE
-        return eng.max_over_ranks([1.0 if self.received else 0.0])[0] > 0
+        mine = _RUNNER_GONE_CODE if self.received == LAUNCHER_GONE else (
+            int(signal.Signals[self.received]) if self.received else 0)
+        agreed = int(eng.max_over_ranks([float(mine)])[0])
+        if agreed and not self.received:
+            self.received = LAUNCHER_GONE if agreed == _RUNNER_GONE_CODE else signal.Signals(agreed).name
+        return agreed > 0
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

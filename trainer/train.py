@@ -244,7 +244,7 @@ def _preempted(s: Session, run_dir: Path, result: RunResult, progress: Progress,
     whose grace period ends in SIGKILL; the next start writes it (`_finish`)."""
     progress.close()
     s.close()
-    if s.rank == 0:  # the launcher passes a Ctrl-C on as SIGTERM (a background job's ranks ignore SIGINT)
+    if s.rank == 0:  # a peer's signal is named too (`StopSignal.stop_requested`)
         why = (f"{signal_name} received" if signal_name not in (None, LAUNCHER_GONE) else
                signal_name or "a stop signal on another rank")
         rest = "resume" if step < stop else "write its final validation and summary.json"
