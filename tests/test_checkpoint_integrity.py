@@ -153,7 +153,9 @@ def test_a_tag_without_manifest_is_not_a_fallback(ckpt: Path) -> None:
     """Tags newer than `latest` or unfinished (no manifest) are never resumed by the fallback."""
     _truncate(ckpt / "step00000004" / SHARD)
     (ckpt / "step00000002" / checkpoint.MANIFEST).unlink()
-    one_line(lambda: checkpoint.resume_tag(ckpt, 2), str(ckpt / "step00000004" / SHARD))
+    one_line(lambda: checkpoint.resume_tag(ckpt, 2), str(ckpt / "step00000004" / SHARD),
+             # the refusal offered only starting over, though step 2 may be whole (a run from before manifests)
+             f"python -m trainer.rollback {ckpt.parent} --tag step00000002` continues from it if it is complete")
 
 
 @pytest.fixture(scope="module")
