@@ -42,7 +42,7 @@ from benchmarks.peers import Peer, build_ddp, check_hf, peer_runner  # noqa: E40
 from trainer.losses import lean_cross_entropy  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.bench import (DEFAULT_OVERRIDES, mfu, mfu_basis, mfu_note, refuse_overrides, timed_steps,  # noqa: E402
-                           timing_main)
+                           timed_rounds, timing_main)
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.session import Session, open_session, train_step  # noqa: E402
 
@@ -108,7 +108,7 @@ def worker(args: argparse.Namespace) -> None:
     blocks: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run(2)  # warm-up
-    for _ in range(args.repeats):
+    for _ in timed_rounds(args.repeats, "decompose"):
         for name, run in runs.items():
             blocks[name].append(run(args.steps))
     basis = mfu_basis(any_session)

@@ -44,7 +44,8 @@ from torch import nn  # noqa: E402
 from models.hf_convert import to_hf_config, to_hf_model  # noqa: E402
 from models.transformer import build_model  # noqa: E402
 from trainer import engine as eng  # noqa: E402
-from trainer.bench import DEFAULT_OVERRIDES, _device, mfu, mfu_basis, mfu_note, timed_steps, timing_main  # noqa: E402
+from trainer.bench import (DEFAULT_OVERRIDES, _device, mfu, mfu_basis, mfu_note, timed_rounds, timed_steps,  # noqa: E402
+                           timing_main)
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.data import make_source  # noqa: E402
 from trainer.losses import plain_cross_entropy  # noqa: E402
@@ -196,7 +197,7 @@ def worker(args: argparse.Namespace) -> None:
     seconds, memory = dict.fromkeys(runs, 0.0), {name: {} for name in runs}
     for run in runs.values():
         run(2)  # warm-up
-    for _ in range(args.repeats):
+    for _ in timed_rounds(args.repeats, "peers"):
         for name, run in runs.items():
             seconds[name] += timed_block(run, args.steps, memory[name])
     basis = mfu_basis(s)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer import engine as eng  # noqa: E402
 from trainer.bench import (DEFAULT_OVERRIDES, gathers_per_step, mfu, mfu_basis, mfu_note, refuse_overrides,  # noqa: E402
-                           timed_steps, timing_main)
+                           timed_rounds, timed_steps, timing_main)
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.session import open_session  # noqa: E402
 
@@ -81,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
     for name, s in sessions.items():
         with environment_of(name):
             timed_steps(s, 2)
-    for _ in range(args.repeats):
+    for _ in timed_rounds(args.repeats, "zero3_settings"):
         for name, s in sessions.items():
             with environment_of(name):
                 blocks[name].append(timed_steps(s, args.steps))

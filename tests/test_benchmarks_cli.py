@@ -221,3 +221,28 @@ def test_an_output_under_a_file_names_the_file() -> None:
     proc = run_python(["-m", "trainer.bench", "--json", "README.md/a/result.json"])
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("cannot write 'README.md/a/result.json': 'README.md' is a file, not a folder")
+
+
+def test_timing_rounds_report_progress_through_the_captured_ranks(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The benchmarks' ranks run with their output captured (for the error tail): nothing showed until the table,
+    minutes later. Rank 0's progress lines go through a file the launcher copies to stderr as they come."""
+    import threading
+
+    from trainer import launch
+    from trainer.bench import timed_rounds
+
+    progress = tmp_path / "progress.txt"
+    progress.touch()
+    monkeypatch.setenv(launch.PROGRESS_ENV, str(progress))
+    monkeypatch.setenv("RANK", "1")
+    assert list(timed_rounds(2, "quiet")) == [0, 1] and progress.read_text() == ""  # only rank 0 reports
+    monkeypatch.setenv("RANK", "0")
+    done = threading.Event()
+    shower = threading.Thread(target=launch._show_progress, args=(progress, done))
+    shower.start()
+    assert list(timed_rounds(3, "bench")) == [0, 1, 2]
+    done.set()
+    shower.join()
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in err] == [f"bench: round {i}/3 timed" for i in (1, 2, 3)], err
+    assert err[-1].endswith("ETA 0 s"), err

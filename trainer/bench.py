@@ -19,7 +19,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from trainer import engine as eng
 from trainer.argtypes import OneLineParser, output_file, positive_int
 from trainer.config import REPO_ROOT, TrainConfig, load_config
 from trainer.data import ensure_data, make_source
-from trainer.launch import collect_from_cpu_ranks, report_from_cpu_ranks, torchrun_command
+from trainer.launch import collect_from_cpu_ranks, report_from_cpu_ranks, report_progress, torchrun_command
 from trainer.metrics import peak_flops
 from trainer.session import Session, describe, open_session, train_step
 
@@ -80,6 +80,17 @@ def timed_steps(s: Session, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def timed_rounds(repeats: int, what: str) -> Iterator[int]:
+    """`range(repeats)` of a benchmark's alternating timing rounds, with a progress line (elapsed, ETA) after each:
+    a benchmark printed nothing until its table, minutes later."""
+    start = time.perf_counter()
+    for done in range(repeats):
+        yield done
+        elapsed = time.perf_counter() - start
+        report_progress(f"{what}: round {done + 1}/{repeats} timed, {elapsed:.0f} s, "
+                        f"ETA {elapsed / (done + 1) * (repeats - done - 1):.0f} s")
+
+
 def gathers_per_step(s: Session) -> dict[str, int]:
     """ZeRO-3 all-gather elements of one training step, experts vs the rest."""
     counter = eng.GatherCounter()
@@ -100,7 +111,7 @@ def run_pair(overrides: list[str], steps: int, repeats: int, warmup: int = 3) ->
     times = dict.fromkeys(sessions, 0.0)
     for s in sessions.values():
         timed_steps(s, warmup)
-    for _ in range(repeats):
+    for _ in timed_rounds(repeats, "trainer.bench"):
         for name, s in sessions.items():
             times[name] += timed_steps(s, steps)
     out: dict[str, Any] = {}

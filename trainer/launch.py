@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,11 +68,53 @@ def torchrun_command(nproc: int, target: list[str], env: dict[str, str]) -> tupl
     return cmd, env
 
 
+PROGRESS_ENV = "TIEDMOE_PROGRESS_FILE"  # where a captured worker's rank 0 appends progress lines (`report_progress`)
+
+
 def spawn_cpu_ranks(module_args: list[str], nproc: int = 2, capture: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m <module_args>` on `nproc` local CPU ranks (gloo) through torch.distributed.run."""
-    cmd, env = torchrun_command(nproc, ["-m", *module_args],
-                                {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=capture, text=True)
+    """Run `python -m <module_args>` on `nproc` local CPU ranks (gloo) through torch.distributed.run. With
+    `capture`, the ranks' output is kept for the error tail, and their progress lines (`report_progress`) are
+    shown as they come: a benchmark or an export printed nothing for minutes."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    if not capture:
+        cmd, env = torchrun_command(nproc, ["-m", *module_args], env)
+        return subprocess.run(cmd, env=env, cwd=REPO_ROOT, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        progress = Path(tmp) / "progress.txt"
+        progress.touch()
+        cmd, env = torchrun_command(nproc, ["-m", *module_args], {**env, PROGRESS_ENV: str(progress)})
+        done = threading.Event()
+        shower = threading.Thread(target=_show_progress, args=(progress, done), daemon=True)
+        shower.start()
+        try:
+            return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+        finally:
+            done.set()
+            shower.join()
+
+
+def _show_progress(path: Path, done: threading.Event) -> None:
+    """Copy the lines appended to `path` to stderr until `done` (then the rest)."""
+    with path.open() as lines:
+        while True:
+            finished = done.wait(0.5)
+            for line in lines.readlines():
+                print(line.rstrip("\n"), file=sys.stderr, flush=True)
+            if finished:
+                return
+
+
+def report_progress(line: str) -> None:
+    """A progress line of a worker's rank 0: to the launcher's stderr through `PROGRESS_ENV` when its output is
+    captured (`spawn_cpu_ranks`), else straight to stderr (torchrun on GPUs streams it)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        with open(path, "a") as out:
+            out.write(line + "\n")
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def collect_from_cpu_ranks(module_args: list[str], nproc: int = 2) -> Any:
