@@ -343,7 +343,8 @@ def resume_tag(ckpt_dir: Path, world_size: int) -> ResumePoint:
     if tag is None and newest_failure:  # no tag of `latest`'s to blame: say why the newest complete one failed
         problem = f"{problem}; {newest_failure}"
     which = "older complete checkpoint" if tag else f"complete checkpoint (a tag with {MANIFEST})"
-    unlisted = [t for t in step_tags(ckpt_dir) if (tag is None or t < tag) and not (ckpt_dir / t / MANIFEST).is_file()]
+    # older than the tag `latest` names (without it, a tag lacking a manifest may be the save that was cut)
+    unlisted = [t for t in step_tags(ckpt_dir) if tag is not None and t < tag and not (ckpt_dir / t / MANIFEST).is_file()]
     keep = (f"; {unlisted[-1]} has no {MANIFEST} (written before manifests, or a save that did not finish), so it "
             f"is not taken on its own: `python -m trainer.rollback {ckpt_dir.parent} --tag {unlisted[-1]}` continues "
             f"from it if it is complete" if unlisted else "")
