@@ -360,3 +360,19 @@ def test_bf16_tol_is_honoured(bf16_run) -> None:
     largest = parity["exported"]["max_abs_logit_diff"]
     assert export.judge(parity, "bf16", largest * 2) == (True, {"tolerance": largest * 2, "rule": "max"})
     assert export.judge(parity, "bf16", largest / 2)[0] is False
+
+
+def test_bf16_table_shows_the_bound_applied(capsys) -> None:
+    """The tolerance column printed the raw noise (1.07e-03) while export.json's tolerance, the bound `judge`
+    applies, is BF16_NOISE_FACTOR times it: the table said a pass at 1.5e-03 was over the line."""
+    ex = {"mean_abs_logit_diff": 1.5e-3, "max_abs_logit_diff": 4e-2, "bf16_noise_mean_abs": 1.07e-3,
+          "bf16_noise_max_abs": 3e-2}
+    parity = {"exported": ex, "_meta": {}}
+    ok, rule = export.judge(parity, "bf16", None)
+    report = {"ok": ok, **rule, "parity": parity, "tokenizer": {},
+              "source": {"run_dir": "runs/rb", "tag": "step00000006", "step": 6, "world_size": 2, "zero_stage": 3,
+                         "expert_parallel_size": 2, "precision": "bf16"}}
+    export.print_report(report, Path("runs/rb/export/step00000006"))
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("exported in bf16"))
+    assert ok and row.split()[7] == f"{rule['tolerance']:.2e}" == "2.14e-03", row
+    assert "2 x the export's bf16 vs fp32 noise 1.07e-03" in row, row

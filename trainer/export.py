@@ -466,7 +466,7 @@ def print_report(report: dict[str, Any], dest: Path) -> None:
     print(f"exported {src['run_dir']} @ {src['tag']} (step {src['step']}, {src['world_size']} ranks, "
           f"ZeRO {src['zero_stage']}, EP {src['expert_parallel_size']}, {src['precision']}) -> {dest}")
     if report.get("rule") == "bf16-mean":
-        print_bf16_rows(report["parity"])
+        print_bf16_rows(report["parity"], report["tolerance"])
     else:
         print(f"{'logits vs DeepSpeed engine':<28} {'max |diff|':>11}  {'tolerance':>9}")
         for name, row in report["parity"].items():
@@ -488,12 +488,14 @@ def _label(name: str, row: dict[str, Any]) -> str:
     return {"exported": "exported model (safetensors)", "hf": f"HF {row.get('class', '')}"}.get(name, name)
 
 
-def print_bf16_rows(parity: dict[str, Any]) -> None:
-    """bf16's rule in the units it judges: the mean |diff| against the export's own bf16-vs-fp32 noise."""
+def print_bf16_rows(parity: dict[str, Any], tolerance: float) -> None:
+    """bf16's rule in the units it judges: the mean |diff| against `tolerance`, the bound `judge` applied
+    (BF16_NOISE_FACTOR x the export's own bf16-vs-fp32 noise, shown beside it)."""
     ex = parity["exported"]
     print(f"{'logits (bf16 run)':<28} {'mean |diff|':>11}  {'max |diff|':>10}  {'tolerance':>10}")
     print(f"{'exported in bf16 vs engine':<28} {ex['mean_abs_logit_diff']:>11.2e}  {ex['max_abs_logit_diff']:>10.2e}  "
-          f"{ex['bf16_noise_mean_abs']:>10.2e}  (mean: bf16 vs fp32 of the export, max {ex['bf16_noise_max_abs']:.2e})")
+          f"{tolerance:>10.2e}  (mean: {BF16_NOISE_FACTOR:g} x the export's bf16 vs fp32 noise "
+          f"{ex['bf16_noise_mean_abs']:.2e}, max {ex['bf16_noise_max_abs']:.2e})")
     if "hf" in parity:
         print(f"{'HF vs exported (both fp32)':<28} {'':>11}  {parity['hf']['max_abs_diff_vs_exported']:>10.2e}  "
               f"{FP32_TOL:>10.0e}")
