@@ -120,6 +120,31 @@ def _hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def copied_file_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Name -> shape of every tensor `save_hf(model, ..., "copied")` writes to model.safetensors.
+
+    transformers saves each expert of a fused bank (gate_up_proj [E, 2F, D], down_proj [E, D, F]) as its own
+    gate_proj / up_proj ([F, D]) and down_proj ([D, F]) weight, and drops lm_head when tied to the embedding.
+    Reading a file against this names a missing or misshaped expert tensor, which transformers' weight
+    conversion only reports as a failed conversion.
+    """
+    shapes: dict[str, list[int]] = {}
+    for name, tensor in _hf_tensors(model).items():
+        bank, _, kind = name.rpartition(".")
+        if bank.endswith("mlp.experts") and kind == "gate_up_proj":
+            n_experts, two_f, d_model = tensor.shape
+            for e in range(n_experts):
+                shapes |= {f"{bank}.{e}.{proj}.weight": [two_f // 2, d_model] for proj in ("gate_proj", "up_proj")}
+        elif bank.endswith("mlp.experts") and kind == "down_proj":
+            n_experts, d_model, ffn = tensor.shape
+            shapes |= {f"{bank}.{e}.down_proj.weight": [d_model, ffn] for e in range(n_experts)}
+        else:
+            shapes[name] = list(tensor.shape)
+    if model.config.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
 def set_generation_tokens(hf_model: nn.Module, token_ids: dict[str, int] | None) -> None:
     """Greedy `generate` stops at eos only if generation_config (saved as generation_config.json) has it."""
     for name, value in (token_ids or {}).items():

@@ -178,8 +178,8 @@ def test_hf_validation_is_scored_by_the_hf_model(hf_export, tmp_path, capsys, mo
     out, results = hf_export["export"], {}
     real_load_hf, seen = evaluate.load_hf, []
 
-    def load_hf(export_dir):
-        model = real_load_hf(export_dir)
+    def load_hf(export_dir, *args):
+        model = real_load_hf(export_dir, *args)
         model.register_forward_hook(lambda module, args, kwargs, output: seen.append(kwargs["input_ids"].shape),
                                     with_kwargs=True)
         return model
@@ -226,6 +226,47 @@ def test_hf_missing_a_tensor_is_refused_in_one_line(hf_export, tmp_path) -> None
                                    f"model.layers.0.self_attn.q_proj.weight; expected exactly the TiedOlmoeForCausalLM "
                                    f"weights (export again with --hf)"), proc.stderr[-3000:]
     assert not (tmp_path / "eval" / "export.json").exists()  # no result written
+
+
+@pytest.fixture(scope="module")
+def copied_export(tiny_run) -> Path:
+    """The run exported with --hf in the copied layout (plain OlmoeForCausalLM, one tensor per expert on disk)."""
+    out = tiny_run["root"] / "copied_export"
+    proc = _run(["-m", "trainer.export", str(tiny_run["run_dir"]), "--hf", "--hf-layout", "copied", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("damage,match", [
+    ("missing", "lacks tensor model.layers.0.mlp.experts.0.up_proj.weight; expected exactly the OlmoeForCausalLM "
+                "weights (export again with --hf)"),
+    ("shape", "tensor model.layers.0.mlp.experts.0.up_proj.weight has shape [31, 64], "),
+    ("extra", "has unexpected tensor model.layers.0.mlp.experts.99.up_proj.weight"),
+])
+def test_copied_hf_with_a_damaged_expert_tensor_is_named(copied_export, tmp_path, capsys, damage, match) -> None:
+    """transformers fuses the copied layout's per-expert tensors while loading; a missing or misshaped one failed
+    that with 'look at the CONVERSION entries of the above report', and no report was shown."""
+    name = "model.layers.0.mlp.experts.0.up_proj.weight"
+
+    def change(w):
+        if damage == "missing":
+            w.pop(name)
+        elif damage == "shape":
+            w[name] = w[name][:-1].contiguous()
+        else:
+            w[name.replace(".0.up", ".99.up")] = w[name].clone()
+
+    out = _damaged_hf({"export": copied_export}, tmp_path, change)
+    _fails(capsys, [str(out), "--tasks", "none", "--hf"], f"--hf: {out / 'hf' / 'model.safetensors'}: {match}")
+
+
+@pytest.mark.distributed
+def test_copied_hf_intact_is_scored(copied_export, capsys) -> None:
+    from trainer import evaluate
+
+    assert evaluate.main([str(copied_export), "--tasks", "none", "--hf", "--val-tokens", "64"]) == 0, \
+        capsys.readouterr().err
 
 
 @pytest.mark.distributed

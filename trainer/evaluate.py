@@ -251,12 +251,53 @@ class LogitsModel(nn.Module):
         return CausalLMOutput(logits=self.model(input_ids))
 
 
-def load_hf(export_dir: Path) -> nn.Module:
+def _refuse_keys(weights: Path, kind: str, keys: list[str], model_class: str) -> None:
+    if keys:
+        keys = sorted(keys)
+        raise ValueError(f"--hf: {weights}: {kind} tensor{'s' if len(keys) > 1 else ''} {keys[0]}"
+                         f"{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''}; expected exactly the "
+                         f"{model_class} weights (export again with --hf)")
+
+
+def check_copied_file(hf_dir: Path, hf_config: dict[str, Any], model: nn.Module) -> None:
+    """A copied-layout hf/ holds exactly the tensors `save_hf` writes for `model`, with their shapes.
+
+    transformers fuses the per-expert tensors of that layout while loading; one missing or misshaped fails
+    the fusion with a pointer to a report that is not shown, so the file is read against the converter's
+    names first (its header only: no tensor is loaded)."""
+    from safetensors import safe_open
+
+    from models.hf_convert import copied_file_shapes
+
+    index = hf_dir / "model.safetensors.index.json"
+    stored: dict[str, list[int]] = {}
+    try:
+        files = sorted({hf_dir / f for f in json.loads(index.read_text())["weight_map"].values()}) \
+            if index.is_file() else [hf_dir / "model.safetensors"]
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                stored |= {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 - a missing or damaged file or index: transformers could not load it either
+        raise ValueError(f"--hf: {hf_dir}: cannot be loaded by transformers "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    weights = files[0] if len(files) == 1 else hf_dir
+    expected = copied_file_shapes(model)
+    model_class = (hf_config.get("architectures") or ["transformers"])[0]
+    _refuse_keys(weights, "lacks", [k for k in expected if k not in stored], model_class)
+    _refuse_keys(weights, "has unexpected", [k for k in stored if k not in expected], model_class)
+    for key in sorted(expected):
+        if stored[key] != expected[key]:
+            raise ValueError(f"--hf: {weights}: tensor {key} has shape {stored[key]}, {hf_dir / 'config.json'} "
+                             f"expects {expected[key]} (export again with --hf)")
+
+
+def load_hf(export_dir: Path, model: nn.Module | None = None) -> nn.Module:
     """The export's `hf/` model (tied layouts need their shipped modeling code: trust_remote_code).
 
     Every tensor of the model must come from `hf/model.safetensors`, with its shape: transformers would
     initialise a missing one at random (after a multi-line LOAD REPORT) and score that. Its report is
-    silenced and the first missing / unexpected / mismatched key is named in one line instead.
+    silenced and the first missing / unexpected / mismatched key is named in one line instead; a copied
+    layout is read against `model` (the export's own, loaded when not given) first (`check_copied_file`).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -264,11 +305,19 @@ def load_hf(export_dir: Path) -> nn.Module:
     hf_dir = export_dir / "hf"
     if not (hf_dir / "config.json").is_file():
         raise ValueError(f"--hf: export {export_dir} has no hf/ (export it with --hf)")
+    try:
+        hf_config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):  # transformers names what is wrong with it below
+        hf_config = None
+    if isinstance(hf_config, dict) and "auto_map" not in hf_config:
+        from trainer.export import load_exported
+
+        check_copied_file(hf_dir, hf_config, model if model is not None else load_exported(export_dir))
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True,
+        hf_model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True,
                                                            output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as err:  # noqa: BLE001 - safetensors, JSON and transformers errors all mean a damaged hf/
         raise ValueError(f"--hf: {hf_dir}: cannot be loaded by transformers "
@@ -279,16 +328,12 @@ def load_hf(export_dir: Path) -> nn.Module:
             hf_logging.enable_progress_bar()
     weights = hf_dir / "model.safetensors" if (hf_dir / "model.safetensors").is_file() else hf_dir
     for kind, keys in (("lacks", info["missing_keys"]), ("has unexpected", info["unexpected_keys"])):
-        if keys:
-            keys = sorted(keys)
-            raise ValueError(f"--hf: {weights}: {kind} tensor{'s' if len(keys) > 1 else ''} {keys[0]}"
-                             f"{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''}; expected exactly the "
-                             f"{type(model).__name__} weights (export again with --hf)")
+        _refuse_keys(weights, kind, list(keys), type(hf_model).__name__)
     if info["mismatched_keys"]:
         key, stored, expected = sorted(info["mismatched_keys"])[0]
         raise ValueError(f"--hf: {weights}: tensor {key} has shape {list(stored)}, {hf_dir / 'config.json'} "
                          f"expects {list(expected)} (export again with --hf)")
-    return model.eval()
+    return hf_model.eval()
 
 
 def check_hf_parity(hf_model: nn.Module, model: nn.Module, hf_dir: Path) -> dict[str, float]:
@@ -558,7 +603,7 @@ def evaluate(target: Target, tasks: list[str], num_fewshot: int, limit: int | No
                               "tag": target.tag, "model": "hf" if hf else "tiedmoe",
                               "checkpoint_sha256": _source_fingerprint(read_config(target.export_dir))}
     if hf:  # a missing, incomplete or foreign hf/ is refused before any scoring
-        hf_model = load_hf(target.export_dir)
+        hf_model = load_hf(target.export_dir, model)
         result["hf_parity"] = check_hf_parity(hf_model, model, target.export_dir / "hf")
         del model  # every number below comes from the HF model: one copy of the weights in memory
 
