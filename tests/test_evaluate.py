@@ -827,3 +827,25 @@ def test_a_rewritten_checkpoint_is_exported_again_and_old_results_are_marked_sta
     table = evaluate.compare([str(tmp_path / "first.json"), str(run_dir / "eval" / "step00000004.json")])
     assert "rb@step00000004 (stale)" in table and "note: rb@step00000004 (stale): scored an earlier write" in table
     assert table.count("(stale)") == 2  # the column header and its note; the current result is not marked
+
+
+def test_reevaluating_a_tag_keeps_the_earlier_result(tmp_path, capsys) -> None:
+    """`evaluate runs/a1 --tasks arc_easy,piqa` then `evaluate runs/a1 --tasks none` replaced eval/<tag>.json
+    without a word, and the downstream scores were gone. The earlier file is kept beside it, and said so."""
+    from trainer import evaluate
+
+    shards = build_fixture_dataset(tmp_path / "shards")
+    out = _hand_export(tmp_path / "export", 512, shards / "tokenizer.json")
+    path = tmp_path / "eval" / "export.json"
+    assert evaluate.main([str(out), "--tasks", "none"]) == 0
+    earlier = json.loads(path.read_text())
+    earlier["downstream"] = {"tasks": {"arc_easy": {"score": 0.3}, "piqa": {"score": 0.5}}}  # as a scored run left it
+    path.write_text(json.dumps(earlier))
+    capsys.readouterr()
+    assert evaluate.main([str(out), "--tasks", "none"]) == 0
+    kept = [p for p in path.parent.glob("export.*.json")]
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == earlier
+    assert "downstream" not in json.loads(path.read_text())
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert note == f"note: {path} held an earlier result with tasks arc_easy, piqa that this one lacks; kept as {kept[0]}"
+    assert evaluate.find_result(out) == path  # the new result is still the export's

@@ -23,7 +23,8 @@ Reported:
 The model scored is the export's own (`load_exported`: tied banks shared), or with --hf the export's
 `hf/` directory loaded by transformers, for every number (checked first: complete, and its logits the
 export's). A markdown table goes to stdout and JSON to
-`runs/<name>/eval/<tag>.json` (an export outside a run: `<export parent>/eval/<export name>.json`).
+`runs/<name>/eval/<tag>.json` (an export outside a run: `<export parent>/eval/<export name>.json`); an earlier
+result there is kept beside it (`keep_earlier`), never overwritten.
 Bad input: one line `error: ...`, exit 2.
 """
 
@@ -673,6 +674,42 @@ def print_result(result: dict[str, Any], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _lost(earlier: Any, result: dict[str, Any]) -> list[str]:
+    """What an earlier result at the same path scored that `result` does not: tasks, validation."""
+    if not isinstance(earlier, dict):
+        return []
+    lost = []
+    down = earlier.get("downstream")
+    old_tasks = list(down["tasks"]) if isinstance(down, dict) and isinstance(down.get("tasks"), dict) else []
+    missing = [t for t in old_tasks if t not in (result.get("downstream") or {}).get("tasks", {})]
+    if missing:
+        lost.append(f"task{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    if isinstance(earlier.get("validation"), dict) and "tokens" in earlier["validation"] \
+            and "tokens" not in result["validation"]:
+        lost.append("validation metrics")
+    return lost
+
+
+def keep_earlier(path: Path, result: dict[str, Any]) -> str:
+    """Results are never overwritten: an earlier file at `path` (the same tag evaluated before, perhaps with
+    tasks this one skips) is renamed beside it to `<name>.<its write time>.json`. Returns the `note:` to print
+    ('' when there was none)."""
+    if not path.is_file():
+        return ""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        earlier = None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(path.stat().st_mtime))
+    kept, n = path.with_name(f"{path.stem}.{stamp}.json"), 1
+    while kept.exists():
+        kept, n = path.with_name(f"{path.stem}.{stamp}-{n}.json"), n + 1
+    os.replace(path, kept)
+    lost = _lost(earlier, result)
+    return (f"note: {path} held an earlier result" + (f" with {' and '.join(lost)} that this one lacks" if lost else "")
+            + f"; kept as {kept}")
+
+
 # --------------------------------------------------------------------------------------------------
 # compare
 # --------------------------------------------------------------------------------------------------
@@ -846,8 +883,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     path = Path(args.out).resolve() if args.out else target.result_path(args.hf)
     path.parent.mkdir(parents=True, exist_ok=True)
+    kept = keep_earlier(path, result)
     path.write_text(json.dumps(result, indent=1))
     print_result(result, path)
+    if kept:
+        print(kept)
     return 0
 
 
