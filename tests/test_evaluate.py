@@ -849,3 +849,42 @@ def test_reevaluating_a_tag_keeps_the_earlier_result(tmp_path, capsys) -> None:
     note = capsys.readouterr().out.splitlines()[-1]
     assert note == f"note: {path} held an earlier result with tasks arc_easy, piqa that this one lacks; kept as {kept[0]}"
     assert evaluate.find_result(out) == path  # the new result is still the export's
+
+
+def _result_file(path: Path, run: str, val_tokens: int, docs: int | None = None, shots: int = 3) -> Path:
+    """A result JSON as trainer.evaluate writes it (validation on `val_tokens`; arc_easy on `docs` documents)."""
+    result = {"target": f"/runs/{run}/export/step00000010", "run_dir": "", "tag": "step00000010", "model": "tiedmoe",
+              "validation": {"ce": 5.0, "perplexity": math.exp(5.0), "bits_per_byte": 2.0, "tokens": val_tokens,
+                             "bytes": 4 * val_tokens}}
+    if docs is not None:
+        result["downstream"] = {"tasks": {"arc_easy": {"metric": "acc_norm", "score": 0.3, "docs": docs}},
+                                "num_fewshot": shots, "limit": docs, "macro_average": 0.3}
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_compare_shows_what_results_were_scored_on(tmp_path, capsys) -> None:
+    """compare put validation CE on 1,024 tokens beside CE on 100,000, or 10 documents per task beside 500, with
+    nothing saying so. Rows now show what each was scored on, with a note when that differs."""
+    from trainer import evaluate
+
+    a = _result_file(tmp_path / "a.json", "a1", 1024, docs=10)
+    b = _result_file(tmp_path / "b.json", "b1", 100000, docs=500, shots=0)
+    table = evaluate.compare([str(a), str(b)])
+    assert "| scored on: validation tokens | 1024 | 100000 |" in table, table
+    assert "| scored on: docs per task | 10 (--limit 10) | 500 (--limit 500) |" in table, table
+    assert "| scored on: shots | 3 | 0 |" in table, table
+    notes = [line for line in table.splitlines() if line.startswith("note:")]
+    assert [n.split(" (")[0] for n in notes] == [f"note: the results were scored on different {what}"
+                                                 for what in ("validation tokens", "docs per task", "shots")], notes
+    same = evaluate.compare([str(a), str(_result_file(tmp_path / "c.json", "c1", 1024, docs=10))])
+    assert "note:" not in same and "| scored on: validation tokens | 1024 | 1024 |" in same, same
+
+
+def test_compare_refuses_one_result_named_twice(tmp_path, capsys) -> None:
+    """`compare runs/a1 runs/a1` showed one result in two columns; trainer.memory compare refuses a run named twice."""
+    run = tmp_path / "a1"
+    (run / "eval").mkdir(parents=True)
+    path = _result_file(run / "eval" / "step00000010.json", "a1", 1024)
+    _fails(capsys, ["compare", str(run), str(run)], f"compare: {run} is the result {path}, already given as {run}")
+    _fails(capsys, ["compare", str(path), str(run)], "give each result once")

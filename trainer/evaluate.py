@@ -758,16 +758,45 @@ def stale(result: dict[str, Any]) -> bool:
     return now is not None and now != recorded
 
 
+def scored_on(result: dict[str, Any]) -> dict[str, str]:
+    """What a result's numbers were scored on, as table rows: results on other validation tokens, documents per
+    task (--limit) or shots are not comparable, and the metric rows alone do not show it."""
+    val, down = result.get("validation", {}), result.get("downstream")
+    rows = {"scored on: validation tokens": str(val["tokens"]) if "tokens" in val else "-"}
+    if down:
+        docs = sorted({str(s.get("docs", "?")) for s in down["tasks"].values()})
+        rows["scored on: docs per task"] = "/".join(docs) + (f" (--limit {down['limit']})" if down.get("limit") else "")
+        rows["scored on: shots"] = str(down.get("num_fewshot", "?"))
+    else:
+        rows |= {"scored on: docs per task": "-", "scored on: shots": "-"}
+    return rows
+
+
 def compare(paths: list[str]) -> str:
-    columns, notes = {}, []
+    """One table of the results, with what each was scored on; a `note:` under it for each difference in
+    that and for stale results. The same result file named twice is refused (it is no comparison)."""
+    columns, notes, files = {}, [], {}
     for arg in paths:
-        name, result = load_result(find_result(arg))
+        path = find_result(arg)
+        if path in files:
+            raise ValueError(f"compare: {arg} is the result {path}, already given as {files[path]}; "
+                             f"give each result once")
+        files[path] = arg
+        name, result = load_result(path)
         if stale(result):
             name += " (stale)"
             notes.append(f"note: {name}: scored an earlier write of checkpoint {result['tag']}; the run's checkpoint "
                          f"was rewritten since (evaluate it again)")
         columns[name if name not in columns else f"{name} ({len(columns)})"] = result
-    return "\n".join([markdown_table(columns), *notes])
+    basis = {name: scored_on(result) for name, result in columns.items()}
+    lines = markdown_table(columns).splitlines()
+    for label in next(iter(basis.values())):
+        values = [basis[name][label] for name in columns]
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+        if len({v for v in values if v != "-"}) > 1:
+            notes.append(f"note: the results were scored on different {label.removeprefix('scored on: ')} "
+                         f"({', '.join(values)}): their numbers are not directly comparable")
+    return "\n".join([*lines, *notes])
 
 
 # --------------------------------------------------------------------------------------------------
