@@ -29,7 +29,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def model_field_overrides(items: list[str]) -> dict[str, Any]:
     """Overrides of one model's fields (`tie_group_size=4`); the trainer's spellings `model.tie_group_size=4`
-    and `model.overrides.tie_group_size=4` name the same field, so they are accepted too."""
+    and `model.overrides.tie_group_size=4` name the same field, so they are accepted too. An empty value
+    (`tie_group_size=`) is refused as typed: read as null, its error named `model.tie_group_size=None`, which
+    nobody typed (`null` sets a field that takes none)."""
+    empty = next((item for item in items if item.partition("=")[1] and not item.partition("=")[2].strip()), None)
+    if empty is not None:
+        raise ValueError(f"override {empty!r}: no value after '='; expected {empty.partition('=')[0].strip()}=VALUE "
+                         f"(null for a field that takes none)")
     out = {}
     for key, value in parse_overrides(items).items():
         out[key.removeprefix("model.").removeprefix("overrides.") if key.startswith("model.") else key] = value

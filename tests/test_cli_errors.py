@@ -384,6 +384,18 @@ def test_parity_only_matching_no_cell_is_refused():
                            "--only=nomatch", "zero3-ep2-tied-muon")
 
 
+@pytest.mark.parametrize("argv, names", [
+    (["-m", "trainer.export", "runs/x", "--out", ""], ("argument --out: '' is empty; expected a directory",)),
+    (["-m", "trainer.memory", "compare", "a", "b", "--out", ""], ("argument --out: '' is empty; expected a directory",)),
+    (["-m", "trainer.parity", "--cells", "muon", "--only", ""], ("argument --only: '' is empty; expected part of",)),
+    (["-m", "models.summary", "olmoe", "tie_group_size="], ("'tie_group_size=': no value after '='",)),
+])
+def test_empty_values_are_refused(argv, names):
+    """`export --out ''` exported over the default export, `memory compare --out ''` wrote into the cwd, `--only ''`
+    matched every cell and `tie_group_size=` was refused as `model.tie_group_size=None`, which nobody typed."""
+    _assert_one_error_line(run_python(argv), *names)
+
+
 @pytest.mark.parametrize("argv, names", [(["-m", "trainer.parity", "--cells", "most"], "argument --cells"),
                                          (["-m", "trainer.parity", "--bogus"], "--bogus"),
                                          (["-m", "trainer.export", "runs/x", "--tol", "small"], "argument --tol"),

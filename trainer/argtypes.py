@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -22,6 +22,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def non_empty(expected: str) -> Callable[[str], str]:
+    """A flag's value that must say something: an empty one (`--out ''`, a shell variable that was unset) was
+    read as 'not given' and fell back to a default (exporting over the default export), or matched everything."""
+
+    def check(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{text!r} is empty; expected {expected}")
+        return text
+
+    return check
 
 
 def output_file(text: str) -> str:

@@ -49,7 +49,7 @@ import torch
 
 from models.config import from_dict, layer_plan, tie_groups
 from models.transformer import MoETransformer, build_model
-from trainer.argtypes import OneLineParser
+from trainer.argtypes import OneLineParser, non_empty
 
 FORMAT = "tiedmoe-export"
 VERSION = 1
@@ -506,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a trainer.train run directory (runs/<name>)")
     parser.add_argument("--tag", help="checkpoint tag under RUN_DIR/checkpoints (default: the one `latest` names)")
-    parser.add_argument("--out", help="output directory (default: RUN_DIR/export/<tag>)")
+    parser.add_argument("--out", type=non_empty("a directory to export to"),
+                        help="output directory (default: RUN_DIR/export/<tag>)")
     parser.add_argument("--hf", action="store_true", help="also write OUT/hf, a Hugging Face transformers model")
     parser.add_argument("--hf-layout", choices=["tied", "copied"],
                         help="tied: each tied bank once (needs trust_remote_code; default for tied runs); "

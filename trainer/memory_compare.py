@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainer.argtypes import reader_may_leave, refuse_repeats
+from trainer.argtypes import non_empty, reader_may_leave, refuse_repeats
 from trainer.memory import CATEGORIES, MIB, REPORT_JSON, OneLineParser
 
 COMPARE_MD, COMPARE_PNG = "memory_compare.md", "memory_compare.png"
@@ -115,7 +115,8 @@ def plot(reports: list[dict[str, Any]], names: list[str], path: Path) -> None:
 def compare_main(argv: list[str]) -> int:
     parser = OneLineParser(prog="python -m trainer.memory compare", description=__doc__)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--out", help="where memory_compare.md and memory_compare.png go (default: the first RUN_DIR)")
+    parser.add_argument("--out", type=non_empty("a directory for memory_compare.md and .png"),
+                        help="where memory_compare.md and memory_compare.png go (default: the first RUN_DIR)")
     args = parser.parse_args(argv)
     refuse_repeats("RUN_DIR", [os.path.realpath(d) for d in args.run_dirs])  # one run twice is no comparison
     reports = [load_report(d) for d in args.run_dirs]

@@ -31,7 +31,7 @@ import torch
 
 from models.transformer import build_model
 from trainer import engine as eng
-from trainer.argtypes import OneLineParser, output_file
+from trainer.argtypes import OneLineParser, non_empty, output_file
 from trainer.bench import collect_json, run_pair
 from trainer.config import TrainConfig, load_config
 from trainer.data import make_source
@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--json", type=output_file, help="write the report here")
-    parser.add_argument("--only", default="", help="--cells muon: only the cells whose name contains this")
+    parser.add_argument("--only", type=non_empty("part of a cell name"),
+                        help="--cells muon: only the cells whose name contains this")
     parser.add_argument("--world", type=int, help=f"ranks (default: the cells' own, {WORLD}; 1 for --cells gpu1)")
     parser.add_argument("--gpu", action="store_true", help="ranks on GPUs (torchrun) instead of CPU ranks")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cells {args.cells} needs --world {WORLD} (the EP 2 cells); use --cells gpu1 for one rank")
     with tempfile.TemporaryDirectory() as tmp:
         module_args = ["trainer.parity", "--worker", "--cells", args.cells, "--steps", str(args.steps), "--out-dir", tmp,
-                       "--only", args.only]
+                       *(["--only", args.only] if args.only else [])]
         raw = collect_json(module_args, args.world, args.gpu, tmp)
         if isinstance(raw, int):
             return raw
