@@ -54,7 +54,19 @@ def hf_export(tiny_run) -> dict[str, Path]:
     out = tiny_run["root"] / "hf_export"
     proc = _run(["-m", "trainer.export", str(tiny_run["run_dir"]), "--hf", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {"export": out, "shards": tiny_run["shards"], "export_stdout": proc.stdout}
+    return {"export": out, "shards": tiny_run["shards"], "export_stdout": proc.stdout, "export_stderr": proc.stderr}
+
+
+@pytest.mark.distributed
+def test_export_says_each_stage_as_it_starts(hf_export, tiny_run) -> None:
+    """The export printed nothing until its report (20 s tiny, minutes at scale). Each stage is said on stderr as it
+    starts; stdout is the report alone."""
+    out = hf_export["export"]
+    stages = [line for line in hf_export["export_stderr"].splitlines() if line.endswith(" ...")]
+    assert [line.split(" ")[0] for line in stages] == ["exporting", "checking", "publishing"], hf_export["export_stderr"]
+    assert stages[0].startswith(f"exporting {tiny_run['run_dir']} @ step00000003 on 2 CPU ranks"), stages
+    assert "its hf/ (tied layout, written now)" in stages[1] and stages[2].startswith(f"publishing to {out} ("), stages
+    assert hf_export["export_stdout"].startswith(f"exported {tiny_run['run_dir']} @ step00000003"), hf_export["export_stdout"]
 
 
 @pytest.mark.distributed

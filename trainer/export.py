@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -409,8 +410,12 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | None = None, hf: bool = False,
-               tol: float | None = None, hf_layout: str | None = None) -> tuple[bool, dict[str, Any], Path]:
-    """Everything `main` does, minus printing. Returns (parity ok, report, where the export is).
+               tol: float | None = None, hf_layout: str | None = None,
+               progress: Callable[[str], None] | None = None) -> tuple[bool, dict[str, Any], Path]:
+    """Everything `main` does, minus printing the report. Returns (parity ok, report, where the export is).
+
+    `progress` is told each stage as it starts (the export takes 20 s tiny, minutes at scale, and said
+    nothing until its report); `main` prints them to stderr, so stdout stays the report.
 
     `tol`: the largest |logit diff| allowed; None: FP32_TOL, or for bf16 runs the noise rule of `judge`.
 
@@ -434,7 +439,10 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
             check_out(out)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         start = time.perf_counter()
+        say = progress or (lambda _: None)
         try:
+            say(f"exporting {src.run_dir} @ {src.tag} on {src.world_size} CPU ranks (gathering the checkpoint's "
+                f"weights, the engine's logits on the parity batch) ...")
             with tempfile.TemporaryDirectory() as scratch:
                 proc = spawn_cpu_ranks(["trainer.export", "--worker", str(src.run_dir), "--tag", src.tag,
                                         "--stage", str(stage), "--scratch", scratch, "--step", str(src.step),
@@ -447,6 +455,8 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
                     raise RuntimeError(f"export ranks failed (exit {proc.returncode}): "
                                        f"{errors[0] if errors else 'see the log above'}")
                 tokenizer, meta = add_tokenizer(stage, run_tok, model_cfg.max_seq_len)
+                say(f"checking parity: the exported model{f' and its hf/ ({layout} layout, written now)' if hf else ''}"
+                    f" against the engine's logits ({time.perf_counter() - start:.0f} s so far) ...")
                 parity = check_parity(stage, Path(scratch), src.cfg.run.precision, hf, tokenizer, layout)
             ok, rule = judge(parity, src.cfg.run.precision, tol)
             report = {"ok": ok, **rule, "source": meta["source"], "tokenizer": tokenizer, "parity": parity,
@@ -454,6 +464,7 @@ def run_export(run_dir: str | Path, tag: str | None = None, out: str | Path | No
                       "seconds": round(time.perf_counter() - start, 2)}
             (stage / REPORT).write_text(json.dumps(report, indent=1))
             dest = out if ok else out.with_name(out.name + ".failed")
+            say(f"publishing to {dest} ({time.perf_counter() - start:.0f} s so far) ...")
             _publish(stage, dest)
             return ok, report, dest
         except BaseException:
@@ -531,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--hf-layout: only with --hf")
         if args.tol is not None and (not math.isfinite(args.tol) or args.tol <= 0):  # a tolerance of 0 or less fails every export
             raise ValueError(f"--tol={args.tol:g}: expected a positive number")
-        ok, report, dest = run_export(args.run_dir, args.tag, args.out, args.hf, args.tol, args.hf_layout)
+        ok, report, dest = run_export(args.run_dir, args.tag, args.out, args.hf, args.tol, args.hf_layout,
+                                      progress=lambda line: print(line, file=sys.stderr, flush=True))
     except ValueError as err:
         print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
         return 2
