@@ -105,6 +105,9 @@ def test_ranks_check_the_ds_config_before_any_process_group(tmp_path):
     ('"zero_optimization": {"stage": 1}, "gradient_allreduce_op": "max"', ["Invalid gradient_allreduce_op"], []),
     ('"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}',
      ["data_types.grad_accum_dtype='bf16'"], ["run.precision=bf16"]),  # the trainer's fp32 replaced it
+    # offload with DeepSpeed's CPU Adam forced: the trainer steps a torch optimizer (ZeRORuntimeException in the ranks)
+    ('"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": true',
+     ["zero_force_ds_cpu_optimizer=true", "remove it"], []),
 ])
 def test_run_sh_ds_config_top_level_key_or_type_is_refused(tmp_path, settings, names, args):
     """DeepSpeed ignores a top-level key it does not read (`zero_optimisation` trained at ZeRO 0), and stores top-level
@@ -135,6 +138,35 @@ def test_ds_config_keys_deepspeed_reads_all_pass(tmp_path):
                          '"communication_data_type": "fp32", "flops_profiler": {"enabled": false}, '
                          '"dump_state": false, "data_types": {"grad_accum_dtype": "fp32"}}')
     check_deepspeed_config(load_config(None, [f"parallel.ds_config={ds_config}", "run.precision=bf16"]).for_world(2))
+
+
+@pytest.mark.parametrize("zero", ['"offload_optimizer": {"device": "cpu"}', '"cpu_offload": true'])
+def test_optimizer_offload_lets_deepspeed_take_the_torch_optimizer(tmp_path, zero):
+    """DeepSpeed refused the trainer's torch AdamW on offloaded partitions (a ZeRORuntimeException traceback inside
+    the ranks) unless `zero_force_ds_cpu_optimizer` is false; the trainer sets it where the optimizer is offloaded."""
+    from trainer.config import load_config
+    from trainer.engine.ds_config import deepspeed_config
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(f'{{"zero_optimization": {{"stage": 2, {zero}}}}}')
+    cfg = load_config(None, [f"parallel.ds_config={ds_config}", "data.source=random"])
+    assert deepspeed_config(cfg, cfg.model_config(), 2)["zero_force_ds_cpu_optimizer"] is False
+    plain = load_config(None, ["parallel.ds_config=ds_configs/zero2.json", "data.source=random"])
+    assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(plain, plain.model_config(), 2)
+
+
+def test_nvme_offload_without_async_io_is_refused(tmp_path):
+    """NVMe offload needs DeepSpeed's async_io op; where it cannot load (a CPU install: no libaio, ops not built) the
+    ranks failed with a RuntimeError traceback from its JIT load."""
+    from trainer.engine.ds_config import _async_io_loads
+    if _async_io_loads():
+        pytest.skip("this DeepSpeed install loads async_io")
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(f'{{"zero_optimization": {{"stage": 3, "offload_optimizer": {{"device": "nvme", '
+                         f'"nvme_path": "{tmp_path}"}}}}}}')
+    proc = run_python(["run.sh", f"parallel.ds_config={ds_config}", "run.steps=1", "data.source=random",
+                       f"run.out_dir={tmp_path}/runs"])
+    _assert_one_error_line(proc, f"parallel.ds_config={ds_config}", "offload_optimizer.device='nvme'", "async_io")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_ds_config_top_level_types_cover_what_deepspeed_reads():

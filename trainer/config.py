@@ -518,6 +518,15 @@ def _validate_muon(cfg: TrainConfig) -> None:
                              f"{key}; Muon is tested without offload only")
 
 
+def offload_keys(zero: dict[str, Any]) -> list[str]:
+    """The keys of a ds_config's zero_optimization that offload to CPU or NVMe, DeepSpeed's deprecated `cpu_offload`
+    (optimizer) and `cpu_offload_param` included. A block of the wrong type (`"offload_optimizer": "cpu"`) offloads
+    nothing here: DeepSpeed's schema check refuses it in one line (`trainer.engine.ds_config.check_deepspeed_config`)."""
+    blocks = [key for key in ("offload_optimizer", "offload_param")
+              if isinstance(zero.get(key), dict) and zero[key].get("device", "none") != "none"]
+    return blocks + [key for key in ("cpu_offload", "cpu_offload_param") if zero.get(key) is True]
+
+
 # Top-level DeepSpeed keys the trainer writes from this config (trainer.engine.ds_config.deepspeed_config) or that
 # would override what it writes: in a ds_config file they are refused, not dropped. `bfloat16` is DeepSpeed's old
 # name of `bf16`, read only when `bf16` is absent (never: the trainer sets it).

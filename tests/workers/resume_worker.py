@@ -17,10 +17,20 @@ CELLS = ((3, 2, []), (2, 1, []), (3, 2, MUON))
 if sys.argv[3:] == ["muon"]:  # the slow set: Muon under every other DeepSpeed optimizer wrapper
     CELLS = ((1, 2, MUON), (2, 1, MUON), (0, 2, MUON + ["run.precision=bf16"]), (1, 1, MUON + ["run.precision=bf16"]),
              (3, 2, MUON + ["run.precision=bf16"]))
+# ZeRO-Offload of the optimizer (the default torch AdamW on the CPU partitions): each cell also trains without it
+OFFLOAD = sys.argv[3:] == ["offload"]
+if OFFLOAD:
+    CELLS = ((2, 1, []), (3, 2, []))
 results = {}
 for zero, ep, extra in CELLS:
+    ds_config = f"ds_configs/zero{zero}.json"
+    if OFFLOAD:
+        ds_config = f"{out_dir}/zero{zero}_offload.json"
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        Path(ds_config).write_text(json.dumps({"zero_optimization": {"stage": zero,
+                                                                     "offload_optimizer": {"device": "cpu"}}}))
     base = extra + ["data.source=random", "data.seq_len=32", "batch.micro_batch_size=4", "batch.grad_accum=2",
-            "run.log_every=1000", f"parallel.ds_config=ds_configs/zero{zero}.json",
+            "run.log_every=1000", f"parallel.ds_config={ds_config}",
             f"parallel.expert_parallel_size={ep}", "run.steps=6", f"run.out_dir={out_dir}", "run.eval_batches=1",
             "schedule.warmup_steps=2", "run.save_every=2", "run.keep_checkpoints=2"]
     name = f"zero{zero}-ep{ep}" + ("-muon" if extra else "") + ("-bf16" if "run.precision=bf16" in extra else "")
@@ -30,6 +40,11 @@ for zero, ep, extra in CELLS:
     again = train(load_config(None, base + [f"run.name={name}-split"]))  # already complete: no steps
     results[name] = {"straight": straight.losses, "first": first.losses, "second": second.losses,
                      "again": again.losses, "val_straight": straight.val_loss, "val_split": second.val_loss}
+    if OFFLOAD:
+        plain = [arg for arg in base if not arg.startswith("parallel.ds_config=")]
+        results[name]["not_offloaded"] = train(load_config(None, plain + [f"parallel.ds_config=ds_configs/zero{zero}.json",
+                                                                          f"run.name={name}-plain"])).losses
+        continue
     if zero == 3 and not extra:
         # A crash after DeepSpeed wrote step 4's shards but before `latest` moved: resume from step 3.
         from deepspeed.runtime.engine import DeepSpeedEngine

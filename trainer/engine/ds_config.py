@@ -10,7 +10,7 @@ from typing import Any
 
 from models.accounting import layer_parts
 from models.config import ModelConfig, layer_plan
-from trainer.config import TRAINER_OWNED_DS_KEYS, TrainConfig, load_engine_settings
+from trainer.config import TRAINER_OWNED_DS_KEYS, TrainConfig, load_engine_settings, offload_keys
 
 
 @contextlib.contextmanager
@@ -81,9 +81,30 @@ def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) 
                              f"{data_types['grad_accum_dtype']!r}; with run.precision=bf16 at ZeRO 1-3 the trainer "
                              f"accumulates in fp32, remove it")
         settings["data_types"] = {**data_types, "grad_accum_dtype": "fp32"}  # the file's other data_types stay
+    offloaded = offload_keys(zero)
+    nvme = [key for key in offloaded if isinstance(zero[key], dict) and zero[key].get("device") == "nvme"]
+    if nvme and not _async_io_loads():  # it failed inside the ranks, a RuntimeError traceback from its JIT load
+        raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config}: zero_optimization.{nvme[0]}.device='nvme' "
+                         f"needs DeepSpeed's async_io op, which this DeepSpeed install cannot load; use 'cpu'")
+    if {"offload_optimizer", "cpu_offload"} & set(offloaded):
+        # DeepSpeed refuses a torch optimizer on offloaded partitions unless told to take it (its own CPU Adam needs
+        # compiled ops, which this install does not build); AdamW / SGD then step the fp32 partitions on the CPU
+        if settings.get("zero_force_ds_cpu_optimizer") is True:
+            raise ValueError(f"parallel.ds_config={cfg.parallel.ds_config}: zero_force_ds_cpu_optimizer=true with "
+                             f"zero_optimization offload asks for DeepSpeed's CPU Adam, which the trainer does not use "
+                             f"(it steps a torch optimizer on the offloaded partitions); remove it")
+        settings["zero_force_ds_cpu_optimizer"] = False
     if zero.get("stage") == 3 and "stage3_max_reuse_distance" not in zero:
         zero["stage3_max_reuse_distance"] = tie_aware_reuse_distance(model_cfg)
     return settings
+
+
+@functools.cache
+def _async_io_loads() -> bool:
+    """Whether DeepSpeed's async_io op (NVMe offload) is built or can be built here (libaio): not on a CPU install."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return bool(AsyncIOBuilder().is_compatible(verbose=False))
 
 
 # The top-level scalars DeepSpeed reads, and their JSON types (defaults: deepspeed/runtime/constants.py, use:
