@@ -154,6 +154,27 @@ def test_optimizer_offload_lets_deepspeed_take_the_torch_optimizer(tmp_path, zer
     assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(plain, plain.model_config(), 2)
 
 
+@pytest.mark.parametrize("block", ['"cpu"', '["cpu"]'])
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_offload_block_of_the_wrong_type_is_one_line_under_every_optimizer(tmp_path, block, optim):
+    """Muon's offload check read the block with `.get`: a string or list was an AttributeError traceback (exit 1),
+    where AdamW had DeepSpeed's schema refuse it in one line."""
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(f'{{"zero_optimization": {{"stage": 2, "offload_optimizer": {block}}}}}')
+    proc = run_python(["run.sh", f"parallel.ds_config={ds_config}", "run.steps=1", "data.source=random",
+                       f"optim.name={optim}", f"run.out_dir={tmp_path}/runs"])
+    _assert_one_error_line(proc, f"parallel.ds_config={ds_config}", "offload_optimizer", "DeepSpeed refuses it")
+
+
+def test_muon_refuses_deprecated_cpu_offload_too(tmp_path):
+    """DeepSpeed still reads `cpu_offload: true` as optimizer offload, which Muon's check let through."""
+    from trainer.config import load_config
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text('{"zero_optimization": {"stage": 2, "cpu_offload": true}}')
+    with pytest.raises(ValueError, match=r"optim.name='muon': .*zero_optimization.cpu_offload; Muon is tested"):
+        load_config(None, ["optim.name=muon", f"parallel.ds_config={ds_config}"])
+
+
 def test_nvme_offload_without_async_io_is_refused(tmp_path):
     """NVMe offload needs DeepSpeed's async_io op; where it cannot load (a CPU install: no libaio, ops not built) the
     ranks failed with a RuntimeError traceback from its JIT load."""

@@ -511,11 +511,9 @@ def _validate_muon(cfg: TrainConfig) -> None:
             raise ValueError(f"{key}={getattr(optim, key.split('.')[1])!r}: expected {expected}")
     if optim.name != "muon":
         return
-    zero = load_engine_settings(cfg).get("zero_optimization", {})
-    for key in ("offload_optimizer", "offload_param"):
-        if zero.get(key) and zero[key].get("device", "none") != "none":
-            raise ValueError(f"optim.name='muon': parallel.ds_config={cfg.parallel.ds_config!r} sets zero_optimization."
-                             f"{key}; Muon is tested without offload only")
+    for key in offload_keys(load_engine_settings(cfg).get("zero_optimization", {})):
+        raise ValueError(f"optim.name='muon': parallel.ds_config={cfg.parallel.ds_config!r} sets zero_optimization."
+                         f"{key}; Muon is tested without offload only")
 
 
 def offload_keys(zero: dict[str, Any]) -> list[str]:
