@@ -105,6 +105,14 @@ def test_ranks_check_the_ds_config_before_any_process_group(tmp_path):
     ('"zero_optimization": {"stage": 1}, "gradient_allreduce_op": "max"', ["Invalid gradient_allreduce_op"], []),
     ('"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}',
      ["data_types.grad_accum_dtype='bf16'"], ["run.precision=bf16"]),  # the trainer's fp32 replaced it
+    # blocks DeepSpeed reads without a schema: a TypeError traceback from the launcher, or an error naming no key
+    ('"zero_optimization": {"stage": 3}, "flops_profiler": {"enabled": "maybe"}',
+     ["flops_profiler.enabled='maybe'", "true or false"], []),
+    ('"zero_optimization": {"stage": 3}, "aio": {"block_size": "big"}', ["aio.block_size='big'", "an integer"], []),
+    ('"zero_optimization": {"stage": 3}, "data_types": {"grad_accum_dtype": "bogus"}',
+     ["data_types.grad_accum_dtype='bogus'", "fp32"], []),
+    ('"zero_optimization": {"stage": 3}, "checkpoint": {"tag_validation": 5}',
+     ["DeepSpeed refuses it", "AttributeError"], []),
     # offload with DeepSpeed's CPU Adam forced: the trainer steps a torch optimizer (ZeRORuntimeException in the ranks)
     ('"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": true',
      ["zero_force_ds_cpu_optimizer=true", "remove it"], []),

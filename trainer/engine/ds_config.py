@@ -48,13 +48,66 @@ def check_deepspeed_config(resolved: TrainConfig) -> None:
     # and as the group's size in a process that has one (a second run in one process: tests, tools)
     seen = dist.get_world_size() if dist.is_initialized() else 1
     settings = deepspeed_config(resolved, resolved.model_config(), seen)  # its own errors name their key already
+    check_unchecked_blocks(resolved, settings)
     with refusals_named(resolved):
         try:
             DeepSpeedConfig(settings)
         except ValidationError:
             raise
-        except ValueError as err:  # its value checks ("Invalid gradient_allreduce_op ...") named no file
-            raise _refused(resolved, str(err)) from None
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            # its value checks ("Invalid gradient_allreduce_op ...") named no file; a value of another type than a
+            # block's default that `check_unchecked_blocks` does not know failed with a bare TypeError traceback
+            raise _refused(resolved, f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)) \
+                from None
+
+
+# Blocks DeepSpeed reads without a schema (get_scalar_param: any value is stored, and fails where it is used, e.g.
+# `"flops_profiler": {"enabled": "maybe"}` a TypeError in DeepSpeedConfig) and the dtype names of `data_types`, which
+# it resolves only in the engine (`'bogus' is not a valid DtypeEnum` from inside the ranks, naming no key).
+_DTYPE_KEYS = ("grad_accum_dtype", "param_dtype", "buffer_dtype")
+
+
+def _schemaless_defaults() -> dict[str, dict[str, Any]]:
+    """Block -> its scalar settings and their defaults, as the installed DeepSpeed parses an empty config."""
+    from deepspeed.profiling.config import DeepSpeedFlopsProfilerConfig
+    from deepspeed.runtime.activation_checkpointing.config import DeepSpeedActivationCheckpointingConfig
+    from deepspeed.runtime.config import get_aio_config
+
+    return {"flops_profiler": vars(DeepSpeedFlopsProfilerConfig({})),
+            "activation_checkpointing": vars(DeepSpeedActivationCheckpointingConfig({})), "aio": get_aio_config({})}
+
+
+def check_unchecked_blocks(cfg: TrainConfig, settings: dict[str, Any]) -> None:
+    """Refuse, naming the file and the key, a setting of a schema-less block whose type differs from its default's,
+    and a `data_types` dtype DeepSpeed does not know (it would fail inside the ranks, or name neither)."""
+    from deepspeed.runtime.config import DtypeEnum
+
+    where = f"parallel.ds_config={cfg.parallel.ds_config}"
+    for block, defaults in _schemaless_defaults().items():
+        for key, value in settings.get(block, {}).items():
+            default = defaults.get(key)
+            if default is not None and not _same_kind(value, default):
+                kind = next(t for t in (bool, int, float, str) if isinstance(default, t))
+                raise ValueError(f"{where}: {block}.{key}={value!r}, expected "
+                                 f"{'an integer' if kind is int else _EXPECTED[kind]}")
+    for key in _DTYPE_KEYS:
+        value = settings.get("data_types", {}).get(key)
+        if value is not None:
+            try:
+                DtypeEnum(value)
+            except (ValueError, TypeError):
+                names = sorted({v for member in DtypeEnum for v in member._all_values if isinstance(v, str)
+                                and not v.startswith("torch.")})
+                raise ValueError(f"{where}: data_types.{key}={value!r}, expected one of {', '.join(names)}") from None
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """JSON's view of a default's type: true is no number, an integer is a number where the default is a float."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def deepspeed_config(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
