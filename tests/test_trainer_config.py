@@ -648,6 +648,14 @@ def test_a_downstream_task_given_twice_is_refused():
     load_config(None, ["run.downstream_tasks=arc_easy,piqa"])
 
 
+@pytest.mark.parametrize("tasks, entry", [("arc_easy,", 2), ("arc_easy,,piqa", 2), ("piqa, ,arc_easy", 2)])
+def test_an_empty_downstream_task_entry_is_refused(tasks, entry):
+    """`arc_easy,` scored arc_easy only, without a word, where `evaluate --tasks arc_easy,` refuses it."""
+    with pytest.raises(ValueError, match=rf"^run.downstream_tasks='{tasks}': entry {entry} is empty"):
+        load_config(None, ["run.downstream_every=2", f"run.downstream_tasks={tasks}"])
+    load_config(None, ["run.downstream_every=2", "run.downstream_tasks=arc_easy, piqa"])
+
+
 def test_optimizer_fields_the_optimizer_does_not_read_are_noted():
     """Muon has its own decays: optim.weight_decay under it was dropped without a word."""
     notes = load_config(None, ["optim.name=muon", "optim.weight_decay=0.5", "optim.momentum=0.5",

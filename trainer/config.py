@@ -465,9 +465,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.run.downstream_every and cfg.data.source == "random":
         raise ValueError(f"run.downstream_every={cfg.run.downstream_every}: needs text data (data.source=shards or "
                          f"stream); random tokens have no tokenizer to score tasks with")
-    tasks = [t.strip() for t in cfg.run.downstream_tasks.split(",") if t.strip()]
+    entries = [t.strip() for t in cfg.run.downstream_tasks.split(",")]
+    tasks = [t for t in entries if t]
     if cfg.run.downstream_every and not tasks:
         raise ValueError("run.downstream_tasks='': expected at least one task when run.downstream_every > 0")
+    if tasks and "" in entries:  # 'arc_easy,' or 'arc_easy,,piqa': a name lost in editing went unscored without a word
+        raise ValueError(f"run.downstream_tasks={cfg.run.downstream_tasks!r}: entry {entries.index('') + 1} is empty; "
+                         f"expected comma-separated task names (as evaluate's --tasks)")
     repeated = sorted({t for t in tasks if tasks.count(t) > 1})
     if repeated:  # it would be scored twice and count twice in the downstream average
         raise ValueError(f"run.downstream_tasks={cfg.run.downstream_tasks!r}: {repeated[0]} is given twice; "
