@@ -172,6 +172,15 @@ def test_an_empty_value_is_named_as_none_given(override, says):
     assert bad_overrides([override], override[:-1]) == says
 
 
+@pytest.mark.parametrize("section, key", [("run", "name"), ("data", "path"), ("parallel", "ds_config")])
+def test_a_nul_byte_in_a_string_is_named_by_its_key(tmp_path, section, key):
+    """YAML's "\\0": the run failed with os's bare "embedded null byte", naming no key."""
+    path = tmp_path / "nul.yaml"
+    path.write_text(f'{section}:\n  {key}: "a\\0b"\n')
+    with pytest.raises(ValueError, match=rf"^{section}.{key}='a\\x00b': contains a NUL byte"):
+        load_config(path)
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  lr: 1.0e-3\nschedule:\n  warmup: 5\n")

@@ -292,6 +292,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if not isinstance(value, str):
             raise ValueError(f"{_given(key, value)}: expected a string")
+        if "\0" in value:  # a YAML "\0": every path or name made of it failed as "embedded null byte", naming no key
+            raise ValueError(f"{_given(key, value)}: contains a NUL byte; expected text without one")
         return value
     return value
 
