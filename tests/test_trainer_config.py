@@ -314,7 +314,9 @@ def fixture_shards(tmp_path_factory) -> Path:
 
 def test_data_vocab_larger_than_model_vocab(fixture_shards):
     cfg = load_config(None, [f"data.path={fixture_shards}", "model.vocab_size=256"])
-    with pytest.raises(ValueError, match="vocab") as info:
+    # named by the key to edit (it named the shards' manifest.json only)
+    with pytest.raises(ValueError, match=rf"^model.vocab_size=256: .*data.path='{fixture_shards}' "
+                                         rf"\({FIXTURE_VOCAB_SIZE}\); expected at least {FIXTURE_VOCAB_SIZE}") as info:
         make_source(cfg, "train", 0, 1)
     assert "\n" not in str(info.value)
     # A model vocab at least the tokenizer's (padding is fine) reads batches of in-range ids.
@@ -482,7 +484,7 @@ def test_cli_vocab_too_small_fails_before_ranks_start(fixture_shards):
     proc = _run_sh([_python(), "run.sh", f"data.path={fixture_shards}", "model.vocab_size=256"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "vocab" in errors[0], proc.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: model.vocab_size=256: "), proc.stderr[-2000:]
     assert "torch.distributed" not in proc.stderr and "step" not in proc.stdout
 
 

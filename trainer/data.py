@@ -9,7 +9,7 @@ import torch
 
 from data_prep.build import DEFAULT_OUT_DIR, ensure_default_dataset
 from data_prep.errors import DataError
-from data_prep.loader import TokenWindowLoader, check_vocab, load_manifest
+from data_prep.loader import TokenWindowLoader, load_manifest
 from data_prep.streaming import StreamingTokenLoader, open_streaming_dataset
 from data_prep.tokenizer import load_tokenizer
 from trainer.config import REPO_ROOT, TrainConfig
@@ -97,7 +97,11 @@ def make_source(cfg: TrainConfig, split: str, rank: int, world_size: int) -> Bat
             raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r}: vocab {loader.vocab_size} is larger than "
                              f"model.vocab_size={model_vocab}")
         return loader
-    check_vocab(data_dir(cfg), model_vocab)
+    tokenizer_vocab = load_manifest(data_dir(cfg))["tokenizer"]["vocab_size"]
+    if model_vocab < tokenizer_vocab:  # data_prep's check_vocab names the manifest; the user edits this key
+        raise ValueError(f"model.vocab_size={model_vocab}: smaller than the vocab of the tokenizer of data.path="
+                         f"{cfg.data.path!r} ({tokenizer_vocab}); expected at least {tokenizer_vocab} (token ids would "
+                         f"index past the embedding)")
     return TokenWindowLoader(data_dir(cfg), split, cfg.data.seq_len, cfg.batch.micro_batch_size,
                              rank=rank, world_size=world_size, seed=cfg.run.seed)
 
