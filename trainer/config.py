@@ -525,7 +525,7 @@ def _validate_muon(cfg: TrainConfig) -> None:
 def offload_keys(zero: dict[str, Any]) -> list[str]:
     """The keys of a ds_config's zero_optimization that offload to CPU or NVMe, DeepSpeed's deprecated `cpu_offload`
     (optimizer) and `cpu_offload_param` included. A block of the wrong type (`"offload_optimizer": "cpu"`) offloads
-    nothing here: DeepSpeed's schema check refuses it in one line (`trainer.engine.ds_config.check_deepspeed_config`)."""
+    nothing here: DeepSpeed's schema check refuses it in one line (`trainer.engine.check_deepspeed_config`)."""
     blocks = [key for key in ("offload_optimizer", "offload_param")
               if isinstance(zero.get(key), dict) and zero[key].get("device", "none") != "none"]
     return blocks + [key for key in ("cpu_offload", "cpu_offload_param") if zero.get(key) is True]

@@ -42,8 +42,8 @@ for zero, ep, extra in CELLS:
                      "again": again.losses, "val_straight": straight.val_loss, "val_split": second.val_loss}
     if OFFLOAD:
         plain = [arg for arg in base if not arg.startswith("parallel.ds_config=")]
-        results[name]["not_offloaded"] = train(load_config(None, plain + [f"parallel.ds_config=ds_configs/zero{zero}.json",
-                                                                          f"run.name={name}-plain"])).losses
+        plain += [f"parallel.ds_config=ds_configs/zero{zero}.json", f"run.name={name}-plain"]
+        results[name]["not_offloaded"] = train(load_config(None, plain)).losses
         continue
     if zero == 3 and not extra:
         # A crash after DeepSpeed wrote step 4's shards but before `latest` moved: resume from step 3.
