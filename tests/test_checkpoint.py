@@ -51,6 +51,7 @@ def resumed_offload(tmp_path_factory) -> tuple[dict, Path]:
     return _resume_worker(tmp_path_factory.mktemp("resume_offload"), "offload")
 
 
+@pytest.mark.slow  # CI time (about 60 s): CI keeps offload's config and refusals (test_cli_errors)
 @pytest.mark.distributed
 @pytest.mark.parametrize("cell", ["zero2-ep1", "zero3-ep2"])
 def test_optimizer_offload_trains_as_without_it_and_resumes(resumed_offload, cell: str) -> None:
