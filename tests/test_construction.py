@@ -121,6 +121,7 @@ def test_partitioned_build_trains_exactly_like_the_plain_build_on_4_ranks(cells_
     assert cell["loaded_plain_checkpoint_logit_diff"] == 0.0
 
 
+@pytest.mark.slow  # CI time: a benchmark smoke run, like the other benchmarks' (test_benchmarks_cli)
 @pytest.mark.distributed
 def test_construction_memory_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     """benchmarks/construction_memory.py at a tiny size (the committed results are ~1-2B parameters)."""

@@ -425,6 +425,7 @@ def test_refused_resume_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
     assert "already at step 2 of 4 (run.stop_at_step=2: raise or remove it to continue)" in again.stdout, again.stdout
 
 
+@pytest.mark.slow  # CI time: test_checkpoint sets a run aside in process
 def test_resume_never_sets_the_previous_run_aside(tmp_path: Path) -> None:
     """Starting over must not leave the replaced run's `latest` for a later run.resume=auto to pick up."""
     first = _run([f"run.out_dir={tmp_path}", "run.name=again", "run.steps=4"])
@@ -640,6 +641,7 @@ def test_rollback_refuses_in_one_line_and_moves_nothing(tmp_path: Path, case: st
     assert not list((tmp_path / "run").glob("replaced-*"))
 
 
+@pytest.mark.slow  # CI time: test_checkpoint's fallback tests keep the logic in CI
 def test_missing_latest_resumes_from_the_newest_complete_tag(tmp_path: Path) -> None:
     """A run whose `checkpoints/latest` was gone (deleted, or a kill between a first tag's manifest and `latest`)
     started over from step 1: it rewrote the step tags in place and replaced metrics.jsonl, with no identity
