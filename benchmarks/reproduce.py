@@ -8,7 +8,7 @@ Each variant x seed is its own run directory under runs/repro-<scale>/ (runs/rep
 parallel 2); a finished run (summary.json at its last step) is skipped, so the suite can be spread over
 several sittings. Every finished run is then
 scored downstream once by `python -m trainer.evaluate` (its JSON, runs/<name>/eval/<final tag>.json, is
-reused when it exists with the same tasks, limit and shots). Afterwards it writes docs/reproduction.md
+reused when it exists with the same tasks, limit and shots). Afterwards it writes docs/reproduction.md (the CPU suite's)
 (the table: unique / active parameters, validation CE and downstream macro average as mean +- half-range
 over seeds, tokens/s, per-rank model-state memory, tie-group routing agreement; then one statement per
 paper claim computed from those numbers), benchmarks/results/reproduce_<scale>.json and a PNG

@@ -893,6 +893,24 @@ def test_compare_shows_what_results_were_scored_on(tmp_path, capsys) -> None:
     assert "note:" not in same and "| scored on: validation tokens | 1024 | 1024 |" in same, same
 
 
+def test_compare_notes_documents_only_of_a_task_both_scored(tmp_path) -> None:
+    """The default six tasks beside `--tasks piqa`, all at full size: their docs-per-task rows differ (each task has
+    its own size), yet every shared task was scored on the same documents; a note there said they were not."""
+    from trainer import evaluate
+
+    a = _result_file(tmp_path / "a.json", "a1", 1024, docs=500)
+    b = _result_file(tmp_path / "b.json", "b1", 1024, docs=500)
+    wider = json.loads(a.read_text())
+    wider["downstream"]["tasks"]["piqa"] = {"metric": "acc_norm", "score": 0.5, "docs": 1838}
+    wider["downstream"]["limit"] = None
+    a.write_text(json.dumps(wider))
+    assert "note:" not in evaluate.compare([str(a), str(b)])
+    shorter = json.loads(b.read_text())
+    shorter["downstream"]["tasks"]["arc_easy"]["docs"] = 100
+    b.write_text(json.dumps(shorter))
+    assert "note: the results were scored on different docs per task" in evaluate.compare([str(a), str(b)])
+
+
 def test_compare_refuses_one_result_named_twice(tmp_path, capsys) -> None:
     """`compare runs/a1 runs/a1` showed one result in two columns; trainer.memory compare refuses a run named twice."""
     run = tmp_path / "a1"

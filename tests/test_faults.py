@@ -281,17 +281,16 @@ def test_a_stop_during_the_last_step_leaves_the_final_validation_to_the_next_sta
     """SIGTERM during the last step was recorded, the checkpoint saved, then dropped: the whole final validation
     ran (tens of seconds; a scheduler's grace period ends in SIGKILL) and the job said "done". It stops after the
     checkpoint, as on any other step; the next start writes the validation and summary.json."""
-    args = [f"run.out_dir={tmp_path}", "run.name=last", "run.steps=3", "data.seq_len=128",
-            "batch.micro_batch_size=32", "run.eval_batches=10"]  # steps of about a second: the signal lands in step 3
-    job = _start(args)
-    _wait_for_step(job, 2)
-    time.sleep(0.3)
-    os.kill(job.pid, signal.SIGTERM)
-    out, err = job.communicate(timeout=120)
+    args = [f"run.out_dir={tmp_path}", "run.name=last", "run.steps=3", "run.eval_batches=10"]
+    job = subprocess.run([sys.executable, "run.sh", *BASE, *args], cwd=REPO_ROOT, timeout=300, capture_output=True,
+                         text=True, env=_env(TIEDMOE_FAULT_SIGTERM_AT_STEP="3"))  # rank 0 gets SIGTERM inside step 3
+    out, err = job.stdout, job.stderr
     assert job.returncode == 0, err[-3000:]
     assert "stopped at step 3 of 3 (SIGTERM received)" in out and "done:" not in out, out[-2000:]
     assert "run the same command again to write its final validation and summary.json" in out, out[-2000:]
     assert not (tmp_path / "last" / "summary.json").exists()
+    report = json.loads((tmp_path / "last" / "memory_report.json").read_text())
+    assert report["optimizer_steps_seen"] == 3  # refreshed at the stop (the next start trains nothing)
     again = _run(args)
     assert again.returncode == 0 and "writing them now" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     assert json.loads((tmp_path / "last" / "summary.json").read_text())["steps"] == 3

@@ -105,13 +105,15 @@ def tied_and_untied(overrides: list[str]) -> dict[str, TrainConfig]:
     return {"tied": tied, "untied": tied.untied()}
 
 
-def run_pair(overrides: list[str], steps: int, repeats: int, warmup: int = 3) -> dict[str, Any]:
-    """Tied (as configured) and untied sessions in the same processes, timed in alternating blocks."""
+def run_pair(overrides: list[str], steps: int, repeats: int, warmup: int = 3,
+             progress: str | None = "trainer.bench") -> dict[str, Any]:
+    """Tied (as configured) and untied sessions in the same processes, timed in alternating blocks; `progress`
+    names the progress lines (None: none, for a caller that only counts gathers)."""
     sessions = {name: open_session(cfg) for name, cfg in tied_and_untied(overrides).items()}
     times = dict.fromkeys(sessions, 0.0)
     for s in sessions.values():
         timed_steps(s, warmup)
-    for _ in timed_rounds(repeats, "trainer.bench"):
+    for _ in (timed_rounds(repeats, progress) if progress else range(repeats)):
         for name, s in sessions.items():
             times[name] += timed_steps(s, steps)
     out: dict[str, Any] = {}

@@ -347,7 +347,7 @@ def resume_tag(ckpt_dir: Path, world_size: int) -> ResumePoint:
     unlisted = [t for t in step_tags(ckpt_dir) if tag is not None and t < tag and not (ckpt_dir / t / MANIFEST).is_file()]
     keep = (f"; {unlisted[-1]} has no {MANIFEST} (written before manifests, or a save that did not finish), so it "
             f"is not taken on its own: `python -m trainer.rollback {ckpt_dir.parent} --tag {unlisted[-1]}` continues "
-            f"from it if it is complete" if unlisted else "")
+            f"from it if it is complete and of this layout" if unlisted else "")
     raise ValueError(f"{problem}; no {which} verifies either{keep} (run.resume=never or another run.name starts "
                      f"over)")
 

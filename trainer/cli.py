@@ -105,6 +105,7 @@ def main(argv: list[str]) -> int:
         if in_rank and not os.environ.get(ERROR_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
             # under torchrun / `deepspeed run.sh` a stop reaches every rank of the node: local rank 0 says it once.
             # It is also how those launchers end a rank whose peer already failed: this line hid the peer's error.
+            sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)
         return _fail(INTERRUPTED, 130, in_rank)

@@ -23,7 +23,8 @@ Reported:
 The model scored is the export's own (`load_exported`: tied banks shared), or with --hf the export's
 `hf/` directory loaded by transformers, for every number (checked first: complete, and its logits the
 export's). A markdown table goes to stdout and JSON to
-`runs/<name>/eval/<tag>.json` (an export outside a run: `<export parent>/eval/<export name>.json`); an earlier
+`runs/<name>/eval/<tag>.json` (an export outside a run: `<export parent>/eval/<export name>.json`; with --hf
+`-hf.json` for `.json`); an earlier
 result there is kept beside it (`keep_earlier`), never overwritten.
 Bad input: one line `error: ...`, exit 2.
 """
@@ -163,7 +164,7 @@ def _note_rewritten(target: Target) -> None:
     if now is not None and now != made_from:
         print(f"note: {target.export_dir} was exported from an earlier write of {target.tag}; "
               f"{target.run_dir / 'checkpoints' / target.tag} was rewritten since: these scores are of the old "
-              f"weights (evaluate {target.run_dir} to export it again)", file=sys.stderr)
+              f"weights (evaluate {target.run_dir / 'checkpoints' / target.tag} to export it again)", file=sys.stderr)
 
 
 def resolve_target(path: str | Path, hf: bool = False) -> Target:
@@ -772,6 +773,18 @@ def scored_on(result: dict[str, Any]) -> dict[str, str]:
     return rows
 
 
+def _differ(label: str, values: list[str], results: list[dict[str, Any]]) -> bool:
+    """Whether a scored-on row shows a real difference: documents per task only on a task two results share (the
+    defaults' six tasks beside `--tasks arc_easy` at full size differ in their task lists, not their documents)."""
+    if label != "scored on: docs per task":
+        return len({v for v in values if v != "-"}) > 1
+    docs: dict[str, set[Any]] = {}
+    for result in results:
+        for task, score in ((result.get("downstream") or {}).get("tasks") or {}).items():
+            docs.setdefault(task, set()).add(score.get("docs"))
+    return any(len(counts) > 1 for counts in docs.values())
+
+
 def compare(paths: list[str]) -> str:
     """One table of the results, with what each was scored on; a `note:` under it for each difference in
     that and for stale results. The same result file named twice is refused (it is no comparison)."""
@@ -793,7 +806,7 @@ def compare(paths: list[str]) -> str:
     for label in next(iter(basis.values())):
         values = [basis[name][label] for name in columns]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
-        if len({v for v in values if v != "-"}) > 1:
+        if _differ(label, values, list(columns.values())):
             notes.append(f"note: the results were scored on different {label.removeprefix('scored on: ')} "
                          f"({', '.join(values)}): their numbers are not directly comparable")
     return "\n".join([*lines, *notes])
@@ -831,7 +844,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-tokens", type=int, metavar="N",
                         help="score the whole seq_len windows within N validation tokens, at least one (default: all)")
     parser.add_argument("--hf", action="store_true", help="score the export's hf/ model instead of ours")
-    parser.add_argument("--out", metavar="FILE", help="result JSON (default: runs/<name>/eval/<tag>.json)")
+    parser.add_argument("--out", metavar="FILE", help="result JSON (default: runs/<name>/eval/<tag>.json; with --hf <tag>-hf.json)")
     return parser
 
 

@@ -185,7 +185,7 @@ def two_rank_checks(args: argparse.Namespace) -> dict[str, Any]:
     # bank's gathers; with the shipped persistence threshold the tiny banks would never be re-gathered.
     for ep in (1, 2):
         pair = run_pair(BASE + [f"parallel.ds_config={STRICT_ZERO3}", f"parallel.expert_parallel_size={ep}",
-                                "model.tie_group_size=2"], steps=1, repeats=1, warmup=1)
+                                "model.tie_group_size=2"], steps=1, repeats=1, warmup=1, progress=None)
         results[f"comm_ep{ep}"] = {k: pair[k] for k in ("expert_gather_ratio_tied_over_untied", "goal_banks_over_layers")}
         results[f"comm_ep{ep}"]["tied_expert_gathers"] = pair["tied"]["expert_gathers"]
         results[f"comm_ep{ep}"]["untied_expert_gathers"] = pair["untied"]["expert_gathers"]

@@ -42,7 +42,7 @@ class StopSignal:
     ignores (SIGHUP under nohup, SIGINT of a background job) stays ignored."""
 
     def __init__(self) -> None:
-        self.received: str | None = _pending[-1] if _pending else None
+        self.received: str | None = _pending[0] if _pending else None  # the first, as `_record` keeps
         self._previous = {sig: signal.signal(sig, self._record) for sig in heeded_stop_signals()}
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
@@ -51,7 +51,8 @@ class StopSignal:
 
     def stop_requested(self) -> bool:
         """Collective: True on every rank when any rank got a signal (or saw the `deepspeed` command end). A rank
-        that got none takes a peer's signal as `received`, so rank 0 names the one sent to rank 1."""
+        that got none takes a peer's as `received` (the highest-numbered, when peers got different ones), so
+        rank 0 names the one sent to rank 1."""
         if not self.received and _runner_gone():
             self.received = LAUNCHER_GONE
         mine = _RUNNER_GONE_CODE if self.received == LAUNCHER_GONE else (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class RunResult:
 
 
 FAULT_NAN_ENV = "TIEDMOE_FAULT_NAN_AT_STEP"
+FAULT_SIGTERM_ENV = "TIEDMOE_FAULT_SIGTERM_AT_STEP"  # tests only: rank 0 sends itself SIGTERM during this step
 
 
 class TrainingDiverged(Exception):
@@ -54,6 +56,7 @@ def train(cfg: TrainConfig) -> RunResult:
     signals = StopSignal()
     skips_in_a_row = 0
     fault_step = int(os.environ.get(FAULT_NAN_ENV, "0"))  # tests only: a NaN loss at this step
+    sigterm_step = int(os.environ.get(FAULT_SIGTERM_ENV, "0"))
     try:
         for step in range(start, stop):
             lr = lr_at(step, s.steps, cfg.optim.lr, cfg.schedule)
@@ -77,6 +80,8 @@ def train(cfg: TrainConfig) -> RunResult:
             if _due(step, cfg.run.downstream_every):
                 with progress.paused():
                     progress.log_downstream(step, downstream.scores(s, tokenizer))
+            if step + 1 == sigterm_step and s.rank == 0:  # a signal that lands inside this step, deterministically
+                os.kill(os.getpid(), signal.SIGTERM)
             preempted = signals.stop_requested()
             if _due(step, cfg.run.save_every) or step + 1 == stop or preempted:
                 with progress.paused():
@@ -241,7 +246,10 @@ def _preempted(s: Session, run_dir: Path, result: RunResult, progress: Progress,
                signal_name: str | None, stop: int) -> RunResult:
     """A signal asked the job to stop: the checkpoint of `step` is saved; leave so the job can be resumed. At
     the last step (`stop`) the final validation is left too: it ran for minutes under a scheduler's SIGTERM,
-    whose grace period ends in SIGKILL; the next start writes it (`_finish`)."""
+    whose grace period ends in SIGKILL; the next start writes it (`_finish`). The memory report is refreshed (peak of
+    the run so far), as a finished run's is: the next start, training nothing, keeps it."""
+    with progress.paused():
+        write_run_report(s, run_dir)  # collective: every rank stops here alike
     progress.close()
     s.close()
     if s.rank == 0:  # a peer's signal is named too (`StopSignal.stop_requested`)
@@ -266,7 +274,7 @@ def _finish(s: Session, run_dir: Path, result: RunResult, progress: Progress, st
     if finishing:  # a stop during the final validation: `nothing to do` left the run without its summary for good
         if s.rank == 0:
             print(f"step {stop} is trained and saved, but its final validation and summary.json were not written "
-                  f"(stopped during them): writing them now", flush=True)
+                  f"(stopped before or during them): writing them now", flush=True)
         result.losses.append(_last_logged_loss(run_dir, stop))
     elif start >= stop:
         progress.close()

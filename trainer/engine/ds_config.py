@@ -54,7 +54,7 @@ def check_deepspeed_config(resolved: TrainConfig) -> None:
             DeepSpeedConfig(settings)
         except ValidationError:
             raise
-        except (ValueError, TypeError, AttributeError, KeyError) as err:
+        except (ValueError, TypeError, AttributeError, KeyError, AssertionError) as err:
             # its value checks ("Invalid gradient_allreduce_op ...") named no file; a value of another type than a
             # block's default that `check_unchecked_blocks` does not know failed with a bare TypeError traceback
             raise _refused(resolved, f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)) \
